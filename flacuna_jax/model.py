@@ -1,0 +1,341 @@
+"""Flax LLaMA decoder, numerically equal to transformers' LlamaForCausalLM.
+
+LLaMA 1/2/3: RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
+attention, SwiGLU MLP, tied or untied embeddings. Attention masks are causal plus segment ids, with
+per-segment positions, so several examples packed in one row never see each other. An optional KV
+cache supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers` axis on
+every layer parameter) and optionally rematerialised.
+
+Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES` maps them onto
+the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
+the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` splits them off as the
+trainable tree.
+
+Array names carry their shapes: b batch, t query length, s key length, d model, h query heads,
+k kv heads, g query heads per kv head, f head dim, l layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str  # linear | llama3
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture (what config.json says)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which projections carry LoRA factors, and how they are scaled (PEFT's semantics)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the model runs (not what it is)."""
+
+    compute_dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"  # none | full | dots_saveable
+    attention: str = "xla"  # xla | dot_product
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [f/2] in float32, computed as transformers does."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return (inv / s.factor).astype(np.float32)
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling type {s.kind!r} (supported: linear, llama3)")
+
+
+def apply_rope(x_btnf: Array, positions_bt: Array, inv_freq: np.ndarray) -> Array:
+    """Rotary embedding, rotate-half convention (HF checkpoints are permuted for it)."""
+    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    cos = jnp.cos(emb).astype(x_btnf.dtype)[:, :, None, :]
+    sin = jnp.sin(emb).astype(x_btnf.dtype)[:, :, None, :]
+    half = x_btnf.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnf[..., half:], x_btnf[..., :half]], axis=-1)
+    return x_btnf * cos + rotated * sin
+
+
+def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array) -> Array:
+    """[b, t, s] True where query t may attend key s: same non-padding segment, not in the future."""
+    kv_index_s = jnp.arange(kv_segment_bs.shape[1])
+    same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
+    return same & (kv_index_s[None, None, :] <= q_index_bt[:, :, None])
+
+
+def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
+    """Reference attention: scores in the compute dtype, softmax in fp32 (as transformers' eager)."""
+    b, t, h, f = q_bthf.shape
+    k = k_bskf.shape[2]
+    q_btkgf = q_bthf.reshape(b, t, k, h // k, f)
+    scores = jnp.einsum("btkgf,bskf->bkgts", q_btkgf, k_bskf) * (f ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskf.dtype)
+    return jnp.einsum("bkgts,bskf->btkgf", probs, v_bskf).reshape(b, t, h, f)
+
+
+def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
+    """`jax.nn.dot_product_attention`: picks cuDNN flash attention on GPU when it can."""
+    return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, mask=mask_bts[:, None])
+
+
+def _lora_a_init(key, shape, dtype):
+    # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in] -> U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nn.Module):
+    """y = x W (+ scale * dropout(x) A B when this projection carries LoRA)."""
+
+    features: int
+    axes: tuple[str, str]
+    runtime: Runtime
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        rt = self.runtime
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+            (x.shape[-1], self.features), rt.param_dtype,
+        )
+        y = x @ kernel.astype(rt.compute_dtype)
+        if self.lora is None:
+            return y
+        a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
+                       (x.shape[-1], self.lora.rank), jnp.float32)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
+                       (self.lora.rank, self.features), jnp.float32)
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+        return y + ((x @ a.astype(rt.compute_dtype)) @ b.astype(rt.compute_dtype)) * self.lora.scale
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.runtime.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.runtime.compute_dtype) * normed.astype(self.runtime.compute_dtype)
+
+
+def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) -> Linear:
+    lora = module.lora if module.lora is not None and name in module.lora.targets else None
+    return Linear(features, axes, module.runtime, lora, module.deterministic, name=name)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    runtime: Runtime
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
+                 write_index: Array | None = None) -> tuple[Array, dict | None]:
+        c = self.config
+        b, t, _ = x_btd.shape
+        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd)
+        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd)
+        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd)
+        q_bthf = q.reshape(b, t, c.num_heads, c.head_dim)
+        k_btkf = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        inv_freq = rope_inv_freq(c)
+        q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
+        if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
+            k_btkf = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkf.astype(cache["k"].dtype), write_index, axis=1)
+            v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
+            cache = {"k": k_btkf, "v": v_btkf}
+        attend = fused_attention if self.runtime.attention == "dot_product" else xla_attention
+        o = attend(q_bthf, k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype), mask_bts)
+        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim))
+        return out, cache
+
+
+class Mlp(nn.Module):
+    config: LlamaConfig
+    runtime: Runtime
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_btd: Array) -> Array:
+        c = self.config
+        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
+        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
+        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    runtime: Runtime
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None):
+        c, rt = self.config, self.runtime
+        x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)
+        attn_out, cache = Attention(c, rt, self.lora, self.deterministic, name="attn")(x, positions_bt, mask_bts, cache, write_index)
+        h_btd = h_btd + attn_out
+        x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
+        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x)
+        return h_btd, cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nn.Module):
+    """LLaMA causal LM. `__call__` returns logits [b, t, vocab] (and the updated cache if given)."""
+
+    config: LlamaConfig
+    runtime: Runtime = Runtime()
+    lora: LoraSpec | None = None
+
+    @nn.compact
+    def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
+                 *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False):
+        c, rt = self.config, self.runtime
+        b, t = input_ids_bt.shape
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            write_index = None
+            mask = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
+            layer_cache = None
+        else:
+            write_index = cache["index"]
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_bt, write_index, axis=1)
+            mask = attention_mask(segment_ids_bt, write_index + jnp.broadcast_to(jnp.arange(t), (b, t)), kv_segments)
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+
+        embedding = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                               (c.vocab_size, c.hidden_size), rt.param_dtype)
+        h = jnp.take(embedding, input_ids_bt, axis=0).astype(rt.compute_dtype)
+
+        layer_cls = DecoderLayer
+        if rt.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[rt.remat], prevent_cse=False)
+        layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, rt, self.lora, deterministic, name="layers")
+        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index)
+        h = RMSNorm(c.rms_norm_eps, rt, name="norm")(h)
+        if return_hidden:
+            out = h
+        elif c.tie_word_embeddings:
+            out = h @ embedding.astype(rt.compute_dtype).T
+        else:
+            out = Linear(c.vocab_size, ("embed", "vocab"), rt, name="lm_head")(h)
+        if cache is None:
+            return out
+        return out, {**new_layer_cache, "segment_ids": kv_segments, "index": write_index + t}
+
+    def output_embedding(self, params: dict) -> Array:
+        """The [d, vocab] output projection (for losses computed from hidden states)."""
+        if self.config.tie_word_embeddings:
+            return params["embed_tokens"].T
+        return params["lm_head"]["kernel"]
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def abstract_params(model: Llama, seq_len: int = 8) -> tuple[Any, Any]:
+    """(shapes, logical axis names) of every parameter, without allocating any weight."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
+    names = nn.get_partition_spec(boxed)
+    names = jax.tree.map(tuple, names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return nn.meta.unbox(boxed), names
+
+
+def with_runtime(model: Llama, **changes) -> Llama:
+    return model.clone(runtime=dataclasses.replace(model.runtime, **changes))

@@ -1,0 +1,42 @@
+"""Config: YAML + key=value overrides, errors that name the key, a faithful dump."""
+
+import pytest
+import yaml
+
+from flacuna_jax.config import ConfigError, DataSource, dump_config, load_config
+
+
+def test_overrides_parse_as_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {path: m}\noptim: {lr: 1e-4}\n")
+    cfg = load_config(p, ["train.steps=20", "lora.targets=[q_proj, k_proj]", "output_dir=runs/x",
+                          "data.sources=[{path: a.json, weight: 2}, b.jsonl]", "optim.lr=3e-5"])
+    assert cfg.train.steps == 20 and cfg.output_dir == "runs/x"
+    assert cfg.lora.targets == ("q_proj", "k_proj")
+    assert cfg.data.sources == (DataSource("a.json", 2.0), DataSource("b.jsonl", 1.0))
+    assert cfg.optim.lr == 3e-5 and cfg.tokenizer_path == "m"
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=3", "data.sources=[x.json]", "finetune=full"])
+    p = tmp_path / "out.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert yaml.safe_load(p.read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"), ("nope=1", "nope"), ("train.steps=abc", "train.steps"),
+    ("optim.name=lion", "optim.name"), ("lora.targets=[q_proj, w_proj]", "lora.targets"),
+    ("train.seq_len=0", "train.seq_len"), ("mesh.fsdp=-2", "mesh.fsdp"), ("lora.dropout=1.5", "lora.dropout"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["justakey"])

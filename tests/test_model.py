@@ -1,0 +1,165 @@
+"""The Flax LLaMA against transformers' LlamaForCausalLM, layer by layer and end to end (fp32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from flacuna_jax import hf
+from flacuna_jax.model import (Attention, Llama, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
+from tests.helpers import hf_logits, hf_reference
+
+LOGIT_TOL = 1e-4  # max |delta logits|, fp32
+LAYER_TOL = 1e-5  # max |delta| of one layer's output, fp32
+
+
+def _ids(vocab, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("preset", ["mha", "gqa", "llama3", "linear_rope", "tied", "odd"])
+def test_logits_match_transformers(tiny_model_dir, preset):
+    path = tiny_model_dir(preset)
+    model, params = hf.load_pretrained(path)
+    ids = _ids(model.config.vocab_size, (2, 45))
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    ref = hf_logits(hf_reference(path), ids)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= LOGIT_TOL
+
+
+def _layer0(params):
+    return jax.tree.map(lambda x: x[0], params["layers"])
+
+
+def test_rmsnorm_matches(tiny_model_dir):
+    path = tiny_model_dir("odd")
+    model, params = hf.load_pretrained(path)
+    ref = hf_reference(path).model.layers[0].input_layernorm
+    x = np.random.default_rng(0).standard_normal((2, 5, model.config.hidden_size)).astype(np.float32) * 3
+    ours = RMSNorm(model.config.rms_norm_eps, Runtime()).apply({"params": _layer0(params)["input_norm"]}, x)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(x)).numpy()
+    assert np.abs(np.asarray(ours) - theirs).max() <= LAYER_TOL
+
+
+@pytest.mark.parametrize("preset", ["mha", "llama3", "linear_rope"])
+def test_rope_matches(tiny_model_dir, preset):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    path = tiny_model_dir(preset)
+    model, _ = hf.load_pretrained(path)
+    c = model.config
+    rotary = hf_reference(path).model.rotary_emb
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 7, c.num_heads, c.head_dim)).astype(np.float32)
+    k = rng.standard_normal((2, 7, c.num_kv_heads, c.head_dim)).astype(np.float32)
+    pos = np.stack([np.arange(7), np.arange(100, 107)]).astype(np.int32)
+    with torch.no_grad():
+        cos, sin = rotary(torch.from_numpy(q), torch.from_numpy(pos).long())
+        tq, tk = apply_rotary_pos_emb(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos, sin)
+    inv = rope_inv_freq(c)
+    assert np.abs(np.asarray(apply_rope(q, pos, inv)) - tq.transpose(1, 2).numpy()).max() <= LAYER_TOL
+    assert np.abs(np.asarray(apply_rope(k, pos, inv)) - tk.transpose(1, 2).numpy()).max() <= LAYER_TOL
+
+
+@pytest.mark.parametrize("preset", ["mha", "gqa"])
+def test_attention_matches(tiny_model_dir, preset):
+    from flacuna_jax.model import attention_mask
+
+    path = tiny_model_dir(preset)
+    model, params = hf.load_pretrained(path)
+    c = model.config
+    ref = hf_reference(path).model
+    x = np.random.default_rng(0).standard_normal((2, 9, c.hidden_size)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
+    seg = np.ones((2, 9), np.int32)
+    mask = attention_mask(seg, pos, seg)
+    ours, _ = Attention(c, Runtime()).apply({"params": _layer0(params)["attn"]}, x, pos, mask)
+    with torch.no_grad():
+        tx = torch.from_numpy(x)
+        pe = ref.rotary_emb(tx, torch.from_numpy(pos.copy()).long())
+        causal = torch.full((9, 9), float("-inf")).triu(1)[None, None].expand(2, 1, 9, 9)
+        theirs, _ = ref.layers[0].self_attn(tx, position_embeddings=pe, attention_mask=causal)
+    assert np.abs(np.asarray(ours) - theirs.numpy()).max() <= LAYER_TOL
+
+
+def test_mlp_matches(tiny_model_dir):
+    path = tiny_model_dir("odd")
+    model, params = hf.load_pretrained(path)
+    ref = hf_reference(path).model.layers[0].mlp
+    x = np.random.default_rng(0).standard_normal((2, 5, model.config.hidden_size)).astype(np.float32)
+    ours = Mlp(model.config, Runtime()).apply({"params": _layer0(params)["mlp"]}, x)
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(x)).numpy()
+    assert np.abs(np.asarray(ours) - theirs).max() <= LAYER_TOL
+
+
+def test_packed_segments_equal_separate_runs(tiny_model_dir):
+    model, params = hf.load_pretrained(tiny_model_dir("gqa"))
+    a, b = _ids(model.config.vocab_size, (1, 11), 1), _ids(model.config.vocab_size, (1, 6), 2)
+    width = 20  # 11 + 6 tokens, 3 padding
+    packed = np.zeros((1, width), np.int32)
+    packed[0, :11], packed[0, 11:17] = a[0], b[0]
+    seg = np.array([[1] * 11 + [2] * 6 + [0] * 3], np.int32)
+    pos = np.array([list(range(11)) + list(range(6)) + [0] * 3], np.int32)
+    out = np.asarray(model.apply({"params": params}, packed, pos, seg))
+    alone_a = np.asarray(model.apply({"params": params}, a))
+    alone_b = np.asarray(model.apply({"params": params}, b))
+    assert np.abs(out[:, :11] - alone_a).max() <= LOGIT_TOL
+    assert np.abs(out[:, 11:17] - alone_b).max() <= LOGIT_TOL
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_model_dir):
+    model, params = hf.load_pretrained(tiny_model_dir("gqa"))
+    ids = _ids(model.config.vocab_size, (2, 12))
+    full = np.asarray(model.apply({"params": params}, ids))
+    cache = init_cache(model.config, batch=2, max_len=16)
+    step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, jnp.ones_like(x), cache=c))
+    logits, cache = step(params, ids[:, :5], np.broadcast_to(np.arange(5, dtype=np.int32), (2, 5)), cache)  # prefill
+    got = [np.asarray(logits)]
+    for t in range(5, 12):  # then one token at a time
+        logits, cache = step(params, ids[:, t:t + 1], np.full((2, 1), t, np.int32), cache)
+        got.append(np.asarray(logits))
+    assert int(cache["index"]) == 12
+    assert np.abs(np.concatenate(got, axis=1) - full).max() <= LOGIT_TOL
+
+
+def test_dot_product_attention_equals_xla(tiny_model_dir):
+    model, params = hf.load_pretrained(tiny_model_dir("gqa"))
+    ids = _ids(model.config.vocab_size, (2, 10))
+    seg = np.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2], np.int32)
+    pos = np.array([list(range(6)) + list(range(4)), list(range(8)) + [0, 0]], np.int32)
+    xla = np.asarray(model.apply({"params": params}, ids, pos, seg))
+    fused = np.asarray(model.clone(runtime=Runtime(attention="dot_product")).apply({"params": params}, ids, pos, seg))
+    real = seg > 0
+    assert np.abs(xla - fused)[real].max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_keeps_values_and_gradients(tiny_model_dir, remat):
+    model, params = hf.load_pretrained(tiny_model_dir("mha"))
+    ids = _ids(model.config.vocab_size, (2, 8))
+
+    def loss(p, m):
+        return jnp.mean(m.apply({"params": p}, ids) ** 2)
+
+    g_plain = jax.grad(loss)(params, model)
+    g_remat = jax.grad(loss)(params, model.clone(runtime=Runtime(remat=remat)))
+    for x, y in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_close_to_fp32(tiny_model_dir):
+    """bf16 weights and compute: logits within 5% of the fp32 logits' range, same argmax mostly."""
+    path = tiny_model_dir("gqa")
+    model, params32 = hf.load_pretrained(path)
+    model16, params16 = hf.load_pretrained(path, Runtime(compute_dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
+    ids = _ids(model.config.vocab_size, (2, 32))
+    l32 = np.asarray(model.apply({"params": params32}, ids))
+    l16 = np.asarray(model16.apply({"params": params16}, ids)).astype(np.float32)
+    assert np.isfinite(l16).all()
+    assert np.abs(l16 - l32).max() <= 0.05 * np.abs(l32).max()
+    assert (l16.argmax(-1) == l32.argmax(-1)).mean() >= 0.9

@@ -1,0 +1,64 @@
+"""`python -m flacuna_jax.score` against log-likelihoods computed with transformers."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flacuna_jax import score
+from tests.helpers import hf_reference
+
+
+def _reference(model_dir, tokenizer, context, continuation):
+    whole = tokenizer(context + continuation)["input_ids"]
+    n_ctx = len(tokenizer(context)["input_ids"])
+    ref = hf_reference(model_dir)
+    with torch.no_grad():
+        logits = ref(torch.tensor([whole])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    targets = torch.tensor(whole[n_ctx:])
+    rows = torch.arange(n_ctx - 1, len(whole) - 1)
+    ll = logp[rows, targets].sum().item()
+    greedy = bool((logits[rows].argmax(-1) == targets).all())
+    return ll, greedy, len(whole) - n_ctx
+
+
+def test_score_cli_matches_transformers(tiny_model_dir, char_tokenizer_dir, tmp_path):
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("gqa"), model_dir)
+    for f in char_tokenizer_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    reqs = [("The capital of France is", " Paris"), ("2 + 2 =", " 4"), ("Q: ", "a much longer continuation, with punctuation!"),
+            ("x" * 40, "y"), ("", "hello")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"context": c, "continuation": x}) + "\n" for c, x in reqs))
+    score.main(["--model", str(model_dir), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                "--batch-size", "2"])
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    tok = load_tokenizer(model_dir)
+    assert len(got) == len(reqs)
+    for (c, x), g in zip(reqs, got):
+        ll, greedy, n = _reference(model_dir, tok, c, x)
+        assert g["num_tokens"] == n
+        assert abs(g["loglik"] - ll) <= 1e-3
+        assert g["is_greedy"] == greedy
+
+
+def test_malformed_line_names_its_number(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text('{"context": "a", "continuation": "b"}\n{"context": "a"}\n')
+    with pytest.raises(score.ScoreInputError, match=r"in.jsonl:2:"):
+        score.read_requests(p)
+    p.write_text('{"context": "a", "continuation": "b"}\nnot json\n')
+    with pytest.raises(score.ScoreInputError, match=r"in.jsonl:2: invalid JSON"):
+        score.read_requests(p)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text("[1]\n")
+    with pytest.raises(SystemExit) as e:
+        score.main(["--model", str(tmp_path), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o")])
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
