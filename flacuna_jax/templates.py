@@ -146,11 +146,19 @@ class SegmentTokenizer:
                              "(remove_extra_whitespaces=true); it cannot reproduce the prompt")
         self.add_dummy_prefix = norm.add_dummy_prefix
         norm.add_dummy_prefix = False
-        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._proto = proto.SerializeToString()
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError("SentencePiece model needs bos and eos ids")
         self.vocab_size = self._sp.get_piece_size()
+
+    def __getstate__(self):  # picklable for worker processes
+        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
 
     @classmethod
     def load(cls, tokenizer: Any) -> "SegmentTokenizer | HFSegmentTokenizer":
