@@ -1,0 +1,7 @@
+"""``python -m flacuna_jax.data preview|stats`` (see ``cli.py``)."""
+
+import sys
+
+from flacuna_jax.data.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""``python -m flacuna_jax.data preview|stats``: look at the data exactly as training sees it.
+
+    python -m flacuna_jax.data preview --config CFG [key=value ...] --num 3
+        examples after template + mask (before packing); trained spans shown as ⟦...⟧
+    python -m flacuna_jax.data preview --config CFG --num 3 --jsonl
+        one JSON object per example: {"id", "input_ids", "loss_mask"}, where
+        loss_mask[i] is 1 when input_ids[i] is trained (an assistant answer token or its EOS)
+    python -m flacuna_jax.data stats --config CFG [key=value ...]
+        records, skipped bad records, tokens, truncations/drops, packing efficiency (JSON)
+
+Overrides are ``key=value`` with YAML values, e.g. ``data.sources='[{path: a.json, weight: 2}]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from flacuna_jax import templates
+from flacuna_jax.data.packing import PackIterDataset
+from flacuna_jax.data.pipeline import counts_from_state, pipeline_from_config
+from flacuna_jax.data.records import DataError
+
+
+def _load(args) -> tuple[Any, str]:
+    from flacuna_jax.config import load_config
+    cfg = load_config(args.config, list(args.overrides))
+    tok = cfg.tokenizer.path or cfg.model.path
+    if not tok:
+        raise DataError("no tokenizer: set tokenizer.path (or model.path)")
+    return cfg, tok
+
+
+def _pipeline(cfg, tok, split="train", epochs=1):
+    return pipeline_from_config(cfg.data, tok, seq_len=cfg.train.seq_len, batch_size=1,
+                                seed=cfg.seed, split=split, epochs=epochs, drop_remainder=False)
+
+
+def render_masked(ids: list[int], mask: list[int], tok) -> str:
+    """The prompt text with trained spans wrapped in ⟦ ⟧."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            text = tok.decode(ids[start:i]) if start else tok.decode(ids[:i])
+            out.append(f"⟦{text}⟧" if mask[start] else text)
+            start = i
+    return "".join(out)
+
+
+def preview(args, stdout=None) -> None:
+    stdout = stdout or sys.stdout
+    cfg, tok_path = _load(args)
+    pipe = _pipeline(cfg, tok_path)
+    tok = templates.SegmentTokenizer.load(tok_path)
+    shown = 0
+    for k in range(len(pipe.examples)):
+        if shown >= args.num:
+            break
+        ex = pipe.examples[k]
+        ids, mask = [int(x) for x in ex["ids"]], [int(x) for x in ex["trained"]]
+        if args.jsonl:
+            stdout.write(json.dumps({"id": ex["id"], "input_ids": ids, "loss_mask": mask}) + "\n")
+        else:
+            flags = f" dropped={ex['drop']}" if ex["drop"] else ""
+            flags += " truncated" if ex["truncated"] else ""
+            stdout.write(f"=== {ex['id']}: {len(ids)} tokens, {sum(mask)} trained{flags} ===\n")
+            stdout.write(render_masked(ids, mask, tok) + "\n\n")
+        shown += 1
+
+
+def stats(args, stdout=None) -> None:
+    stdout = stdout or sys.stdout
+    cfg, tok_path = _load(args)
+    pipe = _pipeline(cfg, tok_path)
+    seq_len = cfg.train.seq_len
+    it = iter(PackIterDataset(pipe.examples, seq_len, cfg.data.packing))
+    for _ in it:
+        pass
+    c = counts_from_state(it.get_state())
+    ev = _pipeline(cfg, tok_path, split="eval").report["epoch_examples"] \
+        if cfg.data.eval_fraction > 0 else 0
+    out = {
+        "records": sum(s["records"] for s in pipe.report["sources"]),
+        "skipped_bad_records": pipe.report["skipped_bad_records"],
+        "train_examples_per_epoch": pipe.report["epoch_examples"], "eval_examples": ev,
+        "sources": pipe.report["sources"],
+        **{k: c[k] for k in ("examples", "tokens", "trained_tokens", "truncated",
+                             "dropped_overlong", "dropped_no_target", "skipped_leading_turns",
+                             "rows")},
+        "seq_len": seq_len, "packing": cfg.data.packing,
+        "efficiency_real_tokens": round(c["tokens"] / max(c["row_slots"], 1), 4),
+        "efficiency_trained_tokens": round(c["trained_tokens"] / max(c["row_slots"], 1), 4),
+        "padding_mode_efficiency": round(c["tokens"] / max(c["examples"] * seq_len, 1), 4),
+    }
+    stdout.write(json.dumps(out, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = ("preview", "stats")
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m flacuna_jax.data {{{','.join(commands)}}} --config CFG "
+              "[key=value ...] [--num N] [--jsonl]", file=sys.stderr)
+        return 2
+    p = argparse.ArgumentParser(prog=f"python -m flacuna_jax.data {argv[0]}")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides (YAML values)")
+    if argv[0] == "preview":
+        p.add_argument("--num", type=int, default=3)
+        p.add_argument("--jsonl", action="store_true")
+    args = p.parse_intermixed_args(argv[1:])
+    args.cmd = argv[0]
+    try:
+        (preview if args.cmd == "preview" else stats)(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
