@@ -7,8 +7,8 @@ Accepted ``path`` forms (``data.sources: [{path, weight}]``, a plain string = we
 - ``x.jsonl``: one record per line
 - ``x.parquet``, a directory of ``*.parquet`` chunks, or a glob such as ``dir/*.parquet``
 - a local ``datasets`` ``save_to_disk`` directory
-- a HF datasets hub id (``owner/name``), only with ``allow_hub=True`` (training never
-  downloads by accident; tests use local paths only)
+- a HF datasets hub id, written ``hf://owner/name`` (or a bare ``owner/name`` with
+  ``allow_hub=True``), so that nothing is downloaded unless asked for; tests use local paths
 
 Every source is converted once into ``<cache_dir>/<key>/`` (``records.jsonl`` with one
 validated record per line, ``offsets.npy`` and ``meta.json``), where ``key`` hashes the
@@ -192,10 +192,11 @@ def _resolve(path: str, allow_hub: bool):
         if path.endswith((".json", ".jsonl")):
             return "json", _file_hash([path]), lambda: _read_json_bytes(_read(path), path)
         raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .zip, .parquet)")
-    if allow_hub and path.count("/") == 1 and not path.startswith((".", "/")):
-        return "hub", path, lambda: _read_hf(path, hub=True)
+    hub_id = path[len("hf://"):] if path.startswith("hf://") else (path if allow_hub else "")
+    if hub_id.count("/") == 1 and not hub_id.startswith((".", "/")):
+        return "hub", hub_id, lambda: _read_hf(hub_id, hub=True)
     raise DataError(f"{path}: no such file or directory"
-                    + ("" if allow_hub else " (hub ids need allow_hub=True)"))
+                    + ("" if allow_hub else " (write hf://owner/name for a HF hub dataset)"))
 
 
 def _read(path: str) -> bytes:
