@@ -10,7 +10,8 @@ Row contract (every array has shape ``[seq_len]``; batching stacks them):
 - ``positions`` int32: 0-based position inside its segment, 0 in padding
 
 Packing is first-fit over ``num_bins`` open rows: an example goes into the first open row it
-fits in; when it fits none and all bins are open, the fullest row is emitted. Examples are
+fits in; a row that is exactly full is emitted at once, and when an example fits no row
+and all bins are open, the fullest row is emitted. Examples are
 never split, so no token is lost or duplicated. The iterator reads its parent ``MapDataset``
 by index, so its state is tiny and JSON-friendly: the next index, the parent indices held in
 the open rows (re-read on restore) and running counters.
@@ -119,6 +120,8 @@ class PackIterator(grain.DatasetIterator):
             for b, (indices, examples, fill) in enumerate(self._bins if self._packing else ()):
                 if fill + size <= self._seq_len:
                     self._bins[b] = (indices + [k], examples + [ex], fill + size)
+                    if fill + size == self._seq_len:  # a full row leaves at once
+                        return self._emit(b)
                     placed = True
                     break
             if not placed:
