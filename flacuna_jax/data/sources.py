@@ -190,7 +190,7 @@ def _resolve(path: str, allow_hub: bool):
         if path.endswith(".parquet"):
             return "parquet", _file_hash([path]), lambda: _read_parquet([path])
         if path.endswith((".json", ".jsonl")):
-            return "json", _file_hash([path]), lambda: _read_json_bytes(_read(path), path)
+            return "json", _file_hash([path]), lambda: _read_json_file(path)
         raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .zip, .parquet)")
     hub_id = path[len("hf://"):] if path.startswith("hf://") else (path if allow_hub else "")
     if hub_id.count("/") == 1 and not hub_id.startswith((".", "/")):
@@ -199,9 +199,10 @@ def _resolve(path: str, allow_hub: bool):
                     + ("" if allow_hub else " (write hf://owner/name for a HF hub dataset)"))
 
 
-def _read(path: str) -> bytes:
+def _read_json_file(path: str):
     with open(path, "rb") as f:
-        return f.read()
+        records = _read_json_bytes(f.read(), path)  # the generator owns the only copy
+    yield from records
 
 
 def _read_zip(path: str):
@@ -210,8 +211,8 @@ def _read_zip(path: str):
                    and not m.startswith("__MACOSX")]
         if len(members) != 1:
             raise DataError(f"{path}: expected exactly one .json/.jsonl member, found {members}")
-        data = z.read(members[0])
-    yield from _read_json_bytes(data, f"{path}!{members[0]}")
+        records = _read_json_bytes(z.read(members[0]), f"{path}!{members[0]}")
+    yield from records
 
 
 def _line_col(data: bytes | str, pos: int) -> tuple[int, int]:
@@ -232,6 +233,7 @@ def _read_json_bytes(data: bytes, name: str) -> Iterator[tuple[str, str, Any]]:
     except UnicodeDecodeError as e:
         line, col = _line_col(data, e.start)
         raise DataError(f"{name}:{line}:{col}: invalid UTF-8 at byte offset {e.start}") from None
+    del data, stripped  # keep one copy of a multi-GB file in memory, not two
     yield from _read_json_array(text, name)
 
 
