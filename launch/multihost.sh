@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Many hosts, generic (k8s, ssh, ...): run this on every host with the same CONFIG and overrides.
+#   COORDINATOR_ADDRESS=10.0.0.1:1234 NUM_PROCESSES=4 PROCESS_ID=<0..3> \
+#     launch/multihost.sh configs/flacuna_13b.yaml output_dir=/shared/runs/flacuna
+# output_dir must be on storage every host sees (checkpoints are written by all processes).
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: COORDINATOR_ADDRESS=host:port NUM_PROCESSES=N PROCESS_ID=i $0 CONFIG [key=value ...]" >&2; exit 2; }
+: "${COORDINATOR_ADDRESS:?set COORDINATOR_ADDRESS=host:port (process 0's address)}"
+: "${NUM_PROCESSES:?set NUM_PROCESSES}"
+: "${PROCESS_ID:?set PROCESS_ID (0..NUM_PROCESSES-1)}"
+export COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID
+cd "$(dirname "$0")/.."
+source launch/gpu_env.sh
+exec "${PYTHON:-.venv/bin/python}" -m flacuna_jax.train --config "$@"
