@@ -1,0 +1,395 @@
+"""Text generation with the KV cache: one prompt, a JSONL file of prompts, or a chat REPL.
+
+    python -m flacuna_jax.generate --model HF_DIR [--adapter PEFT_DIR | --run RUN_DIR] \\
+        (--prompt TEXT | --data in.jsonl --out out.jsonl | --chat) \\
+        [--max-new-tokens 256] [--temperature 0] [--top-p 1.0] [--seed 0] [--raw] [--dtype float32]
+
+Prompts are rendered with the Vicuna v1.1 template (`templates.encode_generation_prompt`, the ids
+training saw) unless `--raw`. Temperature 0 is greedy; otherwise temperature + nucleus (top-p).
+
+How decoding runs. A batch of prompts is LEFT-padded to a bucketed width (powers of two: few
+compiles) with segment id 0 on the padding and positions counted from each row's first real token
+(HF's attention_mask / position_ids in `generate`). One jitted function does the prefill, then the
+whole token loop as one `lax.while_loop` over a cache of width + max_new_tokens slots; the loop
+stops when every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python
+between tokens.
+
+Streaming (--prompt/--chat) uses an ordered `jax.debug.callback` inside the loop, compiled in only
+when a sink is given: each step hands the new token ids to the host, which decodes row 0
+incrementally and prints the new text. On an accelerator this costs a host round trip per token,
+acceptable for interactive use; batch generation (--data) compiles the loop without it. A chunked
+loop (return to Python every k tokens) would stream in bursts and needs the cache carried across
+calls; the callback keeps the one-loop structure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flacuna_jax.model import init_cache
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next token [b]: argmax when temperature == 0, else temperature + nucleus (top-p) sampling.
+
+    Nucleus: keep the most probable tokens whose cumulative probability, before adding each, is
+    below top_p (so the top token always stays), then sample among them.
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled_bv = logits_bv / jnp.maximum(temperature, 1e-6)
+    order_bv = jnp.argsort(-scaled_bv, axis=-1)
+    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    kept_bv = jnp.where(before_bv < top_p, sorted_bv, -jnp.inf)
+    choice_b = jax.random.categorical(rng, kept_bv, axis=-1)
+    sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled_b, greedy_b)
+
+
+# ------------------------------------------------------------------------------ batching
+
+def bucket_width(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (at least `minimum`): prompt widths share few compiled shapes."""
+    width = minimum
+    while width < n:
+        width *= 2
+    return width
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, batch: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [batch, width], segment ids [batch, width]); missing rows repeat the last prompt."""
+    ids_bt = np.full((batch, width), pad_id, np.int32)
+    seg_bt = np.zeros((batch, width), np.int32)
+    for row in range(batch):
+        p = prompts[min(row, len(prompts) - 1)]
+        if not 0 < len(p) <= width:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit width {width}")
+        ids_bt[row, width - len(p):] = p
+        seg_bt[row, width - len(p):] = 1
+    return ids_bt, seg_bt
+
+
+# ------------------------------------------------------------------------------ the compiled loop
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Static settings of one compiled decoder."""
+
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int = 0
+    stream: bool = False
+    collect_logits: bool = False  # also return the logits each token was chosen from (tests)
+
+
+def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
+    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p) -> dict.
+
+    Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
+    and "logits": [b, max_new, vocab] when collect_logits}.
+    """
+    if spec.stream and sink is None:
+        raise ValueError("stream=True needs a sink")
+    n_new = spec.max_new_tokens
+    eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
+
+    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p):
+        b, width = ids_bt.shape
+        variables = {"params": params}
+        positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
+        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype)
+        logits_btv, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "tokens": jnp.full((b, n_new), spec.pad_id, jnp.int32),
+            "cache": cache,
+            "logits": logits_btv[:, -1].astype(jnp.float32),  # left padding: the last slot is real
+            "done": jnp.zeros((b,), bool),
+            "position": positions_bt[:, -1] + 1,
+            "rng": rng,
+        }
+        if spec.collect_logits:
+            state["all_logits"] = jnp.zeros((b, n_new, model.config.vocab_size), jnp.float32)
+
+        def cond(s):
+            return (s["step"] < n_new) & ~jnp.all(s["done"])
+
+        def body(s):
+            rng, key = jax.random.split(s["rng"])
+            token_b = sample_next(s["logits"], key, temperature, top_p)
+            token_b = jnp.where(s["done"], spec.pad_id, token_b)
+            if spec.stream:
+                jax.debug.callback(sink, s["step"], token_b, s["done"], ordered=True)
+            out = dict(s, rng=rng, step=s["step"] + 1, done=s["done"] | jnp.isin(token_b, eos),
+                       tokens=s["tokens"].at[:, s["step"]].set(token_b), position=s["position"] + 1)
+            if spec.collect_logits:
+                out["all_logits"] = s["all_logits"].at[:, s["step"]].set(s["logits"])
+            logits_b1v, out["cache"] = model.apply(variables, token_b[:, None], s["position"][:, None],
+                                                   jnp.ones((b, 1), jnp.int32), cache=s["cache"])
+            out["logits"] = logits_b1v[:, 0].astype(jnp.float32)
+            return out
+
+        final = jax.lax.while_loop(cond, body, state)
+        result = {"tokens": final["tokens"], "steps": final["step"]}
+        if spec.collect_logits:
+            result["logits"] = final["all_logits"]
+        return result
+
+    return jax.jit(decode)
+
+
+def trim_completion(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Generated ids up to and including the first EOS (the padding after it dropped)."""
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if int(t) in eos_ids:
+            break
+    return out
+
+
+class Generator:
+    """Batched generation for one (model, params); compiled decoders are cached per setting."""
+
+    def __init__(self, model: Any, params: Any, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+                 batch_size: int = 8):
+        self.model, self.params, self.pad_id, self.batch_size = model, params, pad_id, batch_size
+        if eos_ids is None:
+            eos_ids = () if model.config.eos_token_id is None else (model.config.eos_token_id,)
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self._decoders: dict[tuple, Any] = {}
+        self._sink: TokenSink | None = None
+
+    def _route(self, step, tokens_b, done_b):  # the one callback compiled in; forwards to the current sink
+        if self._sink is not None:
+            self._sink(int(step), np.asarray(tokens_b), np.asarray(done_b))
+
+    def decoder(self, max_new_tokens: int, stream: bool = False, collect_logits: bool = False):
+        spec = DecodeSpec(max_new_tokens, self.eos_ids, self.pad_id, stream, collect_logits)
+        if spec not in self._decoders:
+            self._decoders[spec] = make_decoder(self.model, spec, self._route if stream else None)
+        return self._decoders[spec]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None) -> list[list[int]]:
+        """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
+
+        Prompts are sorted by length and decoded `batch_size` at a time; a sink streams batch 0.
+        """
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[int]] = [[] for _ in prompts]
+        rng = jax.random.key(seed)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = [prompts[i] for i in idx]
+            width = bucket_width(max(len(p) for p in batch))
+            ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
+            self._sink = sink
+            try:
+                decode = self.decoder(max_new_tokens, stream=sink is not None)
+                rng, key = jax.random.split(rng)
+                result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
+                                jnp.float32(temperature), jnp.float32(top_p))
+                tokens_bn = np.asarray(jax.device_get(result["tokens"]))
+            finally:
+                self._sink = None
+            for row, i in enumerate(idx):
+                out[i] = trim_completion(tokens_bn[row], self.eos_ids)
+        return out
+
+
+# ------------------------------------------------------------------------------ text in, text out
+
+class Codec:
+    """Prompt text -> ids (template or raw) and generated ids -> text.
+
+    Generated ids are decoded with the template's tokenizer (`templates.SegmentTokenizer`), the
+    inverse of the ids training saw; the answer's leading space is dropped, as FastChat strips it.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int] = ()):
+        from flacuna_jax.templates import SegmentTokenizer
+
+        self.tokenizer, self.segments = tokenizer, SegmentTokenizer.load(tokenizer)
+        self.eos_ids = set(eos_ids) | {self.segments.eos_id}
+
+    def prompt(self, text: str, raw: bool = False, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Vicuna v1.1 generation prompt (after the chat history), or the raw text with BOS."""
+        if raw:
+            return list(self.tokenizer(text)["input_ids"])
+        from flacuna_jax.templates import encode_generation_prompt
+
+        return encode_generation_prompt(list(history), text, self.segments)
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.segments.decode([int(i) for i in ids if int(i) not in self.eos_ids]).lstrip()
+
+
+class TextStreamer:
+    """A sink printing row 0's new text as tokens arrive (incremental decode, held back mid-character)."""
+
+    def __init__(self, codec: Codec, out=None):
+        self.codec, self.out, self.ids, self.shown = codec, out or sys.stdout, [], ""
+
+    def __call__(self, step: int, tokens_b: np.ndarray, done_b: np.ndarray) -> None:
+        if done_b[0]:
+            return
+        self.ids.append(int(tokens_b[0]))
+        text = self.codec.text(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+        self.shown = text
+
+    def finish(self, completion: Sequence[int]) -> str:
+        """Prints what the stream has not shown yet and a newline; returns the whole text."""
+        text = self.codec.text(completion)
+        self.out.write((text[len(self.shown):] if text.startswith(self.shown) else "") + "\n")
+        self.out.flush()
+        return text
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f'{path}:{lineno}: expected {{"prompt": str}}')
+        prompts.append(rec["prompt"])
+    return prompts
+
+
+def chat(gen: Generator, codec: Codec, args: argparse.Namespace, inp=None, out=None) -> list[tuple[str, str]]:
+    """REPL keeping the multi-turn history; `/reset` clears it, `/exit` or EOF ends. Returns the history."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    history: list[tuple[str, str]] = []
+    limit = gen.model.config.max_position_embeddings - args.max_new_tokens
+    while True:
+        out.write("USER: ")
+        out.flush()
+        line = inp.readline()
+        if not line or line.strip() == "/exit":
+            return history
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            history = []
+            continue
+        ids = codec.prompt(message, args.raw, history)
+        while len(ids) > limit and history:  # forget the oldest turns first
+            history = history[1:]
+            ids = codec.prompt(message, args.raw, history)
+        out.write("ASSISTANT: ")
+        streamer = TextStreamer(codec, out)
+        [completion] = gen.generate_ids([ids], args.max_new_tokens, args.temperature, args.top_p,
+                                        args.seed + len(history), sink=streamer)
+        history.append((message, streamer.finish(completion)))
+
+
+def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
+                       dtype: Any = jnp.float32) -> tuple[Any, Any]:
+    """(model, params) of the base model with an adapter or a training run's LoRA folded in."""
+    from flacuna_jax.hf import load_pretrained
+    from flacuna_jax.lora import fold_lora, merge_params
+    from flacuna_jax.model import LoraSpec, Runtime
+
+    model, params = load_pretrained(model_dir, Runtime(compute_dtype=dtype, param_dtype=dtype))
+    if adapter is None and run is None:
+        return model, params
+    if adapter is not None:
+        from flacuna_jax import peft_io
+
+        lora_spec, trainable = peft_io.load_adapter(adapter, model.config)
+    else:
+        from flacuna_jax.checkpoint import load_trainable
+
+        _, trainable, cfg = load_trainable(run)
+        if cfg.finetune == "full":
+            return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), trainable)
+        lora_spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, 0.0, tuple(cfg.lora.targets))
+    folded = fold_lora(merge_params(trainable, params), lora_spec)  # W + s A B: plain matmuls when decoding
+    return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), folded)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flacuna_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="PEFT LoRA adapter directory")
+    src.add_argument("--run", help="training run directory (latest checkpoint)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="one prompt; the answer streams to stdout")
+    mode.add_argument("--data", help='input JSONL, {"prompt": str} per line (needs --out)')
+    mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    p.add_argument("--out", help='output JSONL: {"prompt", "completion", "tokens"} per line')
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt text as is (BOS added)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together with --data")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    a = build_parser().parse_args(argv)
+    if a.data and not a.out:
+        sys.exit("error: --data needs --out")
+    if a.max_new_tokens < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        sys.exit("error: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    try:
+        tokenizer = load_tokenizer(a.tokenizer or a.model)
+        model, params = load_for_inference(a.model, a.adapter, a.run, _DTYPES[a.dtype])
+        prompts = read_prompts(a.data) if a.data else []
+    except (ValueError, OSError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
+    gen = Generator(model, params, eos_ids=(eos,), pad_id=tokenizer.pad_token_id or 0, batch_size=a.batch_size)
+    codec = Codec(tokenizer, gen.eos_ids)
+    if a.chat:
+        chat(gen, codec, a)
+    elif a.prompt is not None:
+        streamer = TextStreamer(codec)
+        [completion] = gen.generate_ids([codec.prompt(a.prompt, a.raw)], a.max_new_tokens,
+                                        a.temperature, a.top_p, a.seed, sink=streamer)
+        streamer.finish(completion)
+    else:
+        completions = gen.generate_ids([codec.prompt(t, a.raw) for t in prompts], a.max_new_tokens,
+                                       a.temperature, a.top_p, a.seed)
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as f:
+            for text, toks in zip(prompts, completions):
+                f.write(json.dumps({"prompt": text, "completion": codec.text(toks), "tokens": toks}) + "\n")
+        print(f"generated {len(prompts)} completions -> {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""KV-cache generation against transformers' `generate(do_sample=False)` (token-identical), cache
+logits against the full forward, sampling rules, and the CLI.
+
+Random tiny models at the usual 0.02 init give near-uniform logits: greedy argmax then hinges on
+1e-6 differences and a token comparison is a coin toss. The models here are written with larger
+weights (`_decisive_model_dir`), so the top logit wins by a wide margin and tokens are comparable.
+"""
+
+import dataclasses
+import io
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from flacuna_jax import hf, tiny
+from flacuna_jax.generate import Codec, Generator, bucket_width, chat, left_pad, main, sample_next
+from flacuna_jax.lora import merge_params
+from flacuna_jax.model import LoraSpec
+from tests.helpers import hf_reference
+
+LOGIT_TOL = 1e-4
+CHAR_VOCAB = 101  # tests/helpers.write_char_tokenizer: 3 specials + 98 printable characters
+SCALES = {"embed_tokens": 50.0, "lm_head": 25.0}  # std 1.0 and 0.5; every other matrix std 0.1
+
+
+def _write_decisive(path, config, seed):
+    def tensors():
+        for name, t in tiny.random_hf_tensors(config, seed):
+            if name.endswith("norm.weight"):
+                yield name, t
+            else:
+                yield name, t * SCALES.get(name.split(".")[-2] if "lm_head" in name else name.split(".")[1], 5.0)
+    hf.write_hf_weights(path, tensors())
+    (path / "config.json").write_text(json.dumps(hf.hf_config_dict(config)))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def decisive_dir(tmp_path_factory):
+    config = dataclasses.replace(tiny.PRESETS["gqa"], vocab_size=CHAR_VOCAB)
+    return _write_decisive(tmp_path_factory.mktemp("decisive"), config, seed=3)
+
+
+@pytest.fixture(scope="module")
+def loaded(decisive_dir):
+    return hf.load_pretrained(decisive_dir)
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(3, CHAR_VOCAB, n - 1).tolist() for n in lengths]
+
+
+def _hf_generate(ref, prompts, max_new, eos):
+    width = max(len(p) for p in prompts)
+    ids, seg = left_pad(prompts, width, len(prompts))
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                           attention_mask=torch.as_tensor(seg, dtype=torch.long), max_new_tokens=max_new,
+                           do_sample=False, eos_token_id=eos, pad_token_id=0)
+    rows = out[:, width:].numpy()
+    return [[int(t) for t in r[:_end(r, eos)]] for r in rows]
+
+
+def _end(row, eos):
+    hits = np.flatnonzero(row == eos)
+    return int(hits[0]) + 1 if len(hits) else len(row)
+
+
+def _eos_reached_midway(gen, prompts, max_new):
+    """An EOS id that some row emits a few tokens in: rows then stop at different steps."""
+    free = Generator(gen.model, gen.params, eos_ids=(), batch_size=gen.batch_size)
+    first = free.generate_ids(prompts, max_new)[0]
+    return first[3]
+
+
+@pytest.mark.parametrize("lengths", [[9], [5, 13, 8]], ids=["batch1", "left_padded"])
+def test_greedy_matches_transformers(decisive_dir, loaded, lengths):
+    model, params = loaded
+    prompts = _prompts(lengths)
+    gen = Generator(model, params, batch_size=4)  # 3 prompts -> one repeated filler row
+    eos = _eos_reached_midway(gen, prompts, 16)
+    gen = Generator(model, params, eos_ids=(eos,), batch_size=4)
+    ours = gen.generate_ids(prompts, 16)
+    theirs = _hf_generate(hf_reference(decisive_dir), prompts, 16, eos)
+    assert ours == theirs
+    assert ours[0][-1] == eos and len(ours[0]) < 16  # stopping at EOS was exercised
+    assert len({len(x) for x in ours}) > 1 or len(ours) == 1
+
+
+def _random_lora(model, params, spec, seed=0):
+    """Base params + LoRA factors with non-zero B (PEFT starts B at 0, which would test nothing)."""
+    from flacuna_jax.lora import lora_shapes
+
+    lora_model = model.clone(lora=spec)
+    shapes = lora_shapes(lora_model)
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    factors = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+    return lora_model, merge_params(factors, params), factors
+
+
+def _peft_reference(model_dir, spec, factors):
+    from peft import LoraConfig, get_peft_model
+
+    ref = get_peft_model(hf_reference(model_dir), LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+                                                             target_modules=list(spec.targets)))
+    layers = ref.base_model.model.model.layers
+    with torch.no_grad():
+        for target in spec.targets:
+            a_lir = np.asarray(factors["layers"]["attn"][target]["lora_a"])
+            b_lro = np.asarray(factors["layers"]["attn"][target]["lora_b"])
+            for i, layer in enumerate(layers):
+                proj = getattr(layer.self_attn, target)
+                proj.lora_A["default"].weight.copy_(torch.from_numpy(a_lir[i].T.copy()))
+                proj.lora_B["default"].weight.copy_(torch.from_numpy(b_lro[i].T.copy()))
+    return ref.eval()
+
+
+def test_greedy_with_lora_matches_peft(decisive_dir, loaded):
+    model, params = loaded
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    lora_model, lora_params, factors = _random_lora(model, params, spec)
+    prompts = _prompts([7, 12])
+    base = Generator(model, params, eos_ids=(), batch_size=2).generate_ids(prompts, 12)
+    ours = Generator(lora_model, lora_params, eos_ids=(), batch_size=2).generate_ids(prompts, 12)
+    assert ours != base  # the adapter changes the output
+    assert ours == _hf_generate(_peft_reference(decisive_dir, spec, factors), prompts, 12, eos=-1)
+
+
+def test_cache_decode_logits_equal_full_forward(loaded):
+    model, params = loaded
+    prompts = _prompts([4, 11, 6])
+    n_new = 10
+    gen = Generator(model, params, eos_ids=())
+    ids_bt, seg_bt = left_pad(prompts, bucket_width(11), 3)  # width 16: padding in every row
+    result = gen.decoder(n_new, collect_logits=True)(params, ids_bt, seg_bt, jax.random.key(0),
+                                                     jnp.float32(0), jnp.float32(1))
+    tokens_bn, cached_bnv = np.asarray(result["tokens"]), np.asarray(result["logits"])
+    full_ids = np.concatenate([ids_bt, tokens_bn], axis=1)
+    full_seg = np.concatenate([seg_bt, np.ones_like(tokens_bn)], axis=1)
+    positions = np.maximum(np.cumsum(full_seg, axis=1) - 1, 0).astype(np.int32)
+    full = np.asarray(model.apply({"params": params}, full_ids, positions, full_seg))
+    width = ids_bt.shape[1]
+    expected_bnv = full[:, width - 1:width - 1 + n_new]  # the logits each new token was chosen from
+    assert np.abs(cached_bnv - expected_bnv).max() <= LOGIT_TOL
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    greedy = sample_next(logits, keys[0], jnp.float32(0), jnp.float32(1))
+    assert int(greedy[0]) == 1
+    draw = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(1), jnp.float32(0.6))[0])(keys)
+    assert set(np.asarray(draw).tolist()) == {1, 3}  # nucleus 0.6: 0.4 + 0.3 (the 0.3 starts below 0.6)
+    draw = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(1), jnp.float32(1.0))[0])(keys)
+    assert set(np.asarray(draw).tolist()) == {0, 1, 2, 3}
+    tiny_p = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(5), jnp.float32(1e-3))[0])(keys)
+    assert set(np.asarray(tiny_p).tolist()) == {1}
+
+
+def test_sampled_generation_is_seeded(loaded):
+    model, params = loaded
+    gen = Generator(model, params, eos_ids=(), batch_size=2)
+    prompts = _prompts([6, 9])
+    a = gen.generate_ids(prompts, 8, temperature=1.0, top_p=0.9, seed=7)
+    assert a == gen.generate_ids(prompts, 8, temperature=1.0, top_p=0.9, seed=7)
+    assert a != gen.generate_ids(prompts, 8, temperature=1.0, top_p=0.9, seed=8)
+
+
+def test_cli_data_prompt_and_chat(decisive_dir, loaded, char_tokenizer_dir, tmp_path, capsys):
+    from flacuna_jax.templates import encode_generation_prompt
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(char_tokenizer_dir)
+    data = tmp_path / "in.jsonl"
+    texts = ["hi", "what is 2+2?", "tell me a story"]
+    data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "out.jsonl"
+    common = ["--model", str(decisive_dir), "--tokenizer", str(char_tokenizer_dir), "--max-new-tokens", "6"]
+    main(common + ["--data", str(data), "--out", str(out), "--batch-size", "2"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    model, params = loaded
+    expected = Generator(model, params, batch_size=2).generate_ids(
+        [encode_generation_prompt([], t, tok) for t in texts], 6)
+    assert [r["prompt"] for r in rows] == texts
+    assert [r["tokens"] for r in rows] == expected
+
+    def chars(ids):  # the char tokenizer: one character per id
+        return "".join(tok.convert_ids_to_tokens([i for i in ids if i != 2])).lstrip()
+
+    assert [r["completion"] for r in rows] == [chars(x) for x in expected]
+
+    main(common + ["--prompt", "hi"])
+    assert capsys.readouterr().out == rows[0]["completion"] + "\n"  # streamed, then the newline
+
+    gen = Generator(model, params)
+    args = types.SimpleNamespace(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0, raw=False)
+    transcript = io.StringIO()
+    history = chat(gen, Codec(tok), args, inp=io.StringIO("hi\nagain\n"), out=transcript)
+    assert history[0] == ("hi", rows[0]["completion"])
+    second = gen.generate_ids([encode_generation_prompt([history[0]], "again", tok)], 6)[0]
+    assert history[1] == ("again", chars(second))
+    assert transcript.getvalue() == f"USER: ASSISTANT: {history[0][1]}\nUSER: ASSISTANT: {history[1][1]}\nUSER: "
