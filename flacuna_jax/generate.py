@@ -47,19 +47,25 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
     """Next token [b]: argmax when temperature == 0, else temperature + nucleus (top-p) sampling.
 
     Nucleus: keep the most probable tokens whose cumulative probability, before adding each, is
-    below top_p (so the top token always stays), then sample among them.
+    below top_p (so the top token always stays), then sample among them. A `lax.cond` on the
+    (traced) temperature skips the vocabulary sort when decoding greedily.
     """
     logits_bv = logits_bv.astype(jnp.float32)
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    scaled_bv = logits_bv / jnp.maximum(temperature, 1e-6)
-    order_bv = jnp.argsort(-scaled_bv, axis=-1)
-    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
-    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-    before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-    kept_bv = jnp.where(before_bv < top_p, sorted_bv, -jnp.inf)
-    choice_b = jax.random.categorical(rng, kept_bv, axis=-1)
-    sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled_b, greedy_b)
+
+    def greedy(_):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def nucleus(_):
+        scaled_bv = logits_bv / jnp.maximum(temperature, 1e-6)
+        order_bv = jnp.argsort(-scaled_bv, axis=-1)
+        sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        kept_bv = jnp.where(before_bv < top_p, sorted_bv, -jnp.inf)
+        choice_b = jax.random.categorical(rng, kept_bv, axis=-1)
+        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
 
 # ------------------------------------------------------------------------------ batching
