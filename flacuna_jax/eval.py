@@ -47,6 +47,7 @@ import numpy as np
 from flacuna_jax.score import score_requests
 
 STYLES = ("mmlu", "bbh", "crass", "hhh")
+DEFAULT_SHOTS = {"mmlu": 5, "bbh": 3, "crass": 3, "hhh": 0}  # InstructEval's ntrain per task
 LETTERS = string.ascii_uppercase
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -277,21 +278,28 @@ class McTask:
 
 
 class EvalSuite:
-    """Everything evaluated, prepared once; `suite(params)` runs it (also from the training loop)."""
+    """Everything evaluated, prepared once; `suite(params)` runs it (also from the training loop).
+
+    tasks: (name, style, path) triples; k: shots (None: InstructEval's per style); heldout: a
+    FLAN-Mini-format file. In training, build it once and call it with the whole parameter tree,
+    `suite(lora.merge_params(trainable, frozen))`; it returns flat metrics such as
+    {"heldout/loss", "heldout/perplexity", "heldout/tokens", "heldout/examples", "<task>/acc", "<task>/n"}.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, tasks: Sequence[tuple[str, str, str]] = (), heldout: str | None = None,
-                 k: int = 5, batch_size: int = 8, max_examples: int | None = None, cache_dir: str | None = None):
+                 k: int | None = None, batch_size: int = 8, max_examples: int | None = None, cache_dir: str | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         max_len = model.config.max_position_embeddings
         self.tasks = []
         for name, style, path in tasks:
             if style not in STYLES:
                 raise EvalInputError(f"task {name}: unknown style {style!r} (one of {', '.join(STYLES)})")
+            n_shots = 0 if style == "hhh" else DEFAULT_SHOTS[style] if k is None else k
             questions = [q if q.subject else dataclasses.replace(q, subject=Path(path).stem) for q in read_questions(path)]
             if style == "crass" and not any(q.shot for q in questions):
-                shots, scored = list(CRASS_PAPER_SHOTS[:k]), questions
+                shots, scored = list(CRASS_PAPER_SHOTS[:n_shots]), questions
             else:
-                shots, scored = split_shots(questions, 0 if style == "hhh" else k)
+                shots, scored = split_shots(questions, n_shots)
             scored = scored[:max_examples]
             if not scored:
                 raise EvalInputError(f"task {name}: no questions left to score after {len(shots)} shots")
@@ -337,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="PEFT LoRA adapter directory")
     src.add_argument("--run", help="training run directory (latest checkpoint)")
     p.add_argument("--task", action="append", default=[], help="STYLE=PATH, STYLE in " + "|".join(STYLES))
-    p.add_argument("--k", type=int, default=5, help="shots per prompt (InstructEval: MMLU 5, BBH 3, CRASS 3)")
+    p.add_argument("--k", type=int, help="shots per prompt (default InstructEval's: MMLU 5, BBH 3, CRASS 3, HHH 0)")
     p.add_argument("--heldout", help="FLAN-Mini-format file for held-out loss and perplexity")
     p.add_argument("--max-examples", type=int, help="score at most this many per task / held-out file")
     p.add_argument("--out", help="results JSON")

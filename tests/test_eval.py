@@ -154,3 +154,6 @@ def test_cli_writes_json_and_table(decisive_dir, char_tokenizer_dir, tmp_path, m
     assert metrics["crass:crass/n"] == 3  # the paper's 3 shots, all 3 lines scored
     table = capsys.readouterr().out
     assert "heldout/perplexity" in table and len(table.splitlines()) == len(metrics) + 2
+    bbh = _synthetic(tmp_path / "bbh.jsonl", 5, 2, 6, "bbh")
+    metrics = main(["--model", str(decisive_dir), "--tokenizer", str(char_tokenizer_dir), "--task", f"bbh={bbh}"])
+    assert metrics["bbh:bbh/n"] == 2  # InstructEval's BBH default: the first 3 lines are shots
