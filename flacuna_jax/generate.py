@@ -213,6 +213,8 @@ class Generator:
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
                                 jnp.float32(temperature), jnp.float32(top_p))
                 tokens_bn = np.asarray(jax.device_get(result["tokens"]))
+                if sink is not None:
+                    jax.effects_barrier()  # every streamed token has reached the sink
             finally:
                 self._sink = None
             for row, i in enumerate(idx):
