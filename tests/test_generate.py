@@ -233,3 +233,19 @@ def test_run_checkpoint_is_folded_for_decoding(decisive_dir, loaded, monkeypatch
     prompts = _prompts([6, 10])
     expected = Generator(lora_model, lora_params, eos_ids=(), batch_size=2).generate_ids(prompts, 10)
     assert Generator(folded_model, folded, eos_ids=(), batch_size=2).generate_ids(prompts, 10) == expected
+
+
+def test_adapter_dir_matches_peft(decisive_dir, loaded, tmp_path):
+    """--adapter: a PEFT adapter directory (saved by PEFT itself) decodes as PeftModel does."""
+    pytest.importorskip("flacuna_jax.peft_io")
+    from flacuna_jax.generate import load_for_inference
+
+    model, params = loaded
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    _, _, factors = _random_lora(model, params, spec, seed=2)
+    ref = _peft_reference(decisive_dir, spec, factors)
+    ref.save_pretrained(str(tmp_path / "adapter"))
+    adapted_model, adapted = load_for_inference(str(decisive_dir), adapter=str(tmp_path / "adapter"))
+    prompts = _prompts([8, 5])
+    ours = Generator(adapted_model, adapted, eos_ids=(), batch_size=2).generate_ids(prompts, 10)
+    assert ours == _hf_generate(ref, prompts, 10, eos=-1)
