@@ -249,3 +249,13 @@ def test_adapter_dir_matches_peft(decisive_dir, loaded, tmp_path):
     prompts = _prompts([8, 5])
     ours = Generator(adapted_model, adapted, eos_ids=(), batch_size=2).generate_ids(prompts, 10)
     assert ours == _hf_generate(ref, prompts, 10, eos=-1)
+
+
+def test_prompt_lengths_share_a_bucket(loaded):
+    model, params = loaded
+    gen = Generator(model, params, eos_ids=(), batch_size=2)
+    for lengths in ([3, 9], [12, 16], [5, 5]):  # all within the 16-wide bucket: one compile
+        gen.generate_ids(_prompts(lengths), 4)
+    assert gen.decoder(4)._cache_size() == 1
+    gen.generate_ids(_prompts([17, 2]), 4)
+    assert gen.decoder(4)._cache_size() == 2
