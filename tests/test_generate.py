@@ -210,25 +210,22 @@ def test_cli_data_prompt_and_chat(decisive_dir, loaded, char_tokenizer_dir, tmp_
     assert transcript.getvalue() == f"USER: ASSISTANT: {history[0][1]}\nUSER: ASSISTANT: {history[1][1]}\nUSER: "
 
 
-def test_run_checkpoint_is_folded_for_decoding(decisive_dir, loaded, monkeypatch):
-    """--run: the run's LoRA factors folded into the base give the same tokens as the unfolded model.
-
-    `checkpoint.load_trainable` is replaced by a stand-in returning known factors, so this tests
-    the folding path on its own (the checkpoint format is tested with the training code).
-    """
-    import sys
-
-    from flacuna_jax.config import Config, LoraConfig
+def test_run_checkpoint_is_folded_for_decoding(decisive_dir, loaded, tmp_path):
+    """--run: a training run's saved LoRA factors, folded into the base, decode as the unfolded model."""
+    from flacuna_jax import checkpoint, optim, train_state
+    from flacuna_jax.config import Config, LoraConfig, OptimConfig, dump_config
     from flacuna_jax.generate import load_for_inference
 
     model, params = loaded
     spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
     lora_model, lora_params, factors = _random_lora(model, params, spec, seed=1)
-    cfg = Config(lora=LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
-    fake = types.ModuleType("flacuna_jax.checkpoint")
-    fake.load_trainable = lambda run_dir, step=None: (10, jax.tree.map(np.asarray, factors), cfg)
-    monkeypatch.setitem(sys.modules, "flacuna_jax.checkpoint", fake)
-    folded_model, folded = load_for_inference(str(decisive_dir), run="runs/x")
+    cfg = Config(output_dir=str(tmp_path), lora=LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    tx, _ = optim.make_optimizer(OptimConfig(), 10)
+    ck = checkpoint.Checkpointer(tmp_path)
+    ck.save(3, train_state.init_train_state(factors, tx, 0), {})
+    ck.close()
+    folded_model, folded = load_for_inference(str(decisive_dir), run=str(tmp_path))
     assert folded_model.lora is None and "lora_a" not in str(jax.tree_util.tree_structure(folded))
     prompts = _prompts([6, 10])
     expected = Generator(lora_model, lora_params, eos_ids=(), batch_size=2).generate_ids(prompts, 10)
