@@ -64,6 +64,7 @@ class TrainConfig:
     per_device_batch_size: int = 2
     epochs: int = 1
     max_nonfinite_steps: int = 5  # this many skipped (non-finite) updates in a row stop the run
+    loss_chunk: int = 512  # positions per cross-entropy chunk (fp32 logits [b, chunk, vocab]); 0: no chunking
 
 
 @dataclass(frozen=True)

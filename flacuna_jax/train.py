@@ -1,0 +1,257 @@
+"""Fine-tune a LLaMA-family model on FLAN-Mini (LoRA or full), sharded over a device mesh.
+
+    python -m flacuna_jax.train --config configs/demo.yaml [key=value ...]
+    python -m flacuna_jax.train --config configs/flacuna_13b.yaml output_dir=runs/flacuna train.steps=100
+
+Overrides are `key=value` with the value parsed as YAML (`lora.targets='[q_proj, k_proj]'`).
+The resolved config is printed and saved to `output_dir/config.yaml`. Re-running the same command
+with the same output_dir resumes from the latest checkpoint there (step, trainable params,
+optimizer state, RNG and the data iterator), so the result equals an uninterrupted run.
+
+Writes into output_dir: config.yaml, metrics.jsonl (one line per log.every steps), tensorboard/,
+checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.convert export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flacuna_jax import distributed
+from flacuna_jax.checkpoint import Checkpointer
+from flacuna_jax.config import Config, ConfigError, dump_config, load_config
+from flacuna_jax.lora import count_params, init_lora_params, split_params
+from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
+from flacuna_jax.model import LoraSpec, Runtime, abstract_params
+from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
+from flacuna_jax.step import BATCH_KEYS, make_eval_step, make_train_step
+from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
+from flacuna_jax.train_data import DataFeed
+
+EXIT_NONFINITE = 3
+# Test hook for the crash/resume tests: sleep this long after every step (never set in real runs).
+_STEP_SLEEP_S = float(os.environ.get("FLACUNA_TEST_STEP_SLEEP_S", "0") or 0)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def batch_layout(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[int, int]:
+    """(accumulation steps, rows per host per step): global = per_device x (data x fsdp) x accum."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.per_device_batch_size * batch_devices
+    if cfg.train.global_batch_size % micro:
+        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is not a multiple of "
+                          f"per_device_batch_size x data x fsdp = {cfg.train.per_device_batch_size} x {batch_devices}")
+    if cfg.train.global_batch_size % jax.process_count():
+        raise ConfigError(f"config key 'train.global_batch_size': not divisible by {jax.process_count()} processes")
+    return cfg.train.global_batch_size // micro, cfg.train.global_batch_size // jax.process_count()
+
+
+def _shard_bytes(tree: Any, shardings: Any) -> int:
+    leaves = jax.tree.leaves(jax.tree.map(
+        lambda s, sh: math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize, tree, shardings))
+    return int(sum(leaves))
+
+
+def memory_report(cfg: Config, model: Any, frozen: Any, state_abstract: Any, mesh: Any) -> str:
+    """Per-device bytes: frozen base and trainable state exactly (from shard shapes), activations roughly."""
+    frozen_b = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(frozen))
+    params_b = _shard_bytes(state_abstract.params, jax.tree.map(lambda s: s.sharding, state_abstract.params))
+    opt_b = _shard_bytes(state_abstract.opt_state, jax.tree.map(lambda s: s.sharding, state_abstract.opt_state))
+    c, t, b = model.config, cfg.train.seq_len, cfg.train.per_device_batch_size
+    act_bytes = np.dtype(cfg.model.compute_dtype).itemsize
+    # Saved per layer: its input (remat=full) or roughly 10 d-sized activations (no remat); one
+    # layer's live activations; the fp32 logits of one loss chunk with their gradient.
+    saved = 1 if cfg.model.remat == "full" else (4 if cfg.model.remat == "dots_saveable" else 10)
+    layer = b * t * (6 * c.hidden_size + 3 * c.intermediate_size) * act_bytes + b * c.num_heads * t * t * 4
+    chunk = min(cfg.train.loss_chunk or t, t)
+    acts = b * t * c.hidden_size * act_bytes * saved * c.num_layers + layer + 2 * b * chunk * c.vocab_size * 4
+    gib = lambda n: f"{n / 2**30:.3f} GiB"
+    return (f"per-device memory estimate: frozen base {gib(frozen_b)}, trainable {gib(params_b)}, optimizer "
+            f"{gib(opt_b)}, gradients {gib(params_b)}, activations ~{gib(acts)} (rough) -> ~{gib(frozen_b + 2 * params_b + opt_b + acts)}")
+
+
+def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(model, frozen, trainable, trainable shapes, trainable shardings) on the mesh."""
+    from flacuna_jax.hf import load_pretrained
+
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path': required (a local Hugging Face LLaMA directory)")
+    runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
+                      cfg.model.attention)
+    lora = None
+    if cfg.finetune == "lora":
+        lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+        if cfg.lora.init_from:
+            raise ConfigError("config key 'lora.init_from': starting training from a PEFT adapter is not supported "
+                              "by flacuna_jax.train yet")
+    model, base = load_pretrained(cfg.model.path, runtime, lora, mesh)
+    shapes, names = abstract_params(model)
+    p_shapes, p_names = split_params(shapes, cfg.finetune)[0], split_params(names, cfg.finetune)[0]
+    p_shard = tree_shardings(mesh, p_names, p_shapes)
+    if cfg.finetune == "lora":
+        trainable, frozen = init_lora_params(model, jax.random.PRNGKey(cfg.seed), p_shard), base
+    else:
+        trainable, frozen = split_params(base, "full")
+    return model, frozen, trainable, p_shapes, p_shard
+
+
+def run(cfg: Config) -> dict:
+    """Trains per `cfg`; returns a summary. Raises NonFiniteError after too many skipped updates."""
+    main = jax.process_index() == 0
+    out = Path(cfg.output_dir)
+    say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = dump_config(cfg)
+        print("resolved config:\n" + text, flush=True)
+        (out / "config.yaml.tmp").write_text(text)
+        (out / "config.yaml.tmp").replace(out / "config.yaml")
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    accum, host_rows = batch_layout(cfg, mesh)
+    say(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} on "
+        f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); global batch {cfg.train.global_batch_size} = "
+        f"{cfg.train.per_device_batch_size} per device x {mesh.shape['data'] * mesh.shape['fsdp']} x {accum} accumulation")
+
+    model, frozen, trainable, p_shapes, p_shard = build_model(cfg, mesh)
+    n_train, n_total = count_params(model, cfg.finetune)
+    say(f"parameters: trainable {n_train:,} / total {n_total:,} ({100 * n_train / n_total:.4f}%)")
+
+    feed = DataFeed(cfg, host_rows, mesh)
+    total_steps = feed.total_steps
+    say(feed.describe())
+
+    from flacuna_jax.optim import make_optimizer
+    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
+    target = abstract_state(tx, p_shapes, s_shard)
+    say(memory_report(cfg, model, frozen, target, mesh))
+    state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard)(trainable)
+    del trainable
+
+    ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, target)
+        feed.set_state(data_state)
+        say(f"resuming from checkpoint step {latest} in {ckpt.directory}")
+    start = int(jax.device_get(state.step))
+
+    f_shard = jax.tree.map(lambda x: x.sharding, frozen)
+    train_fn = make_train_step(model, tx, schedule, mesh, s_shard, f_shard, accum=accum,
+                               loss_chunk=cfg.train.loss_chunk,
+                               dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
+    eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
+    peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
+    step_flops = flops_per_token(model.config, cfg.train.seq_len, cfg.finetune) * cfg.train.global_batch_size * cfg.train.seq_len
+    log = MetricsLogger(out, total_steps, start, enabled=main, tensorboard=cfg.log.tensorboard)
+    if start >= total_steps:
+        say(f"already at step {start} of {total_steps}: nothing to train")
+
+    def evaluate() -> float:
+        total = count = 0.0
+        for batch in feed.eval_batches():
+            s, n = jax.device_get(eval_fn(state.params, frozen, batch))
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    last = {}
+    saved = latest or 0
+    t_prev = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, total_steps):
+            batch = feed.next_batch()
+            if batch is None:
+                say(f"data exhausted after {step} steps (end of the training split)")
+                break
+            save = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total_steps
+            data_state = feed.get_state() if save else None
+            state, m = train_fn(state, frozen, batch)
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            if int(m["nonfinite_run"]) >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"stopping: {int(m['nonfinite_run'])} consecutive steps (up to step {step + 1}) had a non-finite "
+                    f"loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); their updates were "
+                    f"skipped. The last good checkpoint is in {ckpt.directory} (step {ckpt.latest_step()}). Lower "
+                    f"optim.lr, check the data, or use model.compute_dtype=float32.")
+            if save:
+                ckpt.save(step + 1, state, data_state)
+                saved = step + 1
+            if _STEP_SLEEP_S:
+                time.sleep(_STEP_SLEEP_S)
+            tps = cfg.train.global_batch_size * cfg.train.seq_len / dt
+            log.step(step + 1, float(m["loss"]), tps)
+            do_eval = eval_fn is not None and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+                                               or step + 1 == total_steps)
+            if (step + 1) % cfg.log.every == 0 or step + 1 in (1, total_steps) or do_eval:
+                rec = {"step": step + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                       "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"]), "tokens_per_s": tps,
+                       "step_time_s": dt, "skipped_steps": int(m["skipped_steps"])}
+                if peak:
+                    rec["mfu"] = step_flops / dt / (peak * jax.device_count())
+                if do_eval:
+                    rec["eval_loss"] = evaluate()
+                    t_prev = time.perf_counter()
+                rec.update(feed.counters())
+                log.log(rec)
+                last = rec
+        else:
+            step = total_steps
+        if step > saved:  # the data ran out before train.steps
+            ckpt.save(step, state, feed.get_state())
+    finally:
+        ckpt.close()  # waits for the async saves in flight: never exit before they are complete
+        log.close()
+    say(f"done: {step} steps; last logged {last}; checkpoints in {ckpt.directory}")
+    return {"steps": step, "last": last, "total_steps": total_steps}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flacuna_jax.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="common keys: output_dir, seed, model.path, model.compute_dtype, model.remat, data.sources, "
+               "data.packing, train.steps, train.seq_len, train.global_batch_size, train.per_device_batch_size, "
+               "optim.lr, optim.warmup_steps, optim.schedule, finetune (lora|full), lora.rank, lora.targets, "
+               "mesh.data, mesh.fsdp, mesh.tensor (-1 fills the rest), checkpoint.every, checkpoint.keep, "
+               "log.every, eval.every. See flacuna_jax/config.py for all keys and defaults.")
+    p.add_argument("--config", help="YAML config file (configs/*.yaml); omitted: the defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, value parsed as YAML")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    distributed.initialize()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    from flacuna_jax.data import DataError
+    from flacuna_jax.hf import CheckpointError
+    from flacuna_jax.tokenizer import TokenizerError
+    try:
+        run(cfg)
+    except (ConfigError, DataError, CheckpointError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NONFINITE) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The training CLI: exact resume after kill -9, non-finite stop, configs, metrics."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flacuna_jax import checkpoint, train
+from flacuna_jax.config import load_config
+from flacuna_jax.lora import count_params
+from flacuna_jax.metrics import read_jsonl
+from flacuna_jax.model import Llama, LoraSpec
+from flacuna_jax.tiny import PRESETS, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A small FLAN-Mini-style sample, its SentencePiece tokenizer, and a tiny model that fits it."""
+    from flacuna_jax.demo_assets import write_demo_assets
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("train_assets")
+    paths = write_demo_assets(d, 400)
+    vocab = len(load_tokenizer(paths["tokenizer"]))
+    model = write_tiny_model(d / "model", replace(PRESETS["mha"], vocab_size=vocab), seed=2)
+    for f in Path(paths["tokenizer"]).iterdir():
+        shutil.copy(f, model / f.name)
+    return {"model": str(model), "sample": paths["sample"]}
+
+
+def overrides(assets, out, **extra):
+    base = {"output_dir": str(out), "model.path": assets["model"], "tokenizer.path": assets["model"], "model.compute_dtype": "float32",
+            "model.param_dtype": "float32", "model.remat": "none", "data.sources": f"[{assets['sample']}]",
+            "data.eval_fraction": 0.05, "train.steps": 10, "train.seq_len": 64, "train.global_batch_size": 4,
+            "train.per_device_batch_size": 1, "train.loss_chunk": 16, "lora.rank": 4, "lora.dropout": 0.1,
+            "optim.lr": 1e-2, "optim.warmup_steps": 2, "checkpoint.every": 2, "checkpoint.keep": 2,
+            "log.every": 1, "eval.every": 5, "eval.max_batches": 2, "mesh.fsdp": 2, "log.tensorboard": True}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(assets, out, sleep=0.0):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               FLACUNA_TEST_STEP_SLEEP_S=str(sleep))
+    cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", str(ROOT / "configs/demo.yaml"),
+           *overrides(assets, out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def complete_steps(out):
+    d = checkpoint.checkpoint_dir(out)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    finish(launch(assets, ref_dir))
+    # Kill twice at different moments after the first checkpoint (async saves may be in flight).
+    for kill_after in (2, 6):
+        proc = launch(assets, crash_dir, sleep=0.15)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            steps = complete_steps(crash_dir)
+            if steps and steps[-1] >= kill_after:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1 * kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert complete_steps(crash_dir)[-1] < 10
+    out = finish(launch(assets, crash_dir))
+    assert re.search(r"resuming from checkpoint step \d+ in ", out), out[-2000:]
+
+    ref, got = read_jsonl(ref_dir / "metrics.jsonl"), read_jsonl(crash_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 11))
+    for key in ("loss", "grad_norm", "lr", "tokens", "eval_loss", "skipped_steps", "data_packing_efficiency"):
+        assert [r.get(key) for r in got] == [r.get(key) for r in ref], key
+    s1, p1, cfg = checkpoint.load_trainable(ref_dir)
+    s2, p2, _ = checkpoint.load_trainable(crash_dir)
+    assert s1 == s2 == 10 and cfg.train.steps == 10
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+    # The run learned something and wrote its other outputs.
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    assert (ref_dir / "config.yaml").is_file() and any((ref_dir / "tensorboard").iterdir())
+    # Re-running a finished run trains nothing more.
+    again = finish(launch(assets, ref_dir))
+    assert "nothing to train" in again
+    assert read_jsonl(ref_dir / "metrics.jsonl") == ref
+
+
+def test_nonfinite_steps_stop_the_run_with_checkpoint_intact(assets, tmp_path, capsys):
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides(
+        assets, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
+                             "train.max_nonfinite_steps": 2, "checkpoint.every": 1, "train.steps": 20, "mesh.tensor": 2,
+                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4}))
+    with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
+        train.run(cfg)
+    assert "per-device memory estimate" in capsys.readouterr().out
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert lines[-1]["skipped_steps"] >= 1
+    step, params, _ = checkpoint.load_trainable(tmp_path)
+    assert 1 <= step < 20
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_flacuna_13b_config_is_the_paper_recipe():
+    cfg = load_config(ROOT / "configs/flacuna_13b.yaml")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16.0, 0.05, ("q_proj", "v_proj"))
+    assert (cfg.train.seq_len, cfg.train.per_device_batch_size, cfg.train.global_batch_size) == (1280, 2, 128)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == ("adamw", 2e-5, 3000, "cosine")
+    assert (cfg.optim.weight_decay, cfg.optim.clip_norm, cfg.train.steps, cfg.train.epochs) == (0.0, 1.0, None, 1)
+    assert (cfg.data.eval_fraction, cfg.data.split_seed, cfg.model.compute_dtype) == (0.005, 0, "bfloat16")
+    lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    trainable, total = count_params(Llama(PRESETS["llama_13b"], lora=lora), cfg.finetune)
+    assert trainable == 6_553_600
+    assert total - trainable == 13_015_864_320  # LLaMA-13B
+    load_config(ROOT / "configs/vicuna_7b_lora.yaml")
+
+
+def test_help_and_bad_override():
+    r = subprocess.run([sys.executable, "-m", "flacuna_jax.train", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--config" in r.stdout and "key=value" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "flacuna_jax.train", "--config", "configs/demo.yaml", "optim.nme=sgd"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "optim.nme" in r.stderr
