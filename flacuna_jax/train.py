@@ -217,7 +217,8 @@ def run(cfg: Config) -> dict:
     finally:
         ckpt.close()  # waits for the async saves in flight: never exit before they are complete
         log.close()
-    say(f"done: {step} steps; last logged {last}; checkpoints in {ckpt.directory}")
+    summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
+    say(f"done: {step} steps{'; ' + summary if summary else ''}; checkpoints in {ckpt.directory}")
     return {"steps": step, "last": last, "total_steps": total_steps}
 
 
