@@ -37,7 +37,7 @@ def assets(tmp_path_factory):
     model = write_tiny_model(d / "model", replace(PRESETS["mha"], vocab_size=vocab), seed=2)
     for f in Path(paths["tokenizer"]).iterdir():
         shutil.copy(f, model / f.name)
-    return {"model": str(model), "sample": paths["sample"]}
+    return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}
 
 
 def overrides(assets, out, **extra):
@@ -52,8 +52,10 @@ def overrides(assets, out, **extra):
 
 
 def launch(assets, out, sleep=0.0):
+    # Launches share a persistent compilation cache: the same program, compiled once.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               FLACUNA_TEST_STEP_SLEEP_S=str(sleep))
+               FLACUNA_TEST_STEP_SLEEP_S=str(sleep), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", str(ROOT / "configs/demo.yaml"),
            *overrides(assets, out)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
