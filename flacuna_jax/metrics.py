@@ -20,6 +20,7 @@ reads like one uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -117,14 +118,16 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) and k.endswith("_s") else v) for k, v in record.items()}
+        # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else
+                      round(v, 6) if isinstance(v, float) and k.endswith("_s") else v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         step = record["step"]
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self._tb.flush()
         if self._bar is None:
@@ -133,7 +136,7 @@ class MetricsLogger:
             parts = [f"step {step}/{self.total}"]
             for k, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".3g"), ("grad_norm", ".3f"),
                            ("tokens_per_s", ",.0f"), ("mfu", ".1%"), ("skipped_steps", "d")):
-                if k in record:
+                if record.get(k) is not None:
                     parts.append(f"{k} {format(record[k], fmt)}")
             parts.append(f"eta {eta:.0f}s")
             print(" | ".join(parts), flush=True)

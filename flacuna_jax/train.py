@@ -116,6 +116,10 @@ def run(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         text = dump_config(cfg)
         print("resolved config:\n" + text, flush=True)
+        cfg_file = out / "config.yaml"
+        if cfg_file.is_file() and cfg_file.read_text() != text:
+            print(f"note: {cfg_file} differs from this config; it is replaced (a resume continues with the new values)",
+                  flush=True)
         (out / "config.yaml.tmp").write_text(text)
         (out / "config.yaml.tmp").replace(out / "config.yaml")
 

@@ -78,6 +78,9 @@ class DataFeed:
             kept = [len(ex["ids"]) for ex in (self.train.examples[int(i)] for i in idx) if ex["drop"] is None]
             per_example = (first_fit_rows(kept, self.cfg.train.seq_len) if self.cfg.data.packing else len(kept)) / len(idx)
             steps = int(n * per_example) // self.host_rows
+        if jax.process_count() > 1:  # hosts may pack their shares into different numbers of rows
+            from jax.experimental import multihost_utils
+            steps = int(np.min(multihost_utils.process_allgather(np.asarray(steps, np.int64))))
         if steps < 1:
             raise ValueError(f"the training split gives no full batch of {self.host_rows} rows per host")
         return steps

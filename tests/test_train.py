@@ -145,3 +145,22 @@ def test_help_and_bad_override():
     r = subprocess.run([sys.executable, "-m", "flacuna_jax.train", "--config", "configs/demo.yaml", "optim.nme=sgd"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "optim.nme" in r.stderr
+
+
+def test_metrics_resume_truncation_and_flops(tmp_path):
+    from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops, truncate_jsonl
+
+    log = MetricsLogger(tmp_path, total_steps=6, tensorboard=False, progress=False)
+    for s in range(1, 6):
+        log.log({"step": s, "loss": float("nan") if s == 2 else 1.0 / s, "tokens_per_s": 10.0})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    truncate_jsonl(tmp_path / "metrics.jsonl", 3)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] is None  # strict JSON: NaN -> null
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 798e12
+    assert peak_flops("cpu", "float32") is None and peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
+    n = 13_015_864_320 - 32000 * 5120 - 81 * 5120  # LLaMA-13B matmul weights: no embedding lookup, no norms
+    f_lora, f_full = flops_per_token(PRESETS["llama_13b"], 1280, "lora"), flops_per_token(PRESETS["llama_13b"], 1280, "full")
+    assert 4 * n < f_lora < 4.6 * n and f_full - f_lora == 2 * n
