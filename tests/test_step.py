@@ -123,8 +123,13 @@ def test_mesh_matches_single_device(tiny_model_dir, reference, shape):
     mu = state.opt_state[1][0].mu  # clip -> adamw(scale_by_adam): moments sharded like their params
     for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(mu), jax.tree.leaves(state.params)):
         assert m.sharding.spec == p.sharding.spec, path
-    for name, frozen_leaf in jax.tree_util.tree_leaves_with_path(frozen):
-        assert frozen_leaf.sharding.mesh.shape == mesh.shape
+    shapes, names = abstract_params(model)
+    frozen_names = dict(jax.tree_util.tree_leaves_with_path(split_params(names)[1],
+                                                            is_leaf=lambda x: isinstance(x, tuple)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(frozen):  # the base, as the step received it
+        want = sharding.fit_spec(sharding.logical_to_mesh_spec(frozen_names[path]), leaf.shape, mesh)
+        assert leaf.sharding.spec == want and leaf.sharding.mesh.shape == mesh.shape, jax.tree_util.keystr(path)
+    assert rel_err(metrics["loss"], ref_loss) <= 1e-5  # the jitted, accumulating step's own loss
     if shape == (1, 4, 2):
         q_a = state.params["layers"]["attn"]["q_proj"]["lora_a"]
         q_b = state.params["layers"]["attn"]["q_proj"]["lora_b"]
