@@ -130,7 +130,10 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self._tb.flush()
-        if self._bar is None:
+        if self._bar is not None:
+            if record.get("eval_loss") is not None:
+                self._bar.write(f"step {step}: loss {record['loss']:.4f} eval_loss {record['eval_loss']:.4f}")
+        else:
             done = step - self.start
             eta = (time.time() - self._t0) / max(done, 1) * (self.total - step)
             parts = [f"step {step}/{self.total}"]

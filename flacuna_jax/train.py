@@ -8,6 +8,11 @@ The resolved config is printed and saved to `output_dir/config.yaml`. Re-running
 with the same output_dir resumes from the latest checkpoint there (step, trainable params,
 optimizer state, RNG and the data iterator), so the result equals an uninterrupted run.
 
+The loss is the mean token cross-entropy over ALL trained (assistant-answer) tokens of the global
+batch (not a mean of per-example means). Global batch = per_device_batch_size x (mesh.data x
+mesh.fsdp) x gradient-accumulation steps. Non-finite updates are skipped and counted;
+train.max_nonfinite_steps of them in a row stop the run (exit code 3), the last checkpoint intact.
+
 Writes into output_dir: config.yaml, metrics.jsonl (one line per log.every steps), tensorboard/,
 checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.convert export`.
 """
@@ -176,14 +181,16 @@ def run(cfg: Config) -> dict:
     t_prev = time.perf_counter()
     step = start
     try:
+        batch = feed.next_batch() if start < total_steps else None
         for step in range(start, total_steps):
-            batch = feed.next_batch()
             if batch is None:
                 say(f"data exhausted after {step} steps (end of the training split)")
                 break
             save = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total_steps
-            data_state = feed.get_state() if save else None
+            data_state = feed.get_state() if save else None  # after exactly step + 1 batches
             state, m = train_fn(state, frozen, batch)
+            # The next batch is read while the device runs this step (dispatch is asynchronous).
+            batch = feed.next_batch() if step + 1 < total_steps else None
             m = jax.device_get(m)
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
