@@ -87,20 +87,25 @@ def memory_report(cfg: Config, model: Any, frozen: Any, state_abstract: Any, mes
             f"{gib(opt_b)}, gradients {gib(params_b)}, activations ~{gib(acts)} (rough) -> ~{gib(frozen_b + 2 * params_b + opt_b + acts)}")
 
 
+def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
+    """(Runtime, LoraSpec or None for finetune=full): how the config runs the model."""
+    runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
+                      cfg.model.attention)
+    if cfg.finetune != "lora":
+        return runtime, None
+    return runtime, LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+
+
 def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
     """(model, frozen, trainable, trainable shapes, trainable shardings) on the mesh."""
     from flacuna_jax.hf import load_pretrained
 
     if not cfg.model.path:
         raise ConfigError("config key 'model.path': required (a local Hugging Face LLaMA directory)")
-    runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
-                      cfg.model.attention)
-    lora = None
-    if cfg.finetune == "lora":
-        lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
-        if cfg.lora.init_from:
-            raise ConfigError("config key 'lora.init_from': starting training from a PEFT adapter is not supported "
-                              "by flacuna_jax.train yet")
+    if cfg.finetune == "lora" and cfg.lora.init_from:
+        raise ConfigError("config key 'lora.init_from': starting training from a PEFT adapter is not supported "
+                          "by flacuna_jax.train yet")
+    runtime, lora = model_options(cfg)
     model, base = load_pretrained(cfg.model.path, runtime, lora, mesh)
     shapes, names = abstract_params(model)
     p_shapes, p_names = split_params(shapes, cfg.finetune)[0], split_params(names, cfg.finetune)[0]

@@ -132,8 +132,9 @@ def test_flacuna_13b_config_is_the_paper_recipe():
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == ("adamw", 2e-5, 3000, "cosine")
     assert (cfg.optim.weight_decay, cfg.optim.clip_norm, cfg.train.steps, cfg.train.epochs) == (0.0, 1.0, None, 1)
     assert (cfg.data.eval_fraction, cfg.data.split_seed, cfg.model.compute_dtype) == (0.005, 0, "bfloat16")
-    lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-    trainable, total = count_params(Llama(PRESETS["llama_13b"], lora=lora), cfg.finetune)
+    runtime, lora = train.model_options(cfg)
+    assert runtime.compute_dtype == np.dtype("bfloat16") and lora == LoraSpec(8, 16.0, 0.05, ("q_proj", "v_proj"))
+    trainable, total = count_params(Llama(PRESETS["llama_13b"], runtime, lora), cfg.finetune)
     assert trainable == 6_553_600
     assert total - trainable == 13_015_864_320  # LLaMA-13B
     load_config(ROOT / "configs/vicuna_7b_lora.yaml")
