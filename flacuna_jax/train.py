@@ -192,7 +192,7 @@ def run(cfg: Config) -> dict:
                 say(f"data exhausted after {step} steps (end of the training split)")
                 break
             save = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total_steps
-            data_state = feed.get_state() if save else None  # after exactly step + 1 batches
+            data_state = feed.get_state()  # after exactly step + 1 batches
             state, m = train_fn(state, frozen, batch)
             # The next batch is read while the device runs this step (dispatch is asynchronous).
             batch = feed.next_batch() if step + 1 < total_steps else None
@@ -205,11 +205,6 @@ def run(cfg: Config) -> dict:
                     f"loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); their updates were "
                     f"skipped. The last good checkpoint is in {ckpt.directory} (step {ckpt.latest_step()}). Lower "
                     f"optim.lr, check the data, or use model.compute_dtype=float32.")
-            if save:
-                ckpt.save(step + 1, state, data_state)
-                saved = step + 1
-            if _STEP_SLEEP_S:
-                time.sleep(_STEP_SLEEP_S)
             tps = cfg.train.global_batch_size * cfg.train.seq_len / dt
             log.step(step + 1, float(m["loss"]), tps)
             do_eval = eval_fn is not None and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
@@ -223,9 +218,14 @@ def run(cfg: Config) -> dict:
                 if do_eval:
                     rec["eval_loss"] = evaluate()
                     t_prev = time.perf_counter()
-                rec.update(feed.counters())
-                log.log(rec)
+                rec.update(feed.counters(data_state))
+                log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line
                 last = rec
+            if save:
+                ckpt.save(step + 1, state, data_state)
+                saved = step + 1
+            if _STEP_SLEEP_S:
+                time.sleep(_STEP_SLEEP_S)
         else:
             step = total_steps
         if step > saved:  # the data ran out before train.steps

@@ -108,8 +108,9 @@ class DataFeed:
     def set_state(self, state: Any) -> None:
         self.iterator.set_state(state)
 
-    def counters(self) -> dict[str, Any]:
-        c = counts_from_state(self.get_state())
+    def counters(self, state: Any = None) -> dict[str, Any]:
+        """The loader's counters (data_* metrics) in `state` (default: the iterator's current state)."""
+        c = counts_from_state(self.get_state() if state is None else state)
         out = {f"data_{k}": int(c[k]) for k in ("truncated", "dropped_overlong", "dropped_no_target",
                                                  "skipped_leading_turns")}
         out["data_bad_records_skipped"] = int(self.train.report["skipped_bad_records"])

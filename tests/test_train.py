@@ -76,8 +76,8 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
     finish(launch(assets, ref_dir))
     # Kill twice at different moments after the first checkpoint (async saves may be in flight).
-    for kill_after in (2, 6):
-        proc = launch(assets, crash_dir, sleep=0.15)
+    for kill_after, delay in ((2, 0.0), (4, 0.2)):
+        proc = launch(assets, crash_dir, sleep=0.3)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             steps = complete_steps(crash_dir)
@@ -85,7 +85,8 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.1 * kill_after)
+        time.sleep(delay)
+        assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert complete_steps(crash_dir)[-1] < 10
