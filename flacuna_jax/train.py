@@ -96,21 +96,36 @@ def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
     return runtime, LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
 
 
+def adapter_params(cfg: Config, model: Any, p_shapes: Any, p_shard: Any) -> Any:
+    """LoRA factors from the PEFT adapter dir `lora.init_from`, checked against the config, on the mesh."""
+    try:
+        from flacuna_jax import peft_io
+    except ImportError:
+        raise ConfigError("config key 'lora.init_from': needs flacuna_jax.peft_io (PEFT adapter loading), "
+                          "which this checkout does not have yet") from None
+    spec, loaded = peft_io.load_adapter(cfg.lora.init_from, model.config)
+    if (spec.rank, tuple(spec.targets)) != (cfg.lora.rank, tuple(cfg.lora.targets)):
+        raise ConfigError(f"config key 'lora.init_from': the adapter has rank {spec.rank} and targets "
+                          f"{list(spec.targets)}, the config says rank {cfg.lora.rank} and {list(cfg.lora.targets)}")
+    if jax.tree.structure(loaded) != jax.tree.structure(p_shapes):
+        raise ConfigError(f"config key 'lora.init_from': {cfg.lora.init_from} does not hold this model's LoRA factors")
+    return jax.tree.map(lambda x, s, sh: jax.device_put(np.asarray(x, s.dtype), sh), loaded, p_shapes, p_shard)
+
+
 def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
     """(model, frozen, trainable, trainable shapes, trainable shardings) on the mesh."""
     from flacuna_jax.hf import load_pretrained
 
     if not cfg.model.path:
         raise ConfigError("config key 'model.path': required (a local Hugging Face LLaMA directory)")
-    if cfg.finetune == "lora" and cfg.lora.init_from:
-        raise ConfigError("config key 'lora.init_from': starting training from a PEFT adapter is not supported "
-                          "by flacuna_jax.train yet")
     runtime, lora = model_options(cfg)
     model, base = load_pretrained(cfg.model.path, runtime, lora, mesh)
     shapes, names = abstract_params(model)
     p_shapes, p_names = split_params(shapes, cfg.finetune)[0], split_params(names, cfg.finetune)[0]
     p_shard = tree_shardings(mesh, p_names, p_shapes)
-    if cfg.finetune == "lora":
+    if cfg.finetune == "lora" and cfg.lora.init_from:
+        trainable, frozen = adapter_params(cfg, model, p_shapes, p_shard), base
+    elif cfg.finetune == "lora":
         trainable, frozen = init_lora_params(model, jax.random.PRNGKey(cfg.seed), p_shard), base
     else:
         trainable, frozen = split_params(base, "full")
