@@ -174,7 +174,7 @@ def run(cfg: Config) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, target)
-        feed.set_state(data_state)
+        feed.set_host_states(data_state)
         say(f"resuming from checkpoint step {latest} in {ckpt.directory}")
     start = int(jax.device_get(state.step))
 
@@ -237,14 +237,14 @@ def run(cfg: Config) -> dict:
                 log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line
                 last = rec
             if save:
-                ckpt.save(step + 1, state, data_state)
+                ckpt.save(step + 1, state, feed.all_host_states(data_state))
                 saved = step + 1
             if _STEP_SLEEP_S:
                 time.sleep(_STEP_SLEEP_S)
         else:
             step = total_steps
         if step > saved:  # the data ran out before train.steps
-            ckpt.save(step, state, feed.get_state())
+            ckpt.save(step, state, feed.all_host_states(feed.get_state()))
     finally:
         ckpt.close()  # waits for the async saves in flight: never exit before they are complete
         log.close()

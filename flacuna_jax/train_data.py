@@ -9,6 +9,7 @@ estimated from a sample with the same first-fit packing (large data).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator
 
 import jax
@@ -44,6 +45,11 @@ def first_fit_rows(lengths: list[int], seq_len: int, num_bins: int = 8) -> int:
     return rows + len(bins)
 
 
+def _min_over_hosts(n: int) -> int:
+    from jax.experimental import multihost_utils
+    return int(np.min(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+
+
 class DataFeed:
     def __init__(self, cfg: Config, host_rows: int, mesh: jax.sharding.Mesh):
         self.cfg, self.mesh, self.host_rows = cfg, mesh, host_rows
@@ -63,6 +69,11 @@ class DataFeed:
             ev = pipeline_from_config(cfg.data, self.tokenizer, batch_size=self.eval_rows, split="eval",
                                       drop_remainder=False, **common)
             self.eval = ev if ev.report["host_examples"] > 0 else None
+        self.eval_limit = cfg.eval.max_batches or None
+        if self.eval is not None and jax.process_count() > 1:  # every host runs the same number of eval steps
+            n = sum(1 for _ in self.eval.iterator())
+            n = _min_over_hosts(min(n, self.eval_limit or n))
+            self.eval, self.eval_limit = (self.eval, n) if n > 0 else (None, None)
 
     @property
     def has_eval(self) -> bool:
@@ -79,8 +90,7 @@ class DataFeed:
             per_example = (first_fit_rows(kept, self.cfg.train.seq_len) if self.cfg.data.packing else len(kept)) / len(idx)
             steps = int(n * per_example) // self.host_rows
         if jax.process_count() > 1:  # hosts may pack their shares into different numbers of rows
-            from jax.experimental import multihost_utils
-            steps = int(np.min(multihost_utils.process_allgather(np.asarray(steps, np.int64))))
+            steps = _min_over_hosts(steps)
         if steps < 1:
             raise ValueError(f"the training split gives no full batch of {self.host_rows} rows per host")
         return steps
@@ -108,6 +118,26 @@ class DataFeed:
     def set_state(self, state: Any) -> None:
         self.iterator.set_state(state)
 
+    def all_host_states(self, state: Any) -> list:
+        """[state of host 0, host 1, ...] (every host calls this): a checkpoint holds every host's position."""
+        if jax.process_count() == 1:
+            return [state]
+        from jax.experimental import multihost_utils
+        blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+        lengths = multihost_utils.process_allgather(np.asarray(len(blob), np.int64))
+        padded = np.zeros(int(np.max(lengths)), np.uint8)
+        padded[: len(blob)] = blob
+        blobs = multihost_utils.process_allgather(padded)
+        return [json.loads(bytes(b[: int(n)])) for b, n in zip(blobs, lengths)]
+
+    def set_host_states(self, states: list) -> None:
+        """Restores this host's position from `all_host_states`' list."""
+        if not isinstance(states, list) or len(states) != jax.process_count():
+            n = len(states) if isinstance(states, list) else "?"
+            raise ValueError(f"the checkpoint holds data-iterator states of {n} processes, this run has "
+                             f"{jax.process_count()}: resume with the same number of processes")
+        self.set_state(states[jax.process_index()])
+
     def counters(self, state: Any = None) -> dict[str, Any]:
         """The loader's counters (data_* metrics) in `state` (default: the iterator's current state)."""
         c = counts_from_state(self.get_state() if state is None else state)
@@ -121,7 +151,7 @@ class DataFeed:
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         """Held-out batches (at most eval.max_batches); a short last batch is padded with untrained rows."""
         for i, host in enumerate(self.eval.iterator()):
-            if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
+            if self.eval_limit is not None and i >= self.eval_limit:
                 return
             rows = len(host["input_ids"])
             if rows < self.eval_rows:
