@@ -167,15 +167,17 @@ def run(cfg: Config) -> dict:
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     target = abstract_state(tx, p_shapes, s_shard)
     say(memory_report(cfg, model, frozen, target, mesh))
-    state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard)(trainable)
-    del trainable
-
     ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
     latest = ckpt.latest_step()
     if latest is not None:
+        del trainable  # replaced by the checkpoint's
         state, data_state = ckpt.restore(latest, target)
         feed.set_host_states(data_state)
         say(f"resuming from checkpoint step {latest} in {ckpt.directory}")
+    else:
+        state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard,
+                        donate_argnums=(0,))(trainable)
+        del trainable
     start = int(jax.device_get(state.step))
 
     f_shard = jax.tree.map(lambda x: x.sharding, frozen)
