@@ -166,3 +166,22 @@ def test_metrics_resume_truncation_and_flops(tmp_path):
     n = 13_015_864_320 - 32000 * 5120 - 81 * 5120  # LLaMA-13B matmul weights: no embedding lookup, no norms
     f_lora, f_full = flops_per_token(PRESETS["llama_13b"], 1280, "lora"), flops_per_token(PRESETS["llama_13b"], 1280, "full")
     assert 4 * n < f_lora < 4.6 * n and f_full - f_lora == 2 * n
+
+
+def test_one_epoch_step_count_exact_and_estimated(assets, tmp_path, monkeypatch):
+    from flacuna_jax import train_data
+    from flacuna_jax.sharding import make_mesh
+
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides(assets, tmp_path, **{"train.steps": "null"}))
+    mesh = make_mesh(1, -1, 1)
+    feed = train_data.DataFeed(cfg, 4, mesh)
+    batches = sum(1 for _ in feed.train.iterator())
+    assert feed.total_steps == batches and not feed.estimated and feed.has_eval
+    # The estimate packs example lengths with the packer's own first-fit rule.
+    examples = feed.train.examples
+    lengths = [len(examples[i]["ids"]) for i in range(len(examples)) if examples[i]["drop"] is None]
+    rows = train_data.first_fit_rows(lengths, cfg.train.seq_len)
+    assert rows // 4 == batches
+    monkeypatch.setattr(train_data, "EXACT_COUNT_LIMIT", 10)
+    estimated = train_data.DataFeed(cfg, 4, mesh)
+    assert estimated.estimated and abs(estimated.total_steps - batches) <= 0.05 * batches + 1
