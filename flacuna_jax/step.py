@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flacuna_jax.lora import merge_params
 from flacuna_jax.model import Llama
-from flacuna_jax.sharding import batch_sharding, logical_to_mesh_spec
+from flacuna_jax.sharding import batch_sharding, fit_spec, logical_to_mesh_spec
 from flacuna_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -64,15 +64,18 @@ def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_b
 
 
 def loss_sum(model: Llama, trainable: Any, frozen: Any, batch: Batch, dropout_rng: jax.Array | None,
-             loss_chunk: int = 0) -> jax.Array:
+             loss_chunk: int = 0, mesh: Mesh | None = None) -> jax.Array:
     """Σ over trained tokens of the token cross-entropy (fp32) for one (micro-)batch."""
     params = merge_params(trainable, frozen)
+    kernel_dv = model.output_embedding(params)
+    if mesh is not None:  # gather the FSDP-sharded output projection once, not once per loss chunk
+        spec = fit_spec(logical_to_mesh_spec((None, "vocab")), kernel_dv.shape, mesh)
+        kernel_dv = jax.lax.with_sharding_constraint(kernel_dv, NamedSharding(mesh, spec))
     deterministic = dropout_rng is None
     hidden_btd = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
                              deterministic=deterministic, rngs=None if deterministic else {"dropout": dropout_rng},
                              return_hidden=True)
-    return chunked_cross_entropy(hidden_btd, model.output_embedding(params), batch["targets"], batch["loss_mask"],
-                                 loss_chunk)
+    return chunked_cross_entropy(hidden_btd, kernel_dv, batch["targets"], batch["loss_mask"], loss_chunk)
 
 
 def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
@@ -104,7 +107,7 @@ def loss_and_grads(model: Llama, trainable: Any, frozen: Any, batch: Batch, *, a
 
     def micro_grad(i, mb):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        f = lambda p: loss_sum(model, p, frozen, mb, rng, loss_chunk) / denom
+        f = lambda p: loss_sum(model, p, frozen, mb, rng, loss_chunk, mesh) / denom
         return jax.value_and_grad(f)(trainable)
 
     if accum == 1:
@@ -164,7 +167,7 @@ def make_eval_step(model: Llama, mesh: Mesh, param_shardings: Any, frozen_shardi
                    loss_chunk: int = 0) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
     """`eval_step(trainable, frozen, batch) -> (Σ token losses, #trained tokens)` without dropout."""
     def step(trainable, frozen, batch):
-        total = loss_sum(model, trainable, frozen, batch, None, loss_chunk)
+        total = loss_sum(model, trainable, frozen, batch, None, loss_chunk, mesh)
         return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
