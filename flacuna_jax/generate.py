@@ -327,8 +327,10 @@ def load_for_inference(model_dir: str, adapter: str | None = None, run: str | No
     if adapter is None and run is None:
         return model, params
     if adapter is not None:
-        from flacuna_jax import peft_io
-
+        try:  # contract asked of peft_io: load_adapter(dir, LlamaConfig) -> (LoraSpec, LoRA factor tree)
+            from flacuna_jax import peft_io
+        except ImportError:
+            raise ImportError("--adapter needs flacuna_jax.peft_io (PEFT adapter loading), missing here") from None
         lora_spec, trainable = peft_io.load_adapter(adapter, model.config)
     else:
         from flacuna_jax.checkpoint import load_trainable
