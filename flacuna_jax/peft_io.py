@@ -66,7 +66,7 @@ def factor_shapes(config: LlamaConfig, target: str, rank: int) -> tuple[tuple[in
     return (config.num_layers, in_out[0], rank), (config.num_layers, rank, in_out[1])
 
 
-def _factors(tree: dict, target: str) -> dict:
+def factors_of(tree: dict, target: str) -> dict:
     node: Any = tree
     for p in lora_path(target):
         if not isinstance(node, dict) or p not in node:
@@ -78,7 +78,7 @@ def _factors(tree: dict, target: str) -> dict:
     return node
 
 
-def _host(x: Any) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
     """A whole (small) factor on this host, gathered across processes when it is not addressable here."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -106,8 +106,8 @@ def iter_adapter_tensors(tree: dict, spec: LoraSpec, num_layers: int, dtype: Any
                          ) -> Iterator[tuple[str, np.ndarray]]:
     """(PEFT key, tensor in PEFT's layout) for every layer and target; checks A as it goes."""
     for target in spec.targets:
-        node = _factors(tree, target)
-        a, b = _host(node["lora_a"]), _host(node["lora_b"])
+        node = factors_of(tree, target)
+        a, b = to_host(node["lora_a"]), to_host(node["lora_b"])
         if a.ndim != 3 or b.ndim != 3 or a.shape[0] != num_layers or b.shape[0] != num_layers \
                 or a.shape[2] != spec.rank or b.shape[1] != spec.rank:
             raise AdapterError(f"{target}: lora_a {a.shape} / lora_b {b.shape} do not fit {num_layers} layers of "

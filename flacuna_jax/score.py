@@ -1,10 +1,11 @@
 """Log-likelihood of continuations given contexts: the primitive of multiple-choice evaluation.
 
-    python -m flacuna_jax.score --model HF_DIR --data in.jsonl --out out.jsonl [--dtype float32]
+    python -m flacuna_jax.score --model HF_DIR [--adapter PEFT_DIR] --data in.jsonl --out out.jsonl [--dtype float32]
 
 Each input line is {"context": str, "continuation": str}; each output line, in the same order, is
 {"loglik": float, "is_greedy": bool, "num_tokens": int}. Tokens as lm-evaluation-harness takes them:
 whole = tok(context + continuation), ctx = tok(context), continuation = whole[len(ctx):].
+With `--adapter`, a PEFT LoRA adapter is folded into the base first (as a merged export would be).
 """
 
 from __future__ import annotations
@@ -94,10 +95,20 @@ def score_requests(model: Any, params: Any, tokenizer: Any, requests: Iterable[t
     return results
 
 
+def with_adapter(params: Any, adapter_dir: str | Path, config: Any) -> Any:
+    """The base params with a PEFT adapter folded in (W + alpha/r A B in fp32, then the params' dtype)."""
+    from flacuna_jax.lora import fold_lora, merge_params
+    from flacuna_jax.peft_io import load_adapter
+
+    spec, factors = load_adapter(adapter_dir, config)
+    return fold_lora(merge_params(factors, params), spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flacuna_jax.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to fold into --model")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--data", required=True, help="input JSONL: {\"context\": str, \"continuation\": str} per line")
     p.add_argument("--out", required=True, help="output JSONL: {\"loglik\", \"is_greedy\", \"num_tokens\"} per line")
@@ -109,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from flacuna_jax.hf import CheckpointError, load_pretrained
     from flacuna_jax.model import Runtime
+    from flacuna_jax.peft_io import AdapterError
     from flacuna_jax.tokenizer import TokenizerError, load_tokenizer
 
     a = build_parser().parse_args(argv)
@@ -117,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(a.tokenizer or a.model)
         dtype = _DTYPES[a.dtype]
         model, params = load_pretrained(a.model, Runtime(compute_dtype=dtype, param_dtype=dtype))
+        if a.adapter:
+            params = with_adapter(params, a.adapter, model.config)
         results = score_requests(model, params, tokenizer, requests, a.batch_size)
-    except (ScoreInputError, CheckpointError, TokenizerError) as e:
+    except (ScoreInputError, CheckpointError, TokenizerError, AdapterError) as e:
         sys.exit(f"error: {e}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
