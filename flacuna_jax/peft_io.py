@@ -102,9 +102,15 @@ def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None = No
     }
 
 
-def iter_adapter_tensors(tree: dict, spec: LoraSpec, num_layers: int, dtype: Any = np.float32
+def iter_adapter_tensors(tree: dict, spec: LoraSpec, num_layers: int | None = None, dtype: Any = np.float32
                          ) -> Iterator[tuple[str, np.ndarray]]:
-    """(PEFT key, tensor in PEFT's layout) for every layer and target; checks A as it goes."""
+    """(PEFT key, tensor in PEFT's layout) for every layer and target; checks A as it goes.
+
+    `num_layers` defaults to the leading axis of the first target's lora_a."""
+    if not spec.targets:
+        raise AdapterError("the LoraSpec names no targets: nothing to write")
+    if num_layers is None:
+        num_layers = int(np.shape(factors_of(tree, spec.targets[0])["lora_a"])[0])
     for target in spec.targets:
         node = factors_of(tree, target)
         a, b = to_host(node["lora_a"]), to_host(node["lora_b"])
@@ -123,7 +129,7 @@ def iter_adapter_tensors(tree: dict, spec: LoraSpec, num_layers: int, dtype: Any
             yield peft_key(i, target, "B"), np.ascontiguousarray(b[i].T.astype(dtype))
 
 
-def save_adapter(out_dir: str | Path, tree: dict, spec: LoraSpec, num_layers: int,
+def save_adapter(out_dir: str | Path, tree: dict, spec: LoraSpec, num_layers: int | None = None,
                  base_model_name_or_path: str | None = None, dtype: Any = np.float32) -> Path:
     """Writes a PEFT adapter dir that `PeftModel.from_pretrained(base, out_dir)` loads unchanged."""
     out = Path(out_dir)
