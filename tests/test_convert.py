@@ -109,3 +109,16 @@ def test_help_lists_subcommands_with_examples():
     assert "export" in out and "merge" in out
     assert "convert export --run runs/demo --out build/demo/adapter --format peft" in out
     assert "convert merge --model" in out
+
+
+def test_training_starts_from_an_exported_adapter(lora_run, tiny_model_dir, tmp_path):
+    """lora.init_from: train.build_model seeds the factors from a PEFT dir (here: one we exported)."""
+    from flacuna_jax import train
+    from flacuna_jax.config import load_config
+    from flacuna_jax.sharding import make_mesh
+
+    run_dir, factors = lora_run
+    convert.main(["export", "--run", str(run_dir), "--out", str(tmp_path / "adapter"), "--format", "peft"])
+    cfg = load_config(run_dir / "config.yaml", [f"lora.init_from={tmp_path / 'adapter'}"])
+    _, _, trainable, _, _ = train.build_model(cfg, make_mesh(fsdp=-1))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainable), factors)
