@@ -262,12 +262,14 @@ def iter_hf_tensors(params: dict, config: LlamaConfig, dtype: Any) -> Iterator[t
 
 
 def parse_size(text: str | int) -> int:
+    """Bytes in `text`, with transformers' units: 5GB = 5 * 10**9, 5GiB = 5 * 2**30."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?)B)?\s*", text.upper())
     if not m:
-        raise ValueError(f"size {text!r} is not like 5GB, 500MB or 1000000")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+        raise ValueError(f"size {text!r} is not like 5GB, 40GiB, 500MB or 1000000")
+    unit = 1 if m.group(2) is None else (1024 if m.group(3) else 1000) ** ("KMGT".index(m.group(2)) + 1)
+    return int(float(m.group(1)) * unit)
 
 
 def write_hf_weights(out_dir: str | Path, tensors: Iterator[tuple[str, np.ndarray]], max_shard_size: str | int = "5GB") -> None:

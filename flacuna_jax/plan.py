@@ -1,0 +1,165 @@
+"""Ahead-of-time memory planner: compile the train step on abstract shapes, report per-device memory.
+
+    python -m flacuna_jax.plan --config configs/flacuna_13b.yaml --devices 4 [--arch llama_13b] [--json]
+
+No weight is allocated: parameters, optimizer state and the batch are `ShapeDtypeStruct`s with
+their shardings on a mesh of N devices (fake CPU devices when this machine has fewer), the step is
+lowered and compiled, and XLA's memory analysis gives the temporaries. Parameters and optimizer
+state are counted exactly from their per-device shard shapes. `--arch` names a `tiny.PRESETS`
+shape for when `model.path` is not on this machine.
+
+Planning on fake CPU devices for a GPU/TPU run (`--target accelerator`, the default): XLA:CPU has
+no bf16 matmul, so it up-casts every bf16 weight to fp32, and its loop-invariant code motion then
+hoists those casts out of the layer scan, materialising an fp32 copy of every layer at once (13B on
+4 devices: +13 GiB of "temporaries" no accelerator would allocate). The planner turns that one
+pass off; `--target cpu` keeps it, for planning a CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    devices: int
+    mesh: tuple[int, int, int]
+    accum: int
+    params: int  # bytes per device: frozen base + trainable
+    optimizer: int
+    temp: int
+    batch: int
+    total: int
+    flops_per_step: float  # model FLOPs (no remat recompute) for one global batch
+    compile_s: float
+
+    def to_json(self) -> dict:
+        return {"devices": self.devices, "mesh": {"data": self.mesh[0], "fsdp": self.mesh[1], "tensor": self.mesh[2]},
+                "accumulation_steps": self.accum,
+                "per_device_bytes": {"params": self.params, "optimizer": self.optimizer, "temp": self.temp,
+                                     "batch": self.batch, "total": self.total},
+                "flops_per_step": self.flops_per_step, "compile_s": round(self.compile_s, 1)}
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def plan(cfg, config, devices) -> Plan:
+    """Compiles the configured train step for a mesh over `devices` and measures it."""
+    import jax
+    import jax.numpy as jnp
+
+    from flacuna_jax.lora import split_params
+    from flacuna_jax.metrics import flops_per_token
+    from flacuna_jax.model import Llama, abstract_params
+    from flacuna_jax.optim import make_optimizer
+    from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
+    from flacuna_jax.step import BATCH_KEYS, make_train_step
+    from flacuna_jax.train import batch_layout, model_options
+    from flacuna_jax.train_state import abstract_state, state_shardings
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    accum, _ = batch_layout(cfg, mesh)
+    model = Llama(config, *model_options(cfg))
+    shapes, names = abstract_params(model)
+    shardings = tree_shardings(mesh, names, shapes)
+    trainable_shapes, frozen_shapes = split_params(shapes, cfg.finetune)
+    trainable_sh, frozen_sh = split_params(shardings, cfg.finetune)
+    tx, schedule = make_optimizer(cfg.optim, total_steps=max(cfg.train.steps or 1000, 1))
+    st_sh = state_shardings(mesh, tx, trainable_shapes, trainable_sh)
+    state = abstract_state(tx, trainable_shapes, st_sh)
+    frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), frozen_shapes, frozen_sh)
+    rows = cfg.train.global_batch_size
+    batch = {k: jax.ShapeDtypeStruct((rows, cfg.train.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
+    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=accum,
+                           loss_chunk=cfg.train.loss_chunk, dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    params = _shard_bytes(frozen) + _shard_bytes(state.params)
+    optimizer = _shard_bytes(state.opt_state)
+    temp = int(mem.temp_size_in_bytes) if mem is not None else 0
+    batch_bytes = _shard_bytes(batch)
+    flops = flops_per_token(config, cfg.train.seq_len, cfg.finetune) * rows * cfg.train.seq_len
+    return Plan(len(devices), tuple(mesh.shape.values()), accum, params, optimizer, temp, batch_bytes,
+                params + optimizer + temp + batch_bytes, flops, compile_s)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:7.2f} GB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flacuna_jax.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (value parsed as YAML)")
+    p.add_argument("--devices", type=int, required=True, help="number of devices in the mesh")
+    p.add_argument("--arch", help="a tiny.PRESETS shape (e.g. llama_13b) instead of model.path/config.json")
+    p.add_argument("--device-memory", default="80GB", help="memory of one device, for the fits verdict: 80GB (10^9), 24GiB (2^30) (default 80GB)")
+    p.add_argument("--target", choices=("accelerator", "cpu"), default="accelerator",
+                   help="the run being planned: on a GPU/TPU (default) or on CPU (see above)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    if a.devices <= 0:
+        sys.exit("error: --devices must be positive")
+    # Fake CPU devices must be requested before JAX starts.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags = f"{flags} --xla_force_host_platform_device_count={a.devices}"
+    if a.target == "accelerator" and os.environ["JAX_PLATFORMS"] == "cpu" and "xla_disable_hlo_passes" not in flags:
+        flags = f"{flags} --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    import jax
+
+    from flacuna_jax.config import ConfigError, load_config
+    from flacuna_jax.hf import CheckpointError, load_hf_config, parse_size
+    from flacuna_jax.tiny import PRESETS
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+        if a.arch:
+            if a.arch not in PRESETS:
+                raise ConfigError(f"--arch {a.arch!r}: not one of {', '.join(sorted(PRESETS))}")
+            config = PRESETS[a.arch]
+        else:
+            try:
+                config = load_hf_config(cfg.model.path)
+            except CheckpointError as e:
+                raise ConfigError(f"{e}; pass --arch with one of {', '.join(sorted(PRESETS))} to plan without it") from None
+        if len(jax.devices()) < a.devices:
+            raise ConfigError(f"--devices {a.devices}: only {len(jax.devices())} devices visible")
+        limit = parse_size(a.device_memory)
+        result = plan(cfg, config, jax.devices()[:a.devices])
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if a.json:
+        print(json.dumps({**result.to_json(), "device_memory": limit, "fits": result.total <= limit}))
+        return
+    d, f, t = result.mesh
+    print(f"mesh data={d} fsdp={f} tensor={t}, {result.accum} accumulation step(s), compiled in {result.compile_s:.1f}s")
+    print(f"per device:  params {_gb(result.params)}  optimizer {_gb(result.optimizer)}  "
+          f"temp {_gb(result.temp)}  total {_gb(result.total)}")
+    print(f"model FLOPs per step: {result.flops_per_step:.3e}")
+    print(f"{'fits' if result.total <= limit else 'does NOT fit'} in {_gb(limit).strip()} per device")
+
+
+if __name__ == "__main__":
+    main()
