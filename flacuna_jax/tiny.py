@@ -43,7 +43,13 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def random_hf_tensors(config: LlamaConfig, seed: int, dtype=np.float32):
+# A random model's final RMSNorm (weight ~1) caps |logits| near |W_lm| * sqrt(d) ~ 2.6 for the demo
+# shape, so LoRA on the frozen random base cannot express a confident prediction and the demo's
+# loss would plateau near 5.3; a 10x final norm makes the tiny base LoRA-trainable (loss 9.6 -> ~1).
+FINAL_NORM_SCALE = {"demo": 10.0}
+
+
+def random_hf_tensors(config: LlamaConfig, seed: int, dtype=np.float32, final_norm_scale: float = 1.0):
     rng = np.random.default_rng(seed)
     for spec in weight_specs(config):
         n = config.num_layers if spec.stacked else 1
@@ -53,6 +59,8 @@ def random_hf_tensors(config: LlamaConfig, seed: int, dtype=np.float32):
             if spec.path[-1] == "scale":
                 # Norm weights near 1 (not exactly: parity tests must see them applied).
                 t = 1.0 + 0.1 * rng.standard_normal(shape)
+                if spec.path == ("norm", "scale"):
+                    t = t * final_norm_scale
             else:
                 t = 0.02 * rng.standard_normal(shape)
             yield name, t.astype(dtype)
@@ -70,9 +78,9 @@ def _hf_shape(c: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def write_tiny_model(out_dir: str | Path, config: LlamaConfig, seed: int = 0, dtype=np.float32,
-                     max_shard_size: str | int = "5GB") -> Path:
+                     max_shard_size: str | int = "5GB", final_norm_scale: float = 1.0) -> Path:
     out = Path(out_dir)
-    write_hf_weights(out, random_hf_tensors(config, seed, dtype), max_shard_size)
+    write_hf_weights(out, random_hf_tensors(config, seed, dtype, final_norm_scale), max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_config_dict(config, np.dtype(dtype).name), indent=2))
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--final-norm-scale", type=float,
+                   help=f"multiply the final RMSNorm weight (default: {FINAL_NORM_SCALE} by preset, else 1)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     config = PRESETS[a.preset]
@@ -94,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclasses.replace(config, vocab_size=a.vocab_size)
     import ml_dtypes
     dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[a.dtype]
-    write_tiny_model(a.out, config, a.seed, dtype, a.max_shard_size)
+    scale = a.final_norm_scale if a.final_norm_scale is not None else FINAL_NORM_SCALE.get(a.preset, 1.0)
+    write_tiny_model(a.out, config, a.seed, dtype, a.max_shard_size, scale)
     print(f"wrote {a.preset} model ({config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}) to {a.out}")
 
 

@@ -5,6 +5,7 @@
 #   3. LoRA training with configs/demo.yaml                               (flacuna_jax.train)
 #   4. export: PEFT adapter + merged HF dir                               (flacuna_jax.convert)
 #   5. load the merged dir with transformers and print a generation
+#   6. the same prompt through flacuna_jax.generate with the PEFT adapter (the same greedy tokens)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -19,20 +20,9 @@ VOCAB=$($PY -c "from flacuna_jax.tokenizer import load_tokenizer; print(len(load
 
 echo "== 2. tiny LLaMA (vocab $VOCAB) -> $OUT/model"
 rm -rf "$OUT/model"
+# (the demo preset's final norm is scaled 10x so that LoRA on a random base can learn: see tiny.py)
 $PY -m flacuna_jax.tiny --preset demo --vocab-size "$VOCAB" --out "$OUT/model"
 cp "$OUT/assets/tokenizer/"* "$OUT/model/"
-# A random model's final RMSNorm (weight ~1) caps |logits| at ~|W_lm| * sqrt(d) ~ 2.6, so LoRA on
-# the frozen random base cannot express a confident prediction and the loss plateaus near 5.3.
-# Scaling the final norm weight by 10 makes the tiny base LoRA-trainable (loss ~9.6 -> ~1).
-# TODO(tiny.py owner): give the `demo` preset this scale in flacuna_jax.tiny and delete this step.
-$PY - "$OUT/model/model.safetensors" <<'PYEOF'
-import sys
-from safetensors.numpy import load_file, save_file
-path = sys.argv[1]
-tensors = load_file(path)
-tensors["model.norm.weight"] = tensors["model.norm.weight"] * 10
-save_file(tensors, path, metadata={"format": "pt"})
-PYEOF
 
 echo "== 3. train configs/demo.yaml -> $RUN"
 rm -rf "$RUN"   # a fresh run each time (re-running train alone on $RUN would resume it)
@@ -45,12 +35,11 @@ print(f"loss {first:.3f} (step {rows[0]['step']}) -> {last:.3f} (step {rows[-1][
       f"{100 * (1 - last / first):.0f}% lower; eval_loss {rows[-1].get('eval_loss', float('nan')):.3f}")
 PYEOF
 
-if [ -f flacuna_jax/convert.py ]; then
-  echo "== 4. export peft + merged"
-  $PY -m flacuna_jax.convert export --run "$RUN" --format peft --out "$OUT/peft"
-  $PY -m flacuna_jax.convert export --run "$RUN" --format merged --out "$OUT/merged"
-  echo "== 5. generate with transformers from $OUT/merged"
-  $PY - "$OUT/merged" <<'PYEOF'
+echo "== 4. export peft + merged"
+$PY -m flacuna_jax.convert export --run "$RUN" --format peft --out "$OUT/peft"
+$PY -m flacuna_jax.convert export --run "$RUN" --format merged --out "$OUT/merged"
+echo "== 5. generate with transformers from $OUT/merged"
+$PY - "$OUT/merged" <<'PYEOF'
 import sys
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -64,10 +53,7 @@ with torch.no_grad():
     out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id)
 print(f"USER: {question}\nASSISTANT: {tok.decode(out[0, len(ids):], skip_special_tokens=True)}")
 PYEOF
-else
-  # TODO(convert): flacuna_jax.convert does not exist yet; steps 4-5 (export + transformers
-  # generation) run automatically once it lands. Meanwhile: JAX generation from the run.
-  echo "== 4. (flacuna_jax.convert not available yet) generate with the JAX model + run's LoRA"
-  $PY -m flacuna_jax.generate --model "$OUT/model" --run "$RUN" --prompt "Write a Python function add(a, b) that returns the sum of a and b." --max-new-tokens 40
-fi
+echo "== 6. the same prompt with our JAX decoder: base model + exported PEFT adapter"
+$PY -m flacuna_jax.generate --model "$OUT/model" --adapter "$OUT/peft" --max-new-tokens 40 \
+  --prompt "Write a Python function add(a, b) that returns the sum of a and b."
 echo "== demo done in $(( $(date +%s) - T0 ))s"
