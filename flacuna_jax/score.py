@@ -11,6 +11,7 @@ With `--adapter`, a PEFT LoRA adapter is folded into the base first (as a merged
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -59,8 +60,13 @@ def _bucket(n: int, step: int = 32) -> int:
     return -(-n // step) * step
 
 
+@functools.lru_cache(maxsize=8)
 def make_token_scorer(model: Any):
-    """jit fn(params, ids [b, t+1]) -> (log p of each next token, is it the argmax) [b, t]."""
+    """jit fn(params, ids [b, t+1]) -> (log p of each next token, is it the argmax) [b, t].
+
+    Cached per model (linen modules hash by their fields): in-training evaluation scores every
+    `eval.every` steps and must reuse the compiled scorer rather than build a new jit each time.
+    """
 
     @jax.jit
     def score(params, ids):

@@ -37,3 +37,24 @@ def hf_logits(ref, ids: np.ndarray, **kw) -> np.ndarray:
 
     with torch.no_grad():
         return ref(torch.as_tensor(np.asarray(ids), dtype=torch.long), **kw).logits.float().numpy()
+
+
+CHAR_VOCAB = 101  # tests/helpers.write_char_tokenizer: 3 specials + 98 printable characters
+SCALES = {"embed_tokens": 50.0, "lm_head": 25.0}  # std 1.0 and 0.5; every other matrix std 0.1
+
+
+def write_decisive_model(path, config, seed):
+    """A random HF model with large weights: the top logit wins by a wide margin, so greedy tokens
+    and argmax-based answers compare exactly between implementations (0.02-init logits are ~uniform)."""
+    from flacuna_jax import hf, tiny
+
+    def tensors():
+        for name, t in tiny.random_hf_tensors(config, seed):
+            if name.endswith("norm.weight"):
+                yield name, t
+            else:
+                yield name, t * SCALES.get(name.split(".")[-2] if "lm_head" in name else name.split(".")[1], 5.0)
+    hf.write_hf_weights(path, tensors())
+    (path / "config.json").write_text(json.dumps(hf.hf_config_dict(config)))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return path

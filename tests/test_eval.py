@@ -11,8 +11,7 @@ import torch
 from flacuna_jax import hf, tiny
 from flacuna_jax.eval import (CRASS_PAPER_SHOTS, EvalInputError, EvalSuite, Question, build_prompt, main,
                               read_questions, score_mc)
-from tests.helpers import hf_reference
-from tests.test_generate import CHAR_VOCAB, _write_decisive
+from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
 
 LOSS_TOL = 1e-4
 
@@ -20,7 +19,7 @@ LOSS_TOL = 1e-4
 @pytest.fixture(scope="module")
 def decisive_dir(tmp_path_factory):
     config = dataclasses.replace(tiny.PRESETS["mha"], vocab_size=CHAR_VOCAB)
-    return _write_decisive(tmp_path_factory.mktemp("decisive_eval"), config, seed=5)
+    return write_decisive_model(tmp_path_factory.mktemp("decisive_eval"), config, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ logits against the full forward, sampling rules, and the CLI.
 
 Random tiny models at the usual 0.02 init give near-uniform logits: greedy argmax then hinges on
 1e-6 differences and a token comparison is a coin toss. The models here are written with larger
-weights (`_decisive_model_dir`), so the top logit wins by a wide margin and tokens are comparable.
+weights (`tests.helpers.write_decisive_model`), so the top logit wins by a wide margin and tokens are comparable.
 """
 
 import dataclasses
@@ -21,30 +21,14 @@ from flacuna_jax import hf, tiny
 from flacuna_jax.generate import Codec, Generator, bucket_width, chat, left_pad, main, sample_next
 from flacuna_jax.lora import merge_params
 from flacuna_jax.model import LoraSpec
-from tests.helpers import hf_reference
+from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
 
 LOGIT_TOL = 1e-4
-CHAR_VOCAB = 101  # tests/helpers.write_char_tokenizer: 3 specials + 98 printable characters
-SCALES = {"embed_tokens": 50.0, "lm_head": 25.0}  # std 1.0 and 0.5; every other matrix std 0.1
-
-
-def _write_decisive(path, config, seed):
-    def tensors():
-        for name, t in tiny.random_hf_tensors(config, seed):
-            if name.endswith("norm.weight"):
-                yield name, t
-            else:
-                yield name, t * SCALES.get(name.split(".")[-2] if "lm_head" in name else name.split(".")[1], 5.0)
-    hf.write_hf_weights(path, tensors())
-    (path / "config.json").write_text(json.dumps(hf.hf_config_dict(config)))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    return path
-
 
 @pytest.fixture(scope="module")
 def decisive_dir(tmp_path_factory):
     config = dataclasses.replace(tiny.PRESETS["gqa"], vocab_size=CHAR_VOCAB)
-    return _write_decisive(tmp_path_factory.mktemp("decisive"), config, seed=3)
+    return write_decisive_model(tmp_path_factory.mktemp("decisive"), config, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,17 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         score.main(["--model", str(tmp_path), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o")])
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+
+def test_repeated_scoring_reuses_one_compiled_scorer(tiny_model_dir, char_tokenizer_dir):
+    """In-training evaluation scores again and again: same model and widths -> no new compile."""
+    from flacuna_jax import hf
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    model, params = hf.load_pretrained(tiny_model_dir("mha"))
+    tok = load_tokenizer(char_tokenizer_dir)
+    reqs = [("The answer is", " yes"), ("Pick one:", " b")]
+    first = score.score_requests(model, params, tok, reqs, batch_size=2)
+    second = score.score_requests(model, params, tok, reqs, batch_size=2)
+    assert first == second
+    assert score.make_token_scorer(model)._cache_size() == 1
