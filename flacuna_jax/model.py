@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
+
 Array = jax.Array
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -120,6 +122,21 @@ def apply_rope(x_btnf: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
     half = x_btnf.shape[-1] // 2
     rotated = jnp.concatenate([-x_btnf[..., half:], x_btnf[..., :half]], axis=-1)
     return x_btnf * cos + rotated * sin
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Pins an activation to its logical axes on the mesh in context (`jax.set_mesh`); a no-op without one.
+
+    Without it XLA may propagate the FSDP sharding of the weights (`embed` over fsdp) into the
+    activations and replicate the batch instead: every device then computes the whole global batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_mesh_spec(names), x.shape, mesh))
+
+
+BTD = ("batch", "length", "act_embed")
 
 
 def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array) -> Array:
@@ -254,12 +271,13 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None):
         c, rt = self.config, self.runtime
+        h_btd = constrain(h_btd, BTD)
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)
         attn_out, cache = Attention(c, rt, self.lora, self.deterministic, name="attn")(x, positions_bt, mask_bts, cache, write_index)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
         h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x)
-        return h_btd, cache
+        return constrain(h_btd, BTD), cache
 
 
 _REMAT_POLICIES = {
@@ -296,7 +314,7 @@ class Llama(nn.Module):
 
         embedding = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                                (c.vocab_size, c.hidden_size), rt.param_dtype)
-        h = jnp.take(embedding, input_ids_bt, axis=0).astype(rt.compute_dtype)
+        h = constrain(jnp.take(embedding, input_ids_bt, axis=0).astype(rt.compute_dtype), BTD)
 
         layer_cls = DecoderLayer
         if rt.remat != "none":
@@ -310,7 +328,7 @@ class Llama(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, rt, self.lora, deterministic, name="layers")
         h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index)
-        h = RMSNorm(c.rms_norm_eps, rt, name="norm")(h)
+        h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
         if return_hidden:
             out = h
         elif c.tie_word_embeddings:

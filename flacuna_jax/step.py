@@ -17,6 +17,7 @@ Array names: b batch, t length, d model, v vocab, c chunk, n chunks, a accumulat
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -72,9 +73,11 @@ def loss_sum(model: Llama, trainable: Any, frozen: Any, batch: Batch, dropout_rn
         spec = fit_spec(logical_to_mesh_spec((None, "vocab")), kernel_dv.shape, mesh)
         kernel_dv = jax.lax.with_sharding_constraint(kernel_dv, NamedSharding(mesh, spec))
     deterministic = dropout_rng is None
-    hidden_btd = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                             deterministic=deterministic, rngs=None if deterministic else {"dropout": dropout_rng},
-                             return_hidden=True)
+    # The mesh in context lets the model pin its activations (model.constrain).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
+        hidden_btd = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                 deterministic=deterministic, rngs=None if deterministic else {"dropout": dropout_rng},
+                                 return_hidden=True)
     return chunked_cross_entropy(hidden_btd, kernel_dv, batch["targets"], batch["loss_mask"], loss_chunk)
 
 
