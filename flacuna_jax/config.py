@@ -29,7 +29,6 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     remat: str = "full"  # none | full | dots_saveable
     attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
-    scan_layers: bool = True
 
 
 @dataclass(frozen=True)
