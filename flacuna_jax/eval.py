@@ -329,10 +329,11 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _parse_task(text: str) -> tuple[str, str, str]:
+def parse_task(text: str) -> tuple[str, str, str]:
+    """"STYLE=PATH" -> (name "STYLE:stem", style, path)."""
     style, sep, path = text.partition("=")
     if not sep or style not in STYLES:
-        raise EvalInputError(f"--task {text!r}: expected STYLE=PATH with STYLE one of {', '.join(STYLES)}")
+        raise EvalInputError(f"task {text!r}: expected STYLE=PATH with STYLE one of {', '.join(STYLES)}")
     return f"{style}:{Path(path).stem}", style, path
 
 
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.task and not a.heldout:
         sys.exit("error: nothing to evaluate (give --task and/or --heldout)")
     try:
-        tasks = [_parse_task(t) for t in a.task]
+        tasks = [parse_task(t) for t in a.task]
         tokenizer = load_tokenizer(a.tokenizer or a.model)
         model, params = load_for_inference(a.model, a.adapter, a.run, _DTYPES[a.dtype])
         suite = EvalSuite(model, tokenizer, tasks, a.heldout, a.k, a.batch_size, a.max_examples)

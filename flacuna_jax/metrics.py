@@ -10,6 +10,7 @@ Every `log.every` steps one JSON line goes to `output_dir/metrics.jsonl`:
     step_time_s   wall time of the step (host to host: data, dispatch, compute)
     mfu           model FLOPs utilisation, only where the device's peak is known (H100, bf16)
     eval_loss     when this step evaluated the held-out split
+    eval/<task>/acc, eval/<task>/n   when this step scored the `eval.tasks` multiple-choice tasks
     skipped_steps updates skipped so far because the loss or a gradient was not finite
     data_*        the data loader's counters (truncated, dropped, bad records skipped)
 
@@ -76,6 +77,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _fmt_eval(record: dict) -> str:
+    return f"eval_loss {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else ""
+
+
 class MetricsLogger:
     """Writes metric records (process 0 only) and shows progress."""
 
@@ -130,9 +135,10 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self._tb.flush()
+        accs = " | ".join(f"{k[5:-4]} acc {v:.3f}" for k, v in record.items() if k.startswith("eval/") and k.endswith("/acc"))
         if self._bar is not None:
-            if record.get("eval_loss") is not None:
-                self._bar.write(f"step {step}: loss {record['loss']:.4f} eval_loss {record['eval_loss']:.4f}")
+            if record.get("eval_loss") is not None or accs:
+                self._bar.write(" | ".join(p for p in (f"step {step}: loss {record['loss']:.4f}", _fmt_eval(record), accs) if p))
         else:
             done = step - self.start
             eta = (time.time() - self._t0) / max(done, 1) * (self.total - step)
@@ -141,6 +147,8 @@ class MetricsLogger:
                            ("tokens_per_s", ",.0f"), ("mfu", ".1%"), ("skipped_steps", "d")):
                 if record.get(k) is not None:
                     parts.append(f"{k} {format(record[k], fmt)}")
+            if accs:
+                parts.append(accs)
             parts.append(f"eta {eta:.0f}s")
             print(" | ".join(parts), flush=True)
 

@@ -34,7 +34,7 @@ import numpy as np
 from flacuna_jax import distributed
 from flacuna_jax.checkpoint import Checkpointer
 from flacuna_jax.config import Config, ConfigError, dump_config, load_config
-from flacuna_jax.lora import count_params, init_lora_params, split_params
+from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
 from flacuna_jax.model import LoraSpec, Runtime, abstract_params
 from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
@@ -132,6 +132,20 @@ def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
     return model, frozen, trainable, p_shapes, p_shard
 
 
+def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
+    """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
+    from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
+
+    if jax.process_count() > 1:
+        raise ConfigError("config key 'eval.tasks': multiple-choice tasks are scored in single-process runs only; "
+                          "score a multi-host run's export with python -m flacuna_jax.eval")
+    try:
+        return EvalSuite(model, tokenizer, [parse_task(t) for t in cfg.eval.tasks], k=cfg.eval.k,
+                         max_examples=cfg.eval.max_examples, cache_dir=cfg.data.cache_dir)
+    except (EvalInputError, OSError) as e:
+        raise ConfigError(f"config key 'eval.tasks': {e}") from None
+
+
 def run(cfg: Config) -> dict:
     """Trains per `cfg`; returns a summary. Raises NonFiniteError after too many skipped updates."""
     main = jax.process_index() == 0
@@ -185,18 +199,24 @@ def run(cfg: Config) -> dict:
                                loss_chunk=cfg.train.loss_chunk,
                                dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
+    suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
     step_flops = flops_per_token(model.config, cfg.train.seq_len, cfg.finetune) * cfg.train.global_batch_size * cfg.train.seq_len
     log = MetricsLogger(out, total_steps, start, enabled=main, tensorboard=cfg.log.tensorboard)
     if start >= total_steps:
         say(f"already at step {start} of {total_steps}: nothing to train")
 
-    def evaluate() -> float:
-        total = count = 0.0
-        for batch in feed.eval_batches():
-            s, n = jax.device_get(eval_fn(state.params, frozen, batch))
-            total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
+    def evaluate() -> dict:
+        metrics = {}
+        if eval_fn is not None:
+            total = count = 0.0
+            for batch in feed.eval_batches():
+                s, n = jax.device_get(eval_fn(state.params, frozen, batch))
+                total, count = total + float(s), count + float(n)
+            metrics["eval_loss"] = total / max(count, 1.0)
+        if suite is not None:  # the multiple-choice tasks, scored by the eval CLI's own code
+            metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
+        return metrics
 
     last = {}
     saved = latest or 0
@@ -224,8 +244,8 @@ def run(cfg: Config) -> dict:
                     f"optim.lr, check the data, or use model.compute_dtype=float32.")
             tps = cfg.train.global_batch_size * cfg.train.seq_len / dt
             log.step(step + 1, float(m["loss"]), tps)
-            do_eval = eval_fn is not None and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
-                                               or step + 1 == total_steps)
+            do_eval = (eval_fn is not None or suite is not None) and (
+                (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total_steps)
             if (step + 1) % cfg.log.every == 0 or step + 1 in (1, total_steps) or do_eval:
                 rec = {"step": step + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
                        "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"]), "tokens_per_s": tps,
@@ -233,7 +253,7 @@ def run(cfg: Config) -> dict:
                 if peak:
                     rec["mfu"] = step_flops / dt / (peak * jax.device_count())
                 if do_eval:
-                    rec["eval_loss"] = evaluate()
+                    rec.update(evaluate())
                     t_prev = time.perf_counter()
                 rec.update(feed.counters(data_state))
                 log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line

@@ -51,13 +51,13 @@ def overrides(assets, out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch(assets, out, sleep=0.0):
+def launch(assets, out, sleep=0.0, **extra):
     # Launches share a persistent compilation cache: the same program, compiled once.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                FLACUNA_TEST_STEP_SLEEP_S=str(sleep), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", str(ROOT / "configs/demo.yaml"),
-           *overrides(assets, out)]
+           *overrides(assets, out, **extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -109,6 +109,25 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
     again = finish(launch(assets, ref_dir))
     assert "nothing to train" in again
     assert read_jsonl(ref_dir / "metrics.jsonl") == ref
+
+
+def test_in_training_eval_tasks_equal_the_eval_cli(assets, tmp_path):
+    """eval.tasks are scored in the loop by the eval CLI's code: the last step's accuracy equals
+    `python -m flacuna_jax.eval --run` on the same checkpoint."""
+    from flacuna_jax import eval as eval_cli
+
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "green", "cat", "dog", "sun", "tree", "rain"]
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text("".join(json.dumps({"question": f"Which word follows {w}?", "choices": list(rng.choice(words, 4)),
+                                        "answer": int(rng.integers(4))}) + "\n" for w in words * 2))
+    out = tmp_path / "run"
+    finish(launch(assets, out, **{"eval.tasks": f"[mmlu={quiz}]", "eval.k": 1, "eval.every": 5}))
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/mmlu:quiz/acc" in r]
+    assert [r["step"] for r in evals] == [5, 10] and all(r["eval/mmlu:quiz/n"] == 15 for r in evals)
+    cli = eval_cli.main(["--model", assets["model"], "--run", str(out), "--task", f"mmlu={quiz}", "--k", "1",
+                         "--dtype", "float32"])
+    assert cli["mmlu:quiz/n"] == 15 and cli["mmlu:quiz/acc"] == evals[-1]["eval/mmlu:quiz/acc"]
 
 
 def test_nonfinite_steps_stop_the_run_with_checkpoint_intact(assets, tmp_path, capsys):
