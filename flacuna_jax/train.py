@@ -98,15 +98,14 @@ def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
 
 def adapter_params(cfg: Config, model: Any, p_shapes: Any, p_shard: Any) -> Any:
     """LoRA factors from the PEFT adapter dir `lora.init_from`, checked against the config, on the mesh."""
-    try:
-        from flacuna_jax import peft_io
-    except ImportError:
-        raise ConfigError("config key 'lora.init_from': needs flacuna_jax.peft_io (PEFT adapter loading), "
-                          "which this checkout does not have yet") from None
+    from flacuna_jax import peft_io
+
     spec, loaded = peft_io.load_adapter(cfg.lora.init_from, model.config)
-    if (spec.rank, tuple(spec.targets)) != (cfg.lora.rank, tuple(cfg.lora.targets)):
-        raise ConfigError(f"config key 'lora.init_from': the adapter has rank {spec.rank} and targets "
-                          f"{list(spec.targets)}, the config says rank {cfg.lora.rank} and {list(cfg.lora.targets)}")
+    # Targets are a set (PEFT stores them in any order); alpha matters too: it sets the scale alpha/r.
+    if (spec.rank, set(spec.targets), float(spec.alpha)) != (cfg.lora.rank, set(cfg.lora.targets), float(cfg.lora.alpha)):
+        raise ConfigError(f"config key 'lora.init_from': the adapter has rank {spec.rank}, alpha {spec.alpha:g} and "
+                          f"targets {sorted(spec.targets)}; the config says rank {cfg.lora.rank}, alpha "
+                          f"{cfg.lora.alpha:g} and {sorted(cfg.lora.targets)}")
     if jax.tree.structure(loaded) != jax.tree.structure(p_shapes):
         raise ConfigError(f"config key 'lora.init_from': {cfg.lora.init_from} does not hold this model's LoRA factors")
     return jax.tree.map(lambda x, s, sh: jax.device_put(np.asarray(x, s.dtype), sh), loaded, p_shapes, p_shard)

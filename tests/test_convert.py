@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flacuna_jax import checkpoint, convert, hf, lora, optim, train_state
-from flacuna_jax.config import Config, LoraConfig, ModelConfig, OptimConfig, dump_config
+from flacuna_jax.config import Config, ConfigError, LoraConfig, ModelConfig, OptimConfig, dump_config
 from flacuna_jax.model import LoraSpec
 from tests.helpers import hf_logits, hf_reference
 from tests.test_peft import random_factors
@@ -122,3 +122,12 @@ def test_training_starts_from_an_exported_adapter(lora_run, tiny_model_dir, tmp_
     cfg = load_config(run_dir / "config.yaml", [f"lora.init_from={tmp_path / 'adapter'}"])
     _, _, trainable, _, _ = train.build_model(cfg, make_mesh(fsdp=-1))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainable), factors)
+    # Targets are compared as a set; a different alpha (the scale alpha/r) is refused, naming the key.
+    targets = list(reversed(cfg.lora.targets))
+    reordered = load_config(run_dir / "config.yaml", [f"lora.init_from={tmp_path / 'adapter'}", f"lora.targets={targets}"])
+    _, _, again, _, _ = train.build_model(reordered, make_mesh(fsdp=-1))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), factors)
+    other_alpha = load_config(run_dir / "config.yaml", [f"lora.init_from={tmp_path / 'adapter'}",
+                                                        f"lora.alpha={2 * cfg.lora.alpha}"])
+    with pytest.raises(ConfigError, match="lora.init_from.*alpha"):
+        train.build_model(other_alpha, make_mesh(fsdp=-1))
