@@ -163,9 +163,28 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return jnp.einsum("bhts,bshf->bthf", probs, v_bshf)
 
 
+def _cudnn_can_run(q_bthf: Array) -> bool:
+    # cuDNN flash attention: GPU, half precision, head_dim a multiple of 8 up to 128.
+    f = q_bthf.shape[-1]
+    return (jax.default_backend() == "gpu" and q_bthf.dtype in (jnp.bfloat16, jnp.float16)
+            and f % 8 == 0 and f <= 128)
+
+
 def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
-    """`jax.nn.dot_product_attention`: picks cuDNN flash attention on GPU when it can."""
-    return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, mask=mask_bts[:, None])
+    """`jax.nn.dot_product_attention`, asking for cuDNN flash attention where it can run.
+
+    JAX's default implementation is XLA's even on GPU, so cuDNN is requested explicitly; if it
+    refuses the shapes at trace time, XLA's is used. `is_causal` (when queries and keys are the
+    same positions, i.e. not decoding into a cache) lets cuDNN skip the masked-out upper triangle;
+    the mask already holds causality, so both implementations compute the same thing.
+    """
+    kw = dict(mask=mask_bts[:, None], is_causal=q_bthf.shape[1] == k_bskf.shape[1])
+    if _cudnn_can_run(q_bthf):
+        try:
+            return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, implementation="cudnn", **kw)
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # an unsupported shape or cuDNN version: XLA below
+    return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, **kw)
 
 
 def _lora_a_init(key, shape, dtype):

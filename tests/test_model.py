@@ -111,8 +111,10 @@ def test_packed_segments_equal_separate_runs(tiny_model_dir):
     assert np.abs(out[:, 11:17] - alone_b).max() <= LOGIT_TOL
 
 
-def test_kv_cache_decoding_equals_full_forward(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["xla", "dot_product"])
+def test_kv_cache_decoding_equals_full_forward(tiny_model_dir, attention):
     model, params = hf.load_pretrained(tiny_model_dir("gqa"))
+    model = model.clone(runtime=Runtime(attention=attention))
     ids = _ids(model.config.vocab_size, (2, 12))
     full = np.asarray(model.apply({"params": params}, ids))
     cache = init_cache(model.config, batch=2, max_len=16)
