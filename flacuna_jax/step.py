@@ -2,8 +2,10 @@
 
 Loss: the sum of the token cross-entropies over every trained token of the GLOBAL batch, divided
 by the number of those tokens (not a mean of per-example or per-micro-batch means). The log-softmax
-is fp32. It is computed from the final hidden states in chunks of `loss_chunk` positions, each
-chunk rematerialised, so the fp32 [b, t, vocab] logits never exist at once.
+is fp32. It is computed from the final hidden states in chunks of `loss_chunk` positions, and its
+gradient is fused into the forward pass (softmax - onehot, multiplied back through the output
+projection chunk by chunk), so the fp32 [b, t, vocab] logits never exist at once, are never
+stored for the backward pass and never recomputed.
 
 Train step (`make_train_step`): one `jax.jit` with explicit in/out shardings; the `TrainState` is
 donated. The global batch [B, T] (B = per_device x (data x fsdp) x accum) is viewed as
@@ -18,11 +20,13 @@ Array names: b batch, t length, d model, v vocab, c chunk, n chunks, a accumulat
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flacuna_jax.lora import merge_params
@@ -34,11 +38,9 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: jax.Array,
-                          mask_bt: jax.Array, chunk: int = 0) -> jax.Array:
-    """Σ mask · (-log softmax(h W)[target]) in fp32, over chunks of `chunk` positions (0: one chunk)."""
+def _split_chunks(hidden_btd: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array, chunk: int):
+    """[b, t, ...] -> [n, b, c, ...] (the last chunk zero-padded, its padding masked out)."""
     b, t, d = hidden_btd.shape
-    chunk = t if chunk <= 0 or chunk >= t else chunk
     pad = -t % chunk
     if pad:
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
@@ -48,20 +50,84 @@ def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_b
     h_nbcd = hidden_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
     y_nbc = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
     m_nbc = mask_bt.reshape(b, n, chunk).swapaxes(0, 1).astype(jnp.float32)
-    w_dv = kernel_dv.astype(hidden_btd.dtype)
+    return h_nbcd, y_nbc, m_nbc
 
-    @jax.checkpoint
-    def chunk_loss(h_bcd, y_bc, m_bc):
-        logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
-        logz_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-        picked_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz_bc - picked_bc) * m_bc)
 
+def _chunk_loss(h_bcd, w_dv, y_bc, m_bc):
+    """(Σ m · (log Z - logit[y]), fp32 logits [b, c, v], log Z [b, c]) of one chunk."""
+    logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+    logz_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    picked_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz_bc - picked_bc) * m_bc), logits_bcv, logz_bc
+
+
+def _scan_chunks(body, init, xs, n: int):
+    """lax.scan over the leading chunk axis, or one direct call when there is a single chunk."""
     if n == 1:
-        return chunk_loss(h_nbcd[0], y_nbc[0], m_nbc[0])
-    total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_loss(*xs), None), jnp.zeros((), jnp.float32),
-                            (h_nbcd, y_nbc, m_nbc))
+        carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
+        return carry, jax.tree.map(lambda y: y[None], ys)
+    return jax.lax.scan(body, init, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _cross_entropy(hidden_btd, w_dv, targets_bt, mask_bt, chunk):
+    """Σ m · (-log softmax(h W)[y]); `chunk` is static; h and W share one dtype."""
+    h, y, m = _split_chunks(hidden_btd, targets_bt, mask_bt, chunk)
+    total, _ = _scan_chunks(lambda acc, xs: (acc + _chunk_loss(xs[0], w_dv, xs[1], xs[2])[0], None),
+                            jnp.zeros((), jnp.float32), (h, y, m), h.shape[0])
     return total
+
+
+def _cross_entropy_fwd(hidden_btd, w_dv, targets_bt, mask_bt, chunk):
+    """The loss and, chunk by chunk, its gradient: d loss / d logits = m · (softmax - onehot(y)).
+
+    Only [b, t, d] (and [d, v] when the projection itself is trained) is kept for the backward
+    pass: no logits are stored across chunks and none are recomputed.
+    """
+    hidden, w = hidden_btd.value, w_dv.value
+    want_w = w_dv.perturbed
+    h, y, m = _split_chunks(hidden, targets_bt.value, mask_bt.value, chunk)
+
+    def body(carry, xs):
+        loss_acc, dw_acc = carry
+        h_bcd, y_bc, m_bc = xs
+        loss, logits_bcv, logz_bc = _chunk_loss(h_bcd, w, y_bc, m_bc)
+        onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=y_bc.dtype) == y_bc[..., None]
+        dlogits_bcv = ((jnp.exp(logits_bcv - logz_bc[..., None]) - onehot_bcv) * m_bc[..., None]).astype(w.dtype)
+        dh_bcd = jnp.einsum("bcv,dv->bcd", dlogits_bcv, w, preferred_element_type=jnp.float32)
+        if want_w:
+            dw_acc = dw_acc + jnp.einsum("bcd,bcv->dv", h_bcd, dlogits_bcv, preferred_element_type=jnp.float32)
+        return (loss_acc + loss, dw_acc), dh_bcd
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if want_w else None
+    (total, dw_dv), dh_nbcd = _scan_chunks(body, (jnp.zeros((), jnp.float32), dw0), (h, y, m), h.shape[0])
+    n, b, c, d = dh_nbcd.shape
+    dh_btd = dh_nbcd.swapaxes(0, 1).reshape(b, n * c, d)[:, :hidden.shape[1]]
+    return total, (dh_btd, dw_dv, jnp.zeros((0,), hidden.dtype))
+
+
+def _cross_entropy_bwd(chunk, res, g):
+    dh_btd, dw_dv, dtype_0 = res  # dtype_0: an empty array carrying the dtype of h and W
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    dw = None if dw_dv is None else (g * dw_dv).astype(dtype_0.dtype)
+    return (g * dh_btd).astype(dtype_0.dtype), dw, None, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd, symbolic_zeros=True)
+
+
+def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_bt: jax.Array,
+                          mask_bt: jax.Array, chunk: int = 0) -> jax.Array:
+    """Σ mask · (-log softmax(h W)[target]) in fp32, over chunks of `chunk` positions (0: one chunk).
+
+    Differentiable in `hidden_btd` and `kernel_dv` with a fused rule: the forward pass also forms
+    the gradient of each chunk (softmax - onehot, times the mask) and multiplies it straight back
+    through W, so the backward pass neither stores nor recomputes the [b, t, vocab] logits.
+    """
+    t = hidden_btd.shape[1]
+    chunk = t if chunk <= 0 or chunk >= t else chunk
+    return _cross_entropy(hidden_btd, kernel_dv.astype(hidden_btd.dtype), targets_bt, mask_bt, chunk)
 
 
 def loss_sum(model: Llama, trainable: Any, frozen: Any, batch: Batch, dropout_rng: jax.Array | None,

@@ -172,3 +172,50 @@ def test_nonfinite_update_is_skipped_and_counted(tiny_model_dir):
     assert int(jax.device_get(state.opt_state[1][0].count)) == 1
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(jax.device_get(state.params)))]
     assert all(changed)
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 8])
+def test_cross_entropy_gradient_equals_autodiff(chunk):
+    """The fused rule (softmax - onehot formed in the forward pass) against plain log_softmax autodiff."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(3, 24, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 50)) * 0.3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 50, (3, 24)), jnp.int32)
+    m = jnp.asarray(rng.random((3, 24)) < 0.6, jnp.float32)
+
+    def reference(h, w):
+        logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w), axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0] * m) * 0.37
+
+    fused = jax.jit(jax.value_and_grad(lambda h, w: step.chunked_cross_entropy(h, w, y, m, chunk) * 0.37, (0, 1)))
+    (loss, (gh, gw)), (ref_loss, (ref_gh, ref_gw)) = fused(h, w), jax.value_and_grad(reference, (0, 1))(h, w)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(gh, ref_gh) <= 1e-5 and rel_err(gw, ref_gw) <= 1e-5
+    only_h = jax.jit(jax.grad(lambda h: step.chunked_cross_entropy(h, w, y, m, chunk)))(h)  # W frozen (LoRA)
+    assert rel_err(only_h * 0.37, ref_gh) <= 1e-5
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    shapes += _dot_output_shapes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    shapes += _dot_output_shapes(sub)
+    return shapes
+
+
+def test_frozen_weights_get_no_gradient_matmul(tiny_model_dir):
+    """Every 2-D matmul output of the LoRA gradient is a LoRA factor's gradient ([in, r] or [r, out]):
+    no frozen kernel (lm_head included) has its weight gradient computed. Forward and activation
+    gradient matmuls are [b, t, ...] (3-D and up)."""
+    model, frozen, trainable, *_ = setup(tiny_model_dir("mha"), single_mesh())
+    batch = make_batch()
+    jaxpr = jax.make_jaxpr(lambda t, f, b: step.loss_and_grads(model, t, f, b, loss_chunk=8,
+                                                              dropout_rng=jax.random.PRNGKey(0)))(trainable, frozen, batch)
+    two_d = [s for s in _dot_output_shapes(jaxpr.jaxpr) if len(s) == 2]
+    assert two_d and all(LORA.rank in s for s in two_d), two_d
