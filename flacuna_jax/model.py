@@ -4,7 +4,10 @@ LLaMA 1/2/3: RMSNorm, rotary embeddings (default, linear and llama3 scaling), gr
 attention, SwiGLU MLP, tied or untied embeddings. Attention masks are causal plus segment ids, with
 per-segment positions, so several examples packed in one row never see each other. An optional KV
 cache supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers` axis on
-every layer parameter) and optionally rematerialised.
+every layer parameter) and optionally rematerialised. Two custom gradients keep fewer activations
+for the backward pass than autodiff would (same values, gradients equal up to rounding): the XLA
+attention recomputes its probabilities from q, k and per-row softmax statistics instead of storing
+[b, h, t, s] arrays, and the SwiGLU product keeps only its two inputs.
 
 Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES` maps them onto
 the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
@@ -146,21 +149,63 @@ def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array)
     return same & (kv_index_s[None, None, :] <= q_index_bt[:, :, None])
 
 
+def _masked_scores(q_bthf: Array, k_bshf: Array, mask_bts: Array) -> Array:
+    """fp32 [b, h, t, s]: q·k / sqrt(f) in the compute dtype, then fp32, masked to the fp32 minimum."""
+    scores = jnp.einsum("bthf,bshf->bhts", q_bthf, k_bshf) * (q_bthf.shape[-1] ** -0.5)
+    return jnp.where(mask_bts[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+
+
+def _softmax_stats(scores_bhts: Array) -> tuple[Array, Array, Array]:
+    """(probs, row max, row sum of exp): the same operations as `jax.nn.softmax`."""
+    max_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores_bhts - max_bht1)
+    sum_bht1 = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / sum_bht1, max_bht1, sum_bht1
+
+
+@jax.custom_vjp
+def _attention(q_bthf: Array, k_bshf: Array, v_bshf: Array, mask_bts: Array) -> Array:
+    probs, _, _ = _softmax_stats(_masked_scores(q_bthf, k_bshf, mask_bts))
+    return jnp.einsum("bhts,bshf->bthf", probs.astype(v_bshf.dtype), v_bshf)
+
+
+def _attention_fwd(q_bthf, k_bshf, v_bshf, mask_bts):
+    probs, max_bht1, sum_bht1 = _softmax_stats(_masked_scores(q_bthf, k_bshf, mask_bts))
+    out = jnp.einsum("bhts,bshf->bthf", probs.astype(v_bshf.dtype), v_bshf)
+    return out, (q_bthf, k_bshf, v_bshf, mask_bts, max_bht1, sum_bht1)
+
+
+def _attention_bwd(res, g_bthf):
+    """The probabilities are recomputed from q, k and the saved row max and sum (bit-identical to
+    the forward's); only [b, h, t] statistics are kept, not the [b, h, t, s] probabilities."""
+    q_bthf, k_bshf, v_bshf, mask_bts, max_bht1, sum_bht1 = res
+    probs = jnp.exp(_masked_scores(q_bthf, k_bshf, mask_bts) - max_bht1) / sum_bht1
+    dv_bshf = jnp.einsum("bhts,bthf->bshf", probs.astype(v_bshf.dtype), g_bthf.astype(v_bshf.dtype))
+    dprobs = jnp.einsum("bthf,bshf->bhts", g_bthf.astype(v_bshf.dtype), v_bshf, preferred_element_type=jnp.float32)
+    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
+    dscores = jnp.where(mask_bts[:, None], dscores, 0.0)
+    dscores = (dscores.astype(q_bthf.dtype) * (q_bthf.shape[-1] ** -0.5)).astype(q_bthf.dtype)
+    dq_bthf = jnp.einsum("bhts,bshf->bthf", dscores, k_bshf)
+    dk_bshf = jnp.einsum("bhts,bthf->bshf", dscores, q_bthf)
+    return dq_bthf, dk_bshf, dv_bshf, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
     """Reference attention: scores in the compute dtype, softmax in fp32 (as transformers' eager).
 
     KV heads are repeated up to the query heads (as transformers' `repeat_kv`): plain 4-D batched
-    matmuls run ~1.8x faster on XLA:CPU than the grouped 5-D einsum.
+    matmuls run ~1.8x faster on XLA:CPU than the grouped 5-D einsum. The gradient is a custom rule
+    that recomputes the probabilities instead of saving them (see `_attention_bwd`).
     """
-    h, k, f = q_bthf.shape[2], k_bskf.shape[2], q_bthf.shape[3]
+    h, k = q_bthf.shape[2], k_bskf.shape[2]
     if k != h:
         k_bshf, v_bshf = jnp.repeat(k_bskf, h // k, axis=2), jnp.repeat(v_bskf, h // k, axis=2)
     else:
         k_bshf, v_bshf = k_bskf, v_bskf
-    scores = jnp.einsum("bthf,bshf->bhts", q_bthf, k_bshf) * (f ** -0.5)
-    scores = jnp.where(mask_bts[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bshf.dtype)
-    return jnp.einsum("bhts,bshf->bthf", probs, v_bshf)
+    return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
 def _cudnn_can_run(q_bthf: Array) -> bool:
@@ -267,6 +312,26 @@ class Attention(nn.Module):
         return out, cache
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up. Its gradient keeps only gate and up (autodiff kept the sigmoid, silu and
+    their product too: three more [b, t, intermediate] arrays per layer) and recomputes the sigmoid."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    return g * up * (sig * (1 + gate * (1 - sig))), g * (gate * sig)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Mlp(nn.Module):
     config: LlamaConfig
     runtime: Runtime
@@ -278,7 +343,7 @@ class Mlp(nn.Module):
         c = self.config
         gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
         up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
-        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
