@@ -8,17 +8,43 @@ Call `initialize()` before any other JAX call. It decides, in this order:
    detection.
 3. Otherwise: a single process, nothing to initialise.
 
-On CPU, collectives across processes go through gloo. A process that dies is noticed by the others
-through the coordination service's heartbeat (`HEARTBEAT_TIMEOUT_S`, default 30 s), which makes them
-exit with an error instead of hanging in a collective.
+On CPU, collectives across processes go through gloo (`JAX_PLATFORMS=cpu`).
+
+In a multi-process job every line this process writes to stdout/stderr from Python starts with
+`[p<index>/<count>] ` (C++ logs from XLA, gloo and gRPC are not prefixed).
+
+A process that dies must not leave the others hanging. Three mechanisms bound that:
+
+- The coordination service's heartbeat (`HEARTBEAT_TIMEOUT_S`, default 30 s; JAX's own default is
+  100 s): when a process stops sending heartbeats, the service marks the job failed and JAX
+  terminates every other process ("Terminating process because the JAX distributed service detected
+  fatal errors"; SIGABRT, exit code 134). When the coordinator (process 0) itself dies, the others
+  fail their next heartbeat or error poll at once. This also stops a process blocked inside a
+  collective that never completes (NCCL waits forever for a dead peer).
+- A collective that notices the dead peer first (gloo: "Connection closed by peer") raises
+  `JaxRuntimeError`; the uncaught-exception hook installed here prints it with a one-line
+  explanation and exits at once with `EXIT_PEER_FAILURE` (other uncaught exceptions: exit code 1).
+- That hook skips JAX's shutdown barrier on the way out (`os._exit` after flushing). Without it a
+  process that failed alone would wait in that barrier for peers blocked in a collective, up to
+  `shutdown_timeout_seconds` (300 s), then abort.
+
+`INIT_TIMEOUT_S` (default 300) bounds the wait for every process to join at start-up.
 """
 
 from __future__ import annotations
 
-import logging
+import io
 import os
+import sys
+import traceback
 
 import jax
+
+EXIT_PEER_FAILURE = 4  # a cross-process operation failed: another process probably died
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+# Text of runtime errors that mean "a peer or the coordination service went away".
+_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "connection refused", "heartbeat", "unavailable",
+               "deadline_exceeded", "nccl", "coordination service", "barrier")
 
 _initialized = False
 
@@ -41,7 +67,7 @@ def initialize() -> None:
     coordinator = os.environ.get("COORDINATOR_ADDRESS")
     num = _int_env("NUM_PROCESSES")
     pid = _int_env("PROCESS_ID")
-    heartbeat = _int_env("HEARTBEAT_TIMEOUT_S") or 30
+    heartbeat = _int_env("HEARTBEAT_TIMEOUT_S") or DEFAULT_HEARTBEAT_TIMEOUT_S
     cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1
     if not coordinator and not cluster:
         return
@@ -51,14 +77,20 @@ def initialize() -> None:
     if coordinator:
         if num is None or pid is None:
             raise SystemExit("error: COORDINATOR_ADDRESS is set but NUM_PROCESSES or PROCESS_ID is not")
+        if not 0 <= pid < num:
+            raise SystemExit(f"error: PROCESS_ID={pid} is not in [0, NUM_PROCESSES={num})")
         local = os.environ.get("LOCAL_DEVICE_IDS")
         local_ids = [int(i) for i in local.split(",")] if local else None
         jax.distributed.initialize(coordinator, num, pid, local_device_ids=local_ids, **kwargs)
     else:
         jax.distributed.initialize(**kwargs)
     _initialized = True
-    logging.getLogger(__name__).info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                                     jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        _prefix_output(f"[p{jax.process_index()}/{jax.process_count()}] ")
+        sys.excepthook = _exit_on_uncaught
+    print(f"joined: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local / "
+          f"{jax.device_count()} global {jax.devices()[0].platform} devices; heartbeat timeout {heartbeat} s",
+          flush=True)
 
 
 def is_main_process() -> bool:
@@ -66,5 +98,83 @@ def is_main_process() -> bool:
 
 
 def log_prefix() -> str:
-    """'[p1/2] ' in multi-process runs, '' otherwise: log lines say which process wrote them."""
-    return f"[p{jax.process_index()}/{jax.process_count()}] " if jax.process_count() > 1 else ""
+    """'[p1/2] ' in multi-process runs, '' otherwise ('' too where `initialize` already prefixes
+    every line of stdout/stderr)."""
+    if jax.process_count() == 1 or isinstance(sys.stdout, _PrefixedStream):
+        return ""
+    return f"[p{jax.process_index()}/{jax.process_count()}] "
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` looks like a lost peer: a runtime error from a collective or the coordination service."""
+    if not isinstance(exc, jax.errors.JaxRuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(sign in text for sign in _PEER_SIGNS)
+
+
+def _exit_on_uncaught(kind, exc, tb) -> None:
+    """sys.excepthook of multi-process runs: report, then leave at once (no shutdown barrier)."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+    else:
+        traceback.print_exception(kind, exc, tb, file=sys.stderr)
+    if is_peer_failure(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else kind.__name__
+        print(f"error: process {jax.process_index()} lost contact with another process of the job ({first}). "
+              f"Another process has most likely died or been stopped: see its log. Exiting with code "
+              f"{EXIT_PEER_FAILURE}.", file=sys.stderr, flush=True)
+        code = EXIT_PEER_FAILURE
+    else:
+        print(f"error: process {jax.process_index()} failed ({kind.__name__}); exiting at once so that the other "
+              f"processes stop too (they will report a lost peer).", file=sys.stderr, flush=True)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+    os._exit(code)
+
+
+class _PrefixedStream(io.TextIOBase):
+    """A text stream that starts every line with `prefix` (writes through to `stream`)."""
+
+    def __init__(self, stream, prefix: str):
+        self._stream, self._prefix, self._line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        parts = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start:
+                parts.append(self._prefix)
+            parts.append(piece)
+            self._line_start = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(parts))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self):  # noqa: D401 - mirrors the wrapped stream
+        return getattr(self._stream, "encoding", "utf-8")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _prefix_output(prefix: str) -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _PrefixedStream):
+            setattr(sys, name, _PrefixedStream(stream, prefix))

@@ -3,36 +3,58 @@
 # coordinator on 127.0.0.1. Exercises jax.distributed, per-host data, global arrays and
 # multi-process checkpoints without any GPU.
 #   launch/cpu_sim.sh 2 2 configs/demo.yaml train.steps=6 output_dir=runs/sim
-# Logs: OUTPUT_DIR/process_<i>.log (output_dir from the overrides, else runs/cpu_sim).
-# If one process fails, the others are stopped and the script exits non-zero.
+# Logs: OUTPUT_DIR/process_<i>.log (output_dir from the overrides, else runs/cpu_sim); their pids:
+# OUTPUT_DIR/pids ("<index> <pid>" lines). Exit status: 0, or the first failing process' code.
+#
+# A process that dies makes the others exit by themselves (JAX's heartbeat, HEARTBEAT_TIMEOUT_S,
+# 10 s here; see flacuna_jax/distributed.py). Fallback, for the simulation only: a process still
+# running PEER_EXIT_GRACE_S (default 60) seconds after another one failed is killed here, and this
+# is said on stderr. Env: PYTHON, PORT, HEARTBEAT_TIMEOUT_S, PEER_EXIT_GRACE_S.
 set -uo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS CONFIG [key=value ...]" >&2; exit 2; }
 N=$1; D=$2; shift 2
+[[ "$N" =~ ^[1-9][0-9]*$ && "$D" =~ ^[1-9][0-9]*$ ]] || { echo "error: NUM_PROCESSES and DEVICES_PER_PROCESS must be positive integers" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 PORT="${PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+GRACE="${PEER_EXIT_GRACE_S:-60}"
 OUT=runs/cpu_sim
 for arg in "$@"; do case "$arg" in output_dir=*) OUT="${arg#output_dir=}";; esac; done
 mkdir -p "$OUT"
-pids=()
+declare -A pids=()
+: > "$OUT/pids"
 for ((i = 0; i < N; i++)); do
   COORDINATOR_ADDRESS="127.0.0.1:$PORT" NUM_PROCESSES="$N" PROCESS_ID="$i" JAX_PLATFORMS=cpu \
-  HEARTBEAT_TIMEOUT_S="${HEARTBEAT_TIMEOUT_S:-10}" \
+  HEARTBEAT_TIMEOUT_S="${HEARTBEAT_TIMEOUT_S:-10}" PYTHONUNBUFFERED=1 \
   XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
     "$PY" -m flacuna_jax.train --config "$@" > "$OUT/process_$i.log" 2>&1 &
-  pids+=($!)
+  pids[$i]=$!
+  echo "$i $!" >> "$OUT/pids"
 done
-trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM
 status=0
-# Wait for the first process to finish; if it failed, stop the rest.
+failed_at=""
+describe() {  # exit code -> words
+  if [ "$1" -gt 128 ]; then echo "$1 (signal $(kill -l $(($1 - 128)) 2>/dev/null || echo $(($1 - 128))))"; else echo "$1"; fi
+}
 while [ "${#pids[@]}" -gt 0 ]; do
-  wait -n -p done_pid "${pids[@]}"; rc=$?
-  pids=($(for p in "${pids[@]}"; do [ "$p" != "$done_pid" ] && echo "$p"; done))
-  if [ "$rc" -ne 0 ]; then
-    echo "process (pid $done_pid) exited with $rc; stopping the others" >&2
-    status=$rc
+  running=" $(jobs -rp | tr '\n' ' ') "
+  for i in "${!pids[@]}"; do
+    p=${pids[$i]}
+    [[ "$running" == *" $p "* ]] && continue
+    wait "$p"; rc=$?
+    unset "pids[$i]"
+    if [ "$rc" -ne 0 ]; then
+      echo "process $i (pid $p) exited with $(describe "$rc")" >&2
+      if [ "$status" -eq 0 ]; then status=$rc; failed_at=$SECONDS; fi
+    fi
+  done
+  if [ -n "$failed_at" ] && [ "${#pids[@]}" -gt 0 ] && [ $((SECONDS - failed_at)) -ge "$GRACE" ]; then
+    echo "fallback: process(es) ${!pids[*]} still running ${GRACE} s after a failure; killing them" >&2
     kill "${pids[@]}" 2>/dev/null
+    failed_at=""  # report their exit codes on the next rounds
   fi
+  sleep 0.2
 done
 for ((i = 0; i < N; i++)); do echo "== process $i (tail) =="; tail -n 5 "$OUT/process_$i.log"; done
 exit "$status"

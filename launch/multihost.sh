@@ -3,6 +3,9 @@
 #   COORDINATOR_ADDRESS=10.0.0.1:1234 NUM_PROCESSES=4 PROCESS_ID=<0..3> \
 #     launch/multihost.sh configs/flacuna_13b.yaml output_dir=/shared/runs/flacuna
 # output_dir must be on storage every host sees (checkpoints are written by all processes).
+# Optional: LOCAL_DEVICE_IDS=0,1,.. (this process' GPUs), HEARTBEAT_TIMEOUT_S (default 30: a dead process
+# makes the others exit within about that long), INIT_TIMEOUT_S (default 300: the wait for all to join).
+# XLA flags: launch/gpu_env.sh (yours in XLA_FLAGS win).
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: COORDINATOR_ADDRESS=host:port NUM_PROCESSES=N PROCESS_ID=i $0 CONFIG [key=value ...]" >&2; exit 2; }
 : "${COORDINATOR_ADDRESS:?set COORDINATOR_ADDRESS=host:port (process 0's address)}"

@@ -1,0 +1,226 @@
+"""Multi-process training through launch/cpu_sim.sh: 2 processes x 2 CPU devices (gloo) against
+1 process x 4 devices, resume of a multi-process checkpoint, and a killed process.
+
+Same global batch in both layouts: data.packing=false and a seq_len no example exceeds (nothing
+truncated or dropped), so each row is one example and step s's 8 rows are examples 8s..8s+7 of the
+epoch order in both layouts (host h reads examples h, h+2, ...: the same examples, rows in another
+order; with packing each host packs its own share into different rows, by design). lora.dropout=0:
+dropout masks follow row positions. What remains is float32 summation order: measured, the losses
+of steps 1-4 are bit-equal and step 5 differs by 7e-8; the tolerance is 1e-5.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flacuna_jax.metrics import read_jsonl
+from flacuna_jax.tiny import PRESETS, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+RTOL = 1e-5  # per-step losses
+ADAPTER_TOL = 1e-4  # exported factors, relative to each tensor's largest entry
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A small FLAN-Mini-style sample, its SentencePiece tokenizer, a tiny model, a compilation cache."""
+    from flacuna_jax.demo_assets import write_demo_assets
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("launch_assets")
+    paths = write_demo_assets(d, 400)
+    vocab = len(load_tokenizer(paths["tokenizer"]))
+    model = write_tiny_model(d / "model", replace(PRESETS["mha"], vocab_size=vocab), seed=2)
+    for f in Path(paths["tokenizer"]).iterdir():
+        shutil.copy(f, model / f.name)
+    return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}
+
+
+def overrides(assets, out, **extra):
+    base = {"output_dir": str(out), "model.path": assets["model"], "tokenizer.path": assets["model"],
+            "model.compute_dtype": "float32", "model.param_dtype": "float32", "model.remat": "none",
+            "data.sources": f"[{assets['sample']}]", "data.packing": False, "data.eval_fraction": 0.05,
+            "train.steps": STEPS, "train.seq_len": 256, "train.global_batch_size": 8, "train.per_device_batch_size": 1,
+            "train.loss_chunk": 64, "lora.rank": 4, "lora.dropout": 0.0, "optim.lr": 1e-2, "optim.warmup_steps": 2,
+            "checkpoint.every": 2, "checkpoint.keep": 3, "log.every": 1, "eval.every": 3, "eval.max_batches": 2,
+            "mesh.fsdp": -1, "log.tensorboard": True}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def env(assets, **extra):
+    # Every launch shares one persistent compilation cache: the same programs are compiled once.
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                **extra)
+
+
+def one_process(assets, out):
+    e = env(assets, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", "configs/demo.yaml", *overrides(assets, out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def cpu_sim(assets, out, sleep=0.0, **extra):
+    e = env(assets, FLACUNA_TEST_STEP_SLEEP_S=str(sleep), PYTHON=sys.executable)
+    cmd = ["bash", "launch/cpu_sim.sh", "2", "2", "configs/demo.yaml", *overrides(assets, out, **extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def export(run, out):
+    r = subprocess.run([sys.executable, "-m", "flacuna_jax.convert", "export", "--run", str(run), "--format", "peft",
+                        "--out", str(out)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from safetensors.numpy import load_file
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def wait_for(predicate, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.communicate()[0][-3000:]
+    assert predicate(), "timed out waiting"
+
+
+def pids(out):
+    return {int(i): int(p) for i, p in (line.split() for line in (out / "pids").read_text().splitlines())}
+
+
+def kill_one(proc, out, victim):
+    """kill -9 process `victim`; (seconds until cpu_sim.sh returned, its output)."""
+    os.kill(pids(out)[victim], signal.SIGKILL)
+    t0 = time.time()
+    try:
+        text, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("cpu_sim.sh still running 90 s after a process was killed")
+    return time.time() - t0, text
+
+
+def survivor_exit(text, index):
+    """The exit code cpu_sim.sh reported for process `index` (None: it exited 0)."""
+    for line in text.splitlines():
+        if line.startswith(f"process {index} (pid ") and " exited with " in line:
+            return int(line.split(" exited with ")[1].split()[0])
+    return None
+
+
+PEER_LOST = ("lost contact with another process", "another task died")  # ours (exit 4), JAX's heartbeat (134)
+
+
+def test_two_processes_equal_one_and_resume_after_a_kill(assets, tmp_path):
+    ref, sim = tmp_path / "ref", tmp_path / "sim"
+    one_process(assets, ref)
+
+    # 2 x 2: kill -9 process 1 after the step-2 checkpoint; process 0 must stop by itself, quickly.
+    proc = cpu_sim(assets, sim, sleep=1.0)
+    wait_for(lambda: (sim / "checkpoints" / "2").is_dir(), proc, 180)
+    elapsed, text = kill_one(proc, sim, victim=1)
+    log0 = (sim / "process_0.log").read_text()
+    assert proc.returncode != 0 and elapsed < 60, (elapsed, text[-2000:])
+    assert survivor_exit(text, 0) not in (None, 143), text[-2000:]  # exited non-zero by itself, not by the fallback
+    assert "fallback" not in text
+    assert any(s in log0 for s in PEER_LOST), log0[-3000:]
+    print(f"process 1 killed -> process 0 exited {survivor_exit(text, 0)} after {elapsed:.1f} s")
+
+    # Rerunning the same command resumes from the multi-process checkpoint and finishes.
+    proc = cpu_sim(assets, sim)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    log0, log1 = (sim / "process_0.log").read_text(), (sim / "process_1.log").read_text()
+    resumed = [line for line in log0.splitlines() if "resuming from checkpoint step" in line]
+    assert resumed and resumed[0].startswith("[p0/2] "), log0[-2000:]
+    assert int(resumed[0].split("step ")[1].split()[0]) in (2, 4)
+
+    # The same per-step losses as one process with four devices.
+    want, got = read_jsonl(ref / "metrics.jsonl"), read_jsonl(sim / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    rel = [abs(g["loss"] - w["loss"]) / abs(w["loss"]) for g, w in zip(got, want)]
+    print("per-step loss relative differences:", ", ".join(f"{x:.1e}" for x in rel))
+    assert max(rel) <= RTOL, rel
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        if "eval_loss" in w:
+            assert abs(g["eval_loss"] - w["eval_loss"]) <= RTOL * abs(w["eval_loss"])
+    assert got[-1]["loss"] < got[0]["loss"]
+
+    # The exported adapters agree to float32 precision: Adam's m / sqrt(v) turns summation-order
+    # differences in near-zero gradient entries into ~1e-5 of the factor's scale (measured 2e-5).
+    a, b = export(ref, tmp_path / "ref_adapter"), export(sim, tmp_path / "sim_adapter")
+    assert sorted(a) == sorted(b) and a
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a)
+    print(f"adapter: max |difference| / max |value| over tensors = {worst:.1e}")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=ADAPTER_TOL, atol=ADAPTER_TOL * float(np.max(np.abs(a[k]))),
+                                   err_msg=k)
+
+    # Only process 0 writes metrics and TensorBoard (one event file per launch); every line says who wrote it.
+    assert len(list((sim / "tensorboard").rglob("events.out.tfevents.*"))) == 2
+    assert "[p0/2] step 6/6 | loss" in log0 and "step 6/6" not in log1
+    assert "[p1/2] joined: process 1 of 2, 2 local / 4 global cpu devices" in log1
+
+
+def test_killing_the_coordinator_stops_the_other_process(assets, tmp_path):
+    """Process 0 hosts the coordination service: when it dies, process 1 (asleep between steps, in no
+    collective) is stopped by JAX's error polling."""
+    out = tmp_path / "sim"
+    proc = cpu_sim(assets, out, sleep=3.0)
+    log0 = out / "process_0.log"
+    wait_for(lambda: log0.is_file() and "step 1/" in log0.read_text(), proc, 180)
+    elapsed, text = kill_one(proc, out, victim=0)
+    log1 = (out / "process_1.log").read_text()
+    assert proc.returncode != 0 and elapsed < 60 and "fallback" not in text, (elapsed, text[-2000:])
+    assert survivor_exit(text, 1) not in (None, 143), text[-2000:]
+    assert any(s in log1 for s in PEER_LOST), log1[-3000:]
+    print(f"process 0 killed -> process 1 exited {survivor_exit(text, 1)} after {elapsed:.1f} s")
+
+
+def test_cpu_sim_usage_and_gpu_flags_are_overridable(tmp_path):
+    r = subprocess.run(["bash", "launch/cpu_sim.sh", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+    # The GPU scripts' XLA flags: recommended ones first, the caller's XLA_FLAGS after them (the last value
+    # of a flag wins), FLACUNA_GPU_XLA_FLAGS replaces the recommended set; every flag parses in this jaxlib.
+    show = "source launch/gpu_env.sh; printf %s \"$XLA_FLAGS\""
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLACUNA_GPU_XLA_FLAGS")}
+    flags = subprocess.run(["bash", "-c", show], cwd=ROOT, env=base, capture_output=True, text=True).stdout
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    mine = subprocess.run(["bash", "-c", show], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(base, XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=false")).stdout
+    assert mine.startswith(flags) and mine.endswith("--xla_gpu_enable_latency_hiding_scheduler=false")
+    none = subprocess.run(["bash", "-c", show], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(base, FLACUNA_GPU_XLA_FLAGS="")).stdout
+    assert none == ""
+    r = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"], cwd=ROOT,
+                       env=dict(base, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_prefixed_output_and_peer_failure_classification():
+    import io
+
+    import jax
+
+    from flacuna_jax import distributed
+
+    buf = io.StringIO()
+    stream = distributed._PrefixedStream(buf, "[p1/2] ")
+    stream.write("a\nb")
+    stream.write("c\n\n")
+    assert buf.getvalue() == "[p1/2] a\n[p1/2] bc\n[p1/2] \n"
+    lost = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer")
+    assert distributed.is_peer_failure(lost)
+    assert not distributed.is_peer_failure(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+    assert not distributed.is_peer_failure(RuntimeError("Connection closed"))
