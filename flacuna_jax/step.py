@@ -202,7 +202,7 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Llama, tx
     rng = jax.random.fold_in(state.rng, state.step) if dropout else None
     loss, grads, n_tokens = loss_and_grads(model, state.params, frozen, batch, accum=accum, dropout_rng=rng,
                                            loss_chunk=loss_chunk, mesh=mesh)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
