@@ -1,0 +1,248 @@
+"""MFU of our LoRA train step on a LLaMA-7B shape (random weights), and transformers+peft on the same GPU.
+
+    python -m benchmarks.mfu [--batch 4] [--steps 5] [--repeats 3] [--peak-tflops 798]
+    python -m benchmarks.mfu --layers 2 --hidden 256 --heads 4 --intermediate 688 --vocab 1024 \\
+        --seq 256 --batch 2            # a small shape: runs anywhere (CPU: fp32, minutes -> seconds)
+
+The recipe is configs/vicuna_7b_lora.yaml (LoRA r=8 alpha=16 dropout 0.05 on q_proj, v_proj; remat,
+attention, loss chunk, AdamW + clipping; 4 x 1280 tokens per device); the shape is tiny.PRESETS
+["llama_7b"] unless --layers/--hidden/... override it. On GPU both sides run in bf16; ours with the
+config's remat and attention ("dot_product": cuDNN flash attention), the state donated, weights
+drawn on the device by a jitted init with out_shardings (7B is never on the host); torch with sdpa
+attention and gradient checkpointing when the config remats. On CPU both run fp32 (XLA:CPU has no
+fast bf16) with XLA attention. Each side runs in its own process, one after the other (JAX
+preallocates most of the GPU), is warmed up (--warmup steps, compile included), then timed in
+--repeats rounds of --steps steps ending in block_until_ready / cuda.synchronize; medians reported.
+Every one of batch x seq tokens is trained on both sides.
+
+MFU = metrics.flops_per_token(shape, seq, "lora") x tokens/s / peak (model FLOPs: 2N forward + 2N
+activation gradients + attention in full; the remat recompute is not counted). Peak: --peak-tflops,
+else metrics.peak_flops (H100 bf16: the measured 798 TFLOP/s), else a dense matmul measured here
+(`peak_source` says which). Targets on one H100: MFU >= 55% and >= 1.5x torch+peft tokens/s. Without
+a GPU and without a shape override it prints {"benchmark": "mfu", "skipped": REASON}. One JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+from benchmarks.common import ROOT, BenchError, child_env, emit, run_json
+
+SHAPE_ARGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+              "intermediate": "intermediate_size", "vocab": "vocab_size"}
+
+
+def recipe(a):
+    """(training config, LlamaConfig, whether the shape is the 7B one) from the arguments."""
+    from flacuna_jax.config import load_config
+    from flacuna_jax.tiny import PRESETS
+
+    cfg = load_config(a.config, [f"train.seq_len={a.seq}"] * bool(a.seq) + [f"model.remat={a.remat}"] * bool(a.remat))
+    changes = {field: getattr(a, arg) for arg, field in SHAPE_ARGS.items() if getattr(a, arg) is not None}
+    if "num_heads" in changes:  # head_dim follows hidden / heads; kv heads default to heads (MHA, as 7B)
+        changes.setdefault("num_kv_heads", changes["num_heads"])
+    shape = dataclasses.replace(PRESETS["llama_7b"], **changes)
+    shape = dataclasses.replace(shape, head_dim=shape.hidden_size // shape.num_heads,
+                                max_position_embeddings=max(shape.max_position_embeddings, cfg.train.seq_len))
+    return cfg, shape, not changes
+
+
+def timed_rounds(run, a, tokens_per_step: int) -> dict:
+    """run(n) -> seconds for n steps; warm-up (at least the compiling step), then medians over rounds."""
+    run(max(a.warmup, 1))
+    secs = [run(a.steps) for _ in range(a.repeats)]
+    per_s = [a.steps * tokens_per_step / s for s in secs]
+    return {"tokens_per_s": round(statistics.median(per_s), 1),
+            "step_time_s": round(statistics.median(secs) / a.steps, 4),
+            "rounds_tokens_per_s": [round(x, 1) for x in per_s]}
+
+
+def measured_peak_tflops(dtype) -> float:
+    """Best dense matmul rate of this device in `dtype` (n^3, n = 8192 on GPU, 2048 elsewhere)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192 if jax.default_backend() == "gpu" else 2048
+    x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(x))
+    best = min(_time(lambda: jax.block_until_ready(mm(x))) for _ in range(5))
+    return 2 * n**3 / best / 1e12
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def jax_side(a) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flacuna_jax.lora import split_params
+    from flacuna_jax.metrics import flops_per_token, peak_flops
+    from flacuna_jax.model import Llama, LoraSpec, Runtime, abstract_params
+    from flacuna_jax.optim import make_optimizer
+    from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
+    from flacuna_jax.step import BATCH_KEYS, make_train_step
+    from flacuna_jax.train_state import init_train_state, state_shardings
+
+    cfg, shape, seven_b = recipe(a)
+    backend = jax.default_backend()
+    if seven_b and backend != "gpu":
+        return {"skipped": f"no GPU (JAX backend {backend}): the 7B shape needs one; pass --layers/--hidden/... "
+                           "for a small shape"}
+    gpu = backend == "gpu"
+    dtype = jnp.dtype(cfg.model.compute_dtype) if gpu else jnp.dtype(jnp.float32)
+    runtime = Runtime(dtype, dtype, cfg.model.remat, cfg.model.attention if gpu else "xla")
+    lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+    model = Llama(shape, runtime, lora)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shapes, names = abstract_params(model)
+    shardings = tree_shardings(mesh, names, shapes)
+    # Random weights drawn on the device, straight into their shardings (LoRA A as PEFT, B = 0).
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]),
+                     out_shardings=shardings)(jax.random.key(0))
+    trainable, frozen = split_params(params, "lora")
+    del params
+    trainable_sh, frozen_sh = split_params(shardings, "lora")
+    tx, schedule = make_optimizer(cfg.optim, 1000)
+    st_sh = state_shardings(mesh, tx, jax.eval_shape(lambda: trainable), trainable_sh)
+    state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=st_sh, donate_argnums=(0,))(trainable)
+    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=1, loss_chunk=cfg.train.loss_chunk,
+                           dropout=cfg.lora.dropout > 0)
+    b, t = a.batch or cfg.train.per_device_batch_size, cfg.train.seq_len
+    ids = np.random.default_rng(0).integers(0, shape.vocab_size, (b, t + 1)).astype(np.int32)
+    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))}  # every token trained
+    batch = {k: jax.device_put(host[k], batch_sharding(mesh)) for k in BATCH_KEYS}
+    box = {"state": state}
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box["state"], m = step(box["state"], frozen, batch)
+        jax.block_until_ready((box["state"], m))
+        dt = time.perf_counter() - t0
+        if not np.isfinite(float(m["loss"])):
+            raise RuntimeError("our step produced a non-finite loss")
+        return dt
+
+    timing = timed_rounds(run, a, b * t)
+    device = jax.devices()[0]
+    if a.peak_tflops:
+        peak, source = a.peak_tflops, "--peak-tflops"
+    elif (known := peak_flops(device.device_kind, dtype.name)) is not None:
+        peak, source = known / 1e12, f"metrics.peak_flops({device.device_kind!r}, {dtype.name})"
+    else:
+        peak, source = round(measured_peak_tflops(dtype), 3), f"measured {dtype.name} matmul on this device"
+    stats = device.memory_stats() or {}
+    return {"backend": backend, "device": device.device_kind, "dtype": dtype.name, "remat": runtime.remat,
+            "attention": runtime.attention, "seven_b": seven_b,
+            "shape": {arg: getattr(shape, field) for arg, field in SHAPE_ARGS.items()}, "batch": b, "seq_len": t,
+            "loss_chunk": cfg.train.loss_chunk,
+            "flops_per_token": flops_per_token(shape, t, "lora"), "peak_tflops": peak, "peak_source": source,
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use"), **timing}
+
+
+def torch_side(a) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg, shape, seven_b = recipe(a)
+    cuda = torch.cuda.is_available()
+    if seven_b and not cuda:
+        return {"skipped": "no CUDA device for torch: the 7B shape needs one"}
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+                         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+                         head_dim=shape.head_dim, max_position_embeddings=shape.max_position_embeddings,
+                         rms_norm_eps=shape.rms_norm_eps, rope_theta=shape.rope_theta, use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs, in its dtype (7B fp32 on the host takes minutes)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    remat = cfg.model.remat != "none"
+    if remat:  # transformers 5.x name; gradient_checkpointing_enable is its deprecated alias
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                             target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    b, t = a.batch or cfg.train.per_device_batch_size, cfg.train.seq_len
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, shape.vocab_size, (b, t + 1)), device=device)
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            # shift_labels: HF would otherwise shift `labels` itself and train one token fewer per row
+            loss = model(input_ids=inputs, labels=inputs, shift_labels=targets).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if not np.isfinite(loss.item()):
+            raise RuntimeError("torch step produced a non-finite loss")
+        return dt
+
+    timing = timed_rounds(run, a, b * t)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
+            "attention": model.config._attn_implementation, "gradient_checkpointing": remat,
+            "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None, **timing}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs/vicuna_7b_lora.yaml"), help="the recipe (LoRA, remat, ...)")
+    for arg in SHAPE_ARGS:
+        p.add_argument(f"--{arg.replace('_', '-')}", dest=arg, type=int, help="shape override (default: LLaMA-7B)")
+    p.add_argument("--seq", type=int, help="tokens per row (default: the config's train.seq_len, 1280)")
+    p.add_argument("--batch", type=int, help="rows per step (default: the config's per_device_batch_size)")
+    p.add_argument("--remat", choices=["none", "full", "dots_saveable"], help="default: the config's")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (medians reported)")
+    p.add_argument("--peak-tflops", type=float, help="the MFU denominator (default: metrics.peak_flops, e.g. "
+                   "798 on an H100 in bf16; else measured here)")
+    p.add_argument("--side", choices=["both", "jax", "torch"], default="both",
+                   help="both: each side in its own process (the default); jax/torch: this process runs one")
+    p.add_argument("--no-torch", action="store_true", help="measure our side only")
+    a = p.parse_args(argv)
+    if a.side != "both":
+        return emit((jax_side if a.side == "jax" else torch_side)(a))
+
+    args = ["-m", "benchmarks.mfu", *(argv if argv is not None else sys.argv[1:])]
+    ours = run_json([*args, "--side", "jax"])
+    if "skipped" in ours:
+        return emit({"benchmark": "mfu", "skipped": ours["skipped"]})
+    result = {"benchmark": "mfu", **ours}
+    per_token, peak = ours["flops_per_token"], ours["peak_tflops"] * 1e12
+    result["mfu"] = round(per_token * ours["tokens_per_s"] / peak, 4)
+    try:
+        torch = {"skipped": "--no-torch"} if a.no_torch else run_json([*args, "--side", "torch"], env=child_env())
+    except BenchError as e:  # ours is still a result
+        torch = {"error": str(e)}
+    result["torch_peft"] = torch
+    if "tokens_per_s" in torch:
+        result["torch_peft_mfu"] = round(per_token * torch["tokens_per_s"] / peak, 4)
+        result["ratio"] = round(ours["tokens_per_s"] / torch["tokens_per_s"], 3)
+    return emit(result)
+
+
+if __name__ == "__main__":
+    main()

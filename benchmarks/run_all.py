@@ -1,0 +1,120 @@
+"""Every benchmark, each in its own process (fresh XLA flags and devices), then a summary table.
+
+    python -m benchmarks.run_all [--only packing mfu ...] [--quick]          (make bench)
+
+Each benchmark prints one JSON line; run_all prints each again as it finishes, then a table: the key
+number, its target and the verdict (met / NOT met / n/a where the target is for other hardware /
+skipped / FAILED TO RUN). A benchmark that fails to run (non-zero exit, no JSON line, timeout) is
+reported and the rest still run; the exit code is 1 if any failed to run (a missed target is a
+result, not a failure). --quick: small shapes and few steps (a couple of minutes on 2 CPU cores;
+rough numbers). XLA_FLAGS pass through to the benchmarks except a fake CPU device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from benchmarks.common import BenchError, emit, run_json
+
+Verdict = Callable[[dict], tuple[str, str]]  # result -> (the key number as text, met | NOT met | n/a: why)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _mfu_verdict(r: dict) -> tuple[str, str]:
+    ratio = r.get("ratio")
+    value = f"{r['mfu']:.1%}; " + (f"{ratio:.2f}x" if ratio is not None else "torch: " + str(
+        r["torch_peft"].get("skipped") or r["torch_peft"].get("error")))
+    if not (r["seven_b"] and "H100" in r["device"]):
+        return value, f"n/a ({r['device']}, not the 7B shape on an H100)"
+    return value, _met(r["mfu"] >= 0.55 and ratio is not None and ratio >= 1.5)
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    args: tuple[str, ...]
+    quick_args: tuple[str, ...]
+    metric: str
+    target: str
+    verdict: Verdict
+
+
+BENCHES = [
+    Bench("packing", (), ("--seq-len", "512", "--rows", "4", "--steps", "2"),
+          "packed / padded trained tokens/s", ">= 3x",
+          lambda r: (f"{r['ratio']:.2f}x ({r['packed']['trained_per_slot']:.0%} vs "
+                     f"{r['padded']['trained_per_slot']:.0%} of slots trained)", _met(r["meets_target"]))),
+    Bench("loader", (), ("--seconds", "2"), "pipeline tokens/s per host", ">= 100K",
+          lambda r: (f"{r['tokens_per_s']:,}", _met(r["tokens_per_s"] >= 100_000))),
+    Bench("step_vs_torch", (), ("--steps", "1", "--repeats", "2", "--layers", "2"),
+          "ours / torch+peft train tokens/s (CPU fp32)", ">= 1.0x",
+          lambda r: (f"{r['ratio']:.2f}x", _met(r["ratio"] >= 1.0))),
+    Bench("decode", (), ("--new-tokens", "32", "--repeats", "1"), "decode tokens/s, batch 1 / 8", "(reported)",
+          lambda r: (f"{r['batch1']['decode_tokens_per_s']:,.0f} / {r['batch8']['decode_tokens_per_s']:,.0f}", "-")),
+    Bench("plan_13b", (), (), "13B LoRA memory per device, 4 devices", "<= 20 GB",
+          lambda r: (f"{r['per_device_gb']:.2f} GB", _met(r["meets_target"]))),
+    Bench("mfu", (), ("--layers", "2", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--vocab", "1024",
+                      "--seq", "256", "--batch", "2", "--warmup", "1", "--steps", "2", "--repeats", "1"),
+          "7B LoRA MFU; ours / torch+peft tokens/s", ">= 55%; >= 1.5x (H100)", _mfu_verdict),
+]
+
+
+def run_one(bench: Bench, quick: bool) -> dict:
+    try:
+        return run_json(["-m", f"benchmarks.{bench.name}", *(bench.quick_args if quick else bench.args)],
+                        timeout=600 if quick else 3600)
+    except BenchError as e:
+        return {"benchmark": bench.name, "error": str(e)}
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def summary(results: list[tuple[Bench, dict, float]]) -> str:
+    rows = [("benchmark", "metric", "value", "target", "result", "time")]
+    for bench, r, secs in results:
+        if "error" in r:
+            value, verdict = "-", "FAILED TO RUN"
+        elif "skipped" in r:
+            value, verdict = "-", "skipped: " + r["skipped"].split(":")[0]
+        else:
+            try:
+                value, verdict = bench.verdict(r)
+            except (KeyError, TypeError, ValueError) as e:
+                value, verdict = "-", f"unreadable result ({type(e).__name__}: {e})"
+        rows.append((bench.name, bench.metric, value, bench.target, verdict, f"{secs:.0f}s"))
+    return table(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES], metavar="NAME",
+                   help=f"run only these: {', '.join(b.name for b in BENCHES)}")
+    p.add_argument("--quick", action="store_true", help="small shapes and few steps (rough numbers)")
+    a = p.parse_args(argv)
+    load_before = os.getloadavg()
+    results = []
+    for bench in BENCHES:
+        if a.only and bench.name not in a.only:
+            continue
+        t0 = time.perf_counter()
+        r = emit(run_one(bench, a.quick))
+        results.append((bench, r, time.perf_counter() - t0))
+    print("\n" + summary(results))
+    print(f"\n{os.cpu_count()} CPUs; load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}" + (" (--quick: rough numbers)" if a.quick else ""))
+    return 1 if any("error" in r for _, r, _ in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""benchmarks/: run_all end to end on quick settings (packing, mfu on a small CPU shape), mfu's skip
+without a GPU, and run_all going on past a benchmark that fails to run. ~40 s on 2 CPU cores."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import run_all
+from benchmarks.common import ROOT, BenchError, child_env, run_json
+
+
+def _json_lines(text: str) -> dict[str, dict]:
+    return {r["benchmark"]: r for r in (json.loads(line) for line in text.splitlines() if line.startswith("{"))}
+
+
+def test_run_all_quick_packing_and_mfu():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--only", "packing", "mfu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env(JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = _json_lines(proc.stdout)
+    packing, mfu = results["packing"], results["mfu"]
+
+    assert packing["seq_len"] == 512 and packing["rows"] == 4
+    for mode in ("packed", "padded"):
+        m = packing[mode]
+        assert m["trained_tokens_per_s"] > 0 and m["trained_tokens"] > 0
+        assert 0 < m["trained_per_slot"] <= m["real_per_slot"] <= 1
+    # Packing fills the rows: more real and more trained tokens per slot than one padded example per row.
+    assert packing["packed"]["real_per_slot"] > 2 * packing["padded"]["real_per_slot"]
+    assert packing["packed"]["trained_per_slot"] > packing["padded"]["trained_per_slot"]
+    assert packing["ratio"] > 0 and packing["meets_target"] == (packing["ratio"] >= 3.0)
+
+    assert mfu["backend"] == "cpu" and mfu["seven_b"] is False and mfu["dtype"] == "float32"
+    assert mfu["shape"]["layers"] == 2 and mfu["shape"]["hidden"] == 256 and mfu["batch"] == 2 and mfu["seq_len"] == 256
+    assert mfu["remat"] == "full"  # configs/vicuna_7b_lora.yaml's
+    assert mfu["tokens_per_s"] > 0 and mfu["peak_tflops"] > 0 and 0 < mfu["mfu"] < 1
+    assert mfu["torch_peft"]["tokens_per_s"] > 0 and mfu["torch_peft"]["gradient_checkpointing"] is True
+    assert mfu["torch_peft"]["attention"] == "sdpa"
+    assert mfu["ratio"] == pytest.approx(mfu["tokens_per_s"] / mfu["torch_peft"]["tokens_per_s"], rel=1e-2)
+
+    table = proc.stdout[proc.stdout.rindex("benchmark  "):]
+    assert "packed / padded trained tokens/s" in table and "7B LoRA MFU" in table
+    assert "n/a (cpu, not the 7B shape on an H100)" in table and "FAILED" not in table
+
+
+def test_mfu_without_gpu_and_without_a_shape_says_skipped():
+    r = run_json(["-m", "benchmarks.mfu"], env=child_env(JAX_PLATFORMS="cpu"), timeout=120)
+    assert r["benchmark"] == "mfu" and r["skipped"].startswith("no GPU")
+
+
+def test_run_json_reports_a_failing_child():
+    with pytest.raises(BenchError, match="exit 3: boom"):
+        run_json(["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+    with pytest.raises(BenchError, match="exit 0"):
+        run_json(["-c", "print('no json here')"])
+
+
+def test_run_all_goes_on_past_a_failure(monkeypatch, capsys):
+    def fake_run_json(args, timeout=None):
+        name = args[1].removeprefix("benchmarks.")
+        if name == "loader":
+            raise BenchError("exit 1: Traceback ...")
+        if name == "mfu":
+            return {"benchmark": "mfu", "skipped": "no GPU (JAX backend cpu): ..."}
+        return {"benchmark": name, "per_device_gb": 11.3, "meets_target": True}
+
+    monkeypatch.setattr(run_all, "run_json", fake_run_json)
+    assert run_all.main(["--only", "loader", "plan_13b", "mfu"]) == 1
+    out = capsys.readouterr().out
+    lines = _json_lines(out)
+    assert lines["loader"]["error"].startswith("exit 1") and lines["plan_13b"]["meets_target"]
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in lines}
+    assert "FAILED TO RUN" in rows["loader"] and "11.30 GB" in rows["plan_13b"] and " met " in rows["plan_13b"]
+    assert "skipped: no GPU (JAX backend cpu)" in rows["mfu"]
