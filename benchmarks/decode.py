@@ -43,8 +43,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
-    model_dir = a.model or tiny.write_tiny_model(tempfile.mkdtemp(prefix="decode_bench_"), tiny.PRESETS["demo"], seed=0)
-    model, params = hf.load_pretrained(model_dir)
+    with tempfile.TemporaryDirectory(prefix="decode_bench_") as tmp:  # weights are read into memory
+        model, params = hf.load_pretrained(a.model or tiny.write_tiny_model(tmp, tiny.PRESETS["demo"], seed=0))
     rng = np.random.default_rng(0)
     result = {"benchmark": "decode", "model": a.model or "demo preset (random)", "backend": jax.default_backend(),
               "device": str(jax.devices()[0].device_kind), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}

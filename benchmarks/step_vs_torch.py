@@ -89,9 +89,13 @@ def setup_torch(a, ids: np.ndarray) -> Callable[[int], float]:
                          intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
                          num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if cuda:
-        model = model.to("cuda", torch.bfloat16)
+    if cuda:  # built on the GPU in bf16 (a large model initialised on the host in fp32 takes minutes)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+    else:
+        model = LlamaForCausalLM(config)
+    if a.remat != "none":  # the same memory trade on both sides
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     model.train()
