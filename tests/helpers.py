@@ -58,3 +58,21 @@ def write_decisive_model(path, config, seed):
     (path / "config.json").write_text(json.dumps(hf.hf_config_dict(config)))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return path
+
+
+def write_train_assets(d: Path) -> dict:
+    """A small FLAN-Mini-style sample, its SentencePiece tokenizer, a tiny model that fits it (tokenizer
+    files beside the weights) and a path for a shared compilation cache, all under `d`."""
+    import dataclasses
+    import shutil
+
+    from flacuna_jax.demo_assets import write_demo_assets
+    from flacuna_jax.tiny import PRESETS, write_tiny_model
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    paths = write_demo_assets(d, 400)
+    vocab = len(load_tokenizer(paths["tokenizer"]))
+    model = write_tiny_model(d / "model", dataclasses.replace(PRESETS["mha"], vocab_size=vocab), seed=2)
+    for f in Path(paths["tokenizer"]).iterdir():
+        shutil.copy(f, model / f.name)
+    return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}

@@ -10,19 +10,17 @@ of steps 1-4 are bit-equal and step 5 differs by 7e-8; the tolerance is 1e-5.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flacuna_jax.metrics import read_jsonl
-from flacuna_jax.tiny import PRESETS, write_tiny_model
+from tests.helpers import write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -32,17 +30,7 @@ ADAPTER_TOL = 1e-4  # exported factors, relative to each tensor's largest entry
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A small FLAN-Mini-style sample, its SentencePiece tokenizer, a tiny model, a compilation cache."""
-    from flacuna_jax.demo_assets import write_demo_assets
-    from flacuna_jax.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("launch_assets")
-    paths = write_demo_assets(d, 400)
-    vocab = len(load_tokenizer(paths["tokenizer"]))
-    model = write_tiny_model(d / "model", replace(PRESETS["mha"], vocab_size=vocab), seed=2)
-    for f in Path(paths["tokenizer"]).iterdir():
-        shutil.copy(f, model / f.name)
-    return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}
+    return write_train_assets(tmp_path_factory.mktemp("launch_assets"))
 
 
 def overrides(assets, out, **extra):

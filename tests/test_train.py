@@ -3,12 +3,10 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -20,24 +18,15 @@ from flacuna_jax.config import load_config
 from flacuna_jax.lora import count_params
 from flacuna_jax.metrics import read_jsonl
 from flacuna_jax.model import Llama, LoraSpec
-from flacuna_jax.tiny import PRESETS, write_tiny_model
+from flacuna_jax.tiny import PRESETS
+from tests.helpers import write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A small FLAN-Mini-style sample, its SentencePiece tokenizer, and a tiny model that fits it."""
-    from flacuna_jax.demo_assets import write_demo_assets
-    from flacuna_jax.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("train_assets")
-    paths = write_demo_assets(d, 400)
-    vocab = len(load_tokenizer(paths["tokenizer"]))
-    model = write_tiny_model(d / "model", replace(PRESETS["mha"], vocab_size=vocab), seed=2)
-    for f in Path(paths["tokenizer"]).iterdir():
-        shutil.copy(f, model / f.name)
-    return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}
+    return write_train_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def overrides(assets, out, **extra):
