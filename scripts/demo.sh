@@ -36,6 +36,7 @@ print(f"loss {first:.3f} (step {rows[0]['step']}) -> {last:.3f} (step {rows[-1][
 PYEOF
 
 echo "== 4. export peft + merged"
+rm -rf "$OUT/peft" "$OUT/merged"   # the demo's own previous exports (export refuses to mix into them)
 $PY -m flacuna_jax.convert export --run "$RUN" --format peft --out "$OUT/peft"
 $PY -m flacuna_jax.convert export --run "$RUN" --format merged --out "$OUT/merged"
 echo "== 5. generate with transformers from $OUT/merged"
