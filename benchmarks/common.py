@@ -61,3 +61,51 @@ def run_json(args: list[str], env: dict[str, str] | None = None, timeout: float 
 def emit(result: dict) -> dict:
     print(json.dumps(result), flush=True)
     return result
+
+
+def random_lora_step(model, optim_cfg, *, seed: int = 0, loss_chunk: int = 0, dropout: bool = True):
+    """(step, state, frozen, mesh) to train `model`'s LoRA factors on one device, from random weights.
+
+    The weights are drawn on the device straight into their shardings (LoRA A as PEFT does, B = 0),
+    so a 7B model is never on the host; the optimizer state exists only for the factors.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from flacuna_jax.lora import split_params
+    from flacuna_jax.model import abstract_params
+    from flacuna_jax.optim import make_optimizer
+    from flacuna_jax.sharding import make_mesh, tree_shardings
+    from flacuna_jax.step import make_train_step
+    from flacuna_jax.train_state import init_train_state, state_shardings
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shapes, names = abstract_params(model)
+    shardings = tree_shardings(mesh, names, shapes)
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]),
+                     out_shardings=shardings)(jax.random.key(0))
+    trainable, frozen = split_params(params, "lora")
+    del params
+    trainable_sh, frozen_sh = split_params(shardings, "lora")
+    tx, schedule = make_optimizer(optim_cfg, 1000)
+    st_sh = state_shardings(mesh, tx, jax.eval_shape(lambda: trainable), trainable_sh)
+    state = jax.jit(lambda p: init_train_state(p, tx, seed), out_shardings=st_sh, donate_argnums=(0,))(trainable)
+    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=1, loss_chunk=loss_chunk,
+                           dropout=dropout)
+    return step, state, frozen, mesh
+
+
+def all_trained_batch(ids, mesh) -> dict:
+    """The train step's batch from ids [b, t + 1] (one sequence per row, every token trained), on `mesh`."""
+    import jax
+    import numpy as np
+
+    from flacuna_jax.sharding import batch_sharding
+    from flacuna_jax.step import BATCH_KEYS
+
+    b, t = ids.shape[0], ids.shape[1] - 1
+    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))}
+    return {k: jax.device_put(host[k], batch_sharding(mesh)) for k in BATCH_KEYS}

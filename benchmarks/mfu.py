@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import ROOT, BenchError, child_env, emit, run_json
+from benchmarks.common import ROOT, BenchError, all_trained_batch, child_env, emit, random_lora_step, run_json
 
 SHAPE_ARGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
               "intermediate": "intermediate_size", "vocab": "vocab_size"}
@@ -81,18 +81,12 @@ def _time(fn) -> float:
 
 
 def jax_side(a) -> dict:
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from flacuna_jax.lora import split_params
     from flacuna_jax.metrics import flops_per_token, peak_flops
-    from flacuna_jax.model import Llama, LoraSpec, Runtime, abstract_params
-    from flacuna_jax.optim import make_optimizer
-    from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
-    from flacuna_jax.step import BATCH_KEYS, make_train_step
-    from flacuna_jax.train_state import init_train_state, state_shardings
+    from flacuna_jax.model import Llama, LoraSpec, Runtime
 
     cfg, shape, seven_b = recipe(a)
     backend = jax.default_backend()
@@ -104,26 +98,10 @@ def jax_side(a) -> dict:
     runtime = Runtime(dtype, dtype, cfg.model.remat, cfg.model.attention if gpu else "xla")
     lora = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
     model = Llama(shape, runtime, lora)
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shapes, names = abstract_params(model)
-    shardings = tree_shardings(mesh, names, shapes)
-    # Random weights drawn on the device, straight into their shardings (LoRA A as PEFT, B = 0).
-    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]),
-                     out_shardings=shardings)(jax.random.key(0))
-    trainable, frozen = split_params(params, "lora")
-    del params
-    trainable_sh, frozen_sh = split_params(shardings, "lora")
-    tx, schedule = make_optimizer(cfg.optim, 1000)
-    st_sh = state_shardings(mesh, tx, jax.eval_shape(lambda: trainable), trainable_sh)
-    state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=st_sh, donate_argnums=(0,))(trainable)
-    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=1, loss_chunk=cfg.train.loss_chunk,
-                           dropout=cfg.lora.dropout > 0)
+    step, state, frozen, mesh = random_lora_step(model, cfg.optim, seed=cfg.seed, loss_chunk=cfg.train.loss_chunk,
+                                                 dropout=cfg.lora.dropout > 0)
     b, t = a.batch or cfg.train.per_device_batch_size, cfg.train.seq_len
-    ids = np.random.default_rng(0).integers(0, shape.vocab_size, (b, t + 1)).astype(np.int32)
-    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))}  # every token trained
-    batch = {k: jax.device_put(host[k], batch_sharding(mesh)) for k in BATCH_KEYS}
+    batch = all_trained_batch(np.random.default_rng(0).integers(0, shape.vocab_size, (b, t + 1)).astype(np.int32), mesh)
     box = {"state": state}
 
     def run(n: int) -> float:

@@ -31,38 +31,21 @@ def _shape(a) -> dict:
 
 def setup_jax(a, ids: np.ndarray) -> tuple[Callable[[int], float], str]:
     """(run(n) -> seconds for n train steps, device kind), compiled and warmed up."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.common import all_trained_batch, random_lora_step
     from flacuna_jax.config import OptimConfig
-    from flacuna_jax.lora import split_params
-    from flacuna_jax.model import Llama, LlamaConfig, LoraSpec, Runtime, abstract_params
-    from flacuna_jax.optim import make_optimizer
-    from flacuna_jax.sharding import make_mesh, tree_shardings
-    from flacuna_jax.step import make_train_step
-    from flacuna_jax.train_state import init_train_state, state_shardings
+    from flacuna_jax.model import Llama, LlamaConfig, LoraSpec, Runtime
 
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, remat=a.remat,
                       attention="dot_product" if gpu else "xla")
     model = Llama(LlamaConfig(**_shape(a)), runtime, LoraSpec(8, 16.0, 0.05, ("q_proj", "v_proj")))
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shapes, names = abstract_params(model)
-    shardings = tree_shardings(mesh, names, shapes)
-    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]),
-                     out_shardings=shardings)(jax.random.key(0))
-    trainable, frozen = split_params(params, "lora")
-    trainable_sh, frozen_sh = split_params(shardings, "lora")
-    tx, schedule = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 1000)
-    st_sh = state_shardings(mesh, tx, jax.eval_shape(lambda: trainable), trainable_sh)
-    state = jax.jit(lambda p: init_train_state(p, tx, 0), out_shardings=st_sh)(trainable)
-    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=1, loss_chunk=a.loss_chunk)
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones(ids[:, 1:].shape, np.float32),
-             "segment_ids": np.ones(ids[:, 1:].shape, np.int32),
-             "positions": np.broadcast_to(np.arange(ids.shape[1] - 1, dtype=np.int32), ids[:, 1:].shape)}
-    batch = jax.device_put(batch)
+    step, state, frozen, mesh = random_lora_step(
+        model, OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"), loss_chunk=a.loss_chunk)
+    batch = all_trained_batch(ids, mesh)
     box = [state]
 
     def run(n: int) -> float:
@@ -95,7 +78,7 @@ def setup_torch(a, ids: np.ndarray) -> Callable[[int], float]:
     else:
         model = LlamaForCausalLM(config)
     if a.remat != "none":  # the same memory trade on both sides
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5.x name
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     model.train()
