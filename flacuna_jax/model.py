@@ -128,7 +128,8 @@ def apply_rope(x_btnf: Array, positions_bt: Array, inv_freq: np.ndarray) -> Arra
 
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
-    """Pins an activation to its logical axes on the mesh in context (`jax.set_mesh`); a no-op without one.
+    """Pins an activation to its logical axes on the mesh in context (the train/eval step sets it
+    with `jax.sharding.use_abstract_mesh`); a no-op without one (inference, single-device use).
 
     Without it XLA may propagate the FSDP sharding of the weights (`embed` over fsdp) into the
     activations and replicate the batch instead: every device then computes the whole global batch.
@@ -165,8 +166,7 @@ def _softmax_stats(scores_bhts: Array) -> tuple[Array, Array, Array]:
 
 @jax.custom_vjp
 def _attention(q_bthf: Array, k_bshf: Array, v_bshf: Array, mask_bts: Array) -> Array:
-    probs, _, _ = _softmax_stats(_masked_scores(q_bthf, k_bshf, mask_bts))
-    return jnp.einsum("bhts,bshf->bthf", probs.astype(v_bshf.dtype), v_bshf)
+    return _attention_fwd(q_bthf, k_bshf, v_bshf, mask_bts)[0]
 
 
 def _attention_fwd(q_bthf, k_bshf, v_bshf, mask_bts):
@@ -355,8 +355,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None):
         c, rt = self.config, self.runtime
-        h_btd = constrain(h_btd, BTD)
-        x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)
+        x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
         attn_out, cache = Attention(c, rt, self.lora, self.deterministic, name="attn")(x, positions_bt, mask_bts, cache, write_index)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
