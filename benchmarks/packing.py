@@ -57,8 +57,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
 
     from flacuna_jax.optim import make_optimizer
     from flacuna_jax.sharding import make_mesh
-    from flacuna_jax.step import make_train_step
-    from flacuna_jax.train import batch_layout, build_model
+    from flacuna_jax.train import batch_layout, build_model, configured_train_step
     from flacuna_jax.train_data import DataFeed
     from flacuna_jax.train_state import init_train_state, state_shardings
 
@@ -69,8 +68,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard, donate_argnums=(0,))(trainable)
-    step = make_train_step(model, tx, schedule, mesh, s_shard, jax.tree.map(lambda x: x.sharding, frozen),
-                           accum=accum, loss_chunk=cfg.train.loss_chunk, dropout=cfg.lora.dropout > 0)
+    step = configured_train_step(cfg, model, tx, schedule, mesh, s_shard, jax.tree.map(lambda x: x.sharding, frozen),
+                                 accum)
     for _ in range(warmup):
         state, m = step(state, frozen, feed.next_batch())
         jax.block_until_ready(m)

@@ -64,8 +64,8 @@ def plan(cfg, config, devices) -> Plan:
     from flacuna_jax.model import Llama, abstract_params
     from flacuna_jax.optim import make_optimizer
     from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
-    from flacuna_jax.step import BATCH_KEYS, make_train_step
-    from flacuna_jax.train import batch_layout, model_options
+    from flacuna_jax.step import BATCH_KEYS
+    from flacuna_jax.train import batch_layout, configured_train_step, model_options
     from flacuna_jax.train_state import abstract_state, state_shardings
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
@@ -82,8 +82,7 @@ def plan(cfg, config, devices) -> Plan:
     rows = cfg.train.global_batch_size
     batch = {k: jax.ShapeDtypeStruct((rows, cfg.train.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
-    step = make_train_step(model, tx, schedule, mesh, st_sh, frozen_sh, accum=accum,
-                           loss_chunk=cfg.train.loss_chunk, dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
+    step = configured_train_step(cfg, model, tx, schedule, mesh, st_sh, frozen_sh, accum)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -131,6 +131,14 @@ def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
     return model, frozen, trainable, p_shapes, p_shard
 
 
+def configured_train_step(cfg: Config, model: Any, tx: Any, schedule: Any, mesh: Any, state_sh: Any, frozen_sh: Any,
+                          accum: int) -> Any:
+    """The jitted train step `cfg` asks for (loss chunking, LoRA dropout): training, the planner and
+    the benchmarks all compile this one."""
+    return make_train_step(model, tx, schedule, mesh, state_sh, frozen_sh, accum=accum, loss_chunk=cfg.train.loss_chunk,
+                           dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
+
+
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
     from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
@@ -194,9 +202,7 @@ def run(cfg: Config) -> dict:
     start = int(jax.device_get(state.step))
 
     f_shard = jax.tree.map(lambda x: x.sharding, frozen)
-    train_fn = make_train_step(model, tx, schedule, mesh, s_shard, f_shard, accum=accum,
-                               loss_chunk=cfg.train.loss_chunk,
-                               dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
+    train_fn = configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum)
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
