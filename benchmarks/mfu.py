@@ -9,11 +9,12 @@ attention, loss chunk, AdamW + clipping; 4 x 1280 tokens per device); the shape 
 ["llama_7b"] unless --layers/--hidden/... override it. On GPU both sides run in bf16; ours with the
 config's remat and attention ("dot_product": cuDNN flash attention), the state donated, weights
 drawn on the device by a jitted init with out_shardings (7B is never on the host); torch with sdpa
-attention and gradient checkpointing when the config remats. On CPU both run fp32 (XLA:CPU has no
-fast bf16) with XLA attention. Each side runs in its own process, one after the other (JAX
-preallocates most of the GPU), is warmed up (--warmup steps, compile included), then timed in
---repeats rounds of --steps steps ending in block_until_ready / cuda.synchronize; medians reported.
-Every one of batch x seq tokens is trained on both sides.
+attention, and gradient checkpointing (its only remat) when ours is remat=full, otherwise without
+unless that runs out of memory (its fastest setting that fits; --torch-checkpointing overrides).
+On CPU both run fp32 (XLA:CPU has no fast bf16) with XLA attention. Each side runs in its own
+process, one after the other (JAX preallocates most of the GPU), is warmed up (--warmup steps,
+compile included), then timed in --repeats rounds of --steps steps ending in block_until_ready /
+cuda.synchronize; medians reported. Every one of batch x seq tokens is trained on both sides.
 
 MFU = metrics.flops_per_token(shape, seq, "lora") x tokens/s / peak (model FLOPs: 2N forward + 2N
 activation gradients + attention in full; the remat recompute is not counted). Peak: --peak-tflops,
@@ -132,16 +133,47 @@ def jax_side(a) -> dict:
 
 
 def torch_side(a) -> dict:
-    import numpy as np
+    import gc
+
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg, shape, seven_b = recipe(a)
     cuda = torch.cuda.is_available()
     if seven_b and not cuda:
         return {"skipped": "no CUDA device for torch: the 7B shape needs one"}
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    b, t = a.batch or cfg.train.per_device_batch_size, cfg.train.seq_len
+    # auto: torch's fastest setting that fits. Checkpointing (torch's only remat) when ours recomputes
+    # everything too; otherwise none, falling back to checkpointing if that runs out of memory.
+    checkpointing = a.torch_checkpointing == "on" or (a.torch_checkpointing == "auto" and cfg.model.remat == "full")
+    try:
+        run, attention = _torch_step(cfg, shape, b, t, device, dtype, checkpointing)
+        timing = timed_rounds(run, a, b * t)
+        oom = False
+    except torch.cuda.OutOfMemoryError:
+        if a.torch_checkpointing != "auto" or checkpointing:
+            raise
+        oom = True
+    if oom:
+        run = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        checkpointing = True
+        run, attention = _torch_step(cfg, shape, b, t, device, dtype, checkpointing)
+        timing = timed_rounds(run, a, b * t)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
+            "attention": attention, "gradient_checkpointing": checkpointing, "out_of_memory_without": oom,
+            "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None, **timing}
+
+
+def _torch_step(cfg, shape, b: int, t: int, device: str, dtype, checkpointing: bool):
+    """(run(n) -> seconds for n transformers + peft + torch.optim steps, attention implementation)."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
                          intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
                          num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
@@ -150,15 +182,13 @@ def torch_side(a) -> dict:
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs, in its dtype (7B fp32 on the host takes minutes)
         model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    remat = cfg.model.remat != "none"
-    if remat:  # transformers 5.x name; gradient_checkpointing_enable is its deprecated alias
+    if checkpointing:  # transformers 5.x name; gradient_checkpointing_enable is its deprecated alias
         model.activation_checkpointing_enable({"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    b, t = a.batch or cfg.train.per_device_batch_size, cfg.train.seq_len
     ids = torch.as_tensor(np.random.default_rng(0).integers(0, shape.vocab_size, (b, t + 1)), device=device)
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
@@ -171,17 +201,14 @@ def torch_side(a) -> dict:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if cuda:
+        if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if not np.isfinite(loss.item()):
             raise RuntimeError("torch step produced a non-finite loss")
         return dt
 
-    timing = timed_rounds(run, a, b * t)
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
-            "attention": model.config._attn_implementation, "gradient_checkpointing": remat,
-            "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None, **timing}
+    return run, model.config._attn_implementation
 
 
 def main(argv=None) -> dict:
@@ -200,6 +227,9 @@ def main(argv=None) -> dict:
     p.add_argument("--side", choices=["both", "jax", "torch"], default="both",
                    help="both: each side in its own process (the default); jax/torch: this process runs one")
     p.add_argument("--no-torch", action="store_true", help="measure our side only")
+    p.add_argument("--torch-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="torch's gradient checkpointing; auto: on when our remat is full, else off unless "
+                        "that runs out of GPU memory")
     a = p.parse_args(argv)
     if a.side != "both":
         return emit((jax_side if a.side == "jax" else torch_side)(a))
