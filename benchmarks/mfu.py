@@ -65,7 +65,6 @@ def timed_rounds(run, a, tokens_per_step: int) -> dict:
 def measured_peak_tflops(dtype) -> float:
     """Best dense matmul rate of this device in `dtype` (n^3, n = 8192 on GPU, 2048 elsewhere)."""
     import jax
-    import jax.numpy as jnp
 
     n = 8192 if jax.default_backend() == "gpu" else 2048
     x = jax.random.normal(jax.random.key(0), (n, n), dtype)

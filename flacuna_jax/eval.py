@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax.inference import add_model_args, load_from_args
+from flacuna_jax.jsonl import read_objects
 from flacuna_jax.score import score_requests
 
 STYLES = ("mmlu", "bbh", "crass", "hhh")
 DEFAULT_SHOTS = {"mmlu": 5, "bbh": 3, "crass": 3, "hhh": 0}  # InstructEval's ntrain per task
 LETTERS = string.ascii_uppercase
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class EvalInputError(ValueError):
@@ -80,19 +81,9 @@ def _answer_index(raw: Any, n: int, where: str) -> int:
 
 
 def read_questions(path: str | Path) -> list[Question]:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{path}: file not found")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise EvalInputError(f"{where}: invalid JSON ({e})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+    for where, rec in read_objects(path, EvalInputError):
+        if not isinstance(rec.get("question"), str):
             raise EvalInputError(f"{where}: expected an object with a string 'question'")
         choices = rec.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
@@ -340,23 +331,17 @@ def parse_task(text: str) -> tuple[str, str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flacuna_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--adapter", help="PEFT LoRA adapter directory")
-    src.add_argument("--run", help="training run directory (latest checkpoint)")
+    add_model_args(p)
     p.add_argument("--task", action="append", default=[], help="STYLE=PATH, STYLE in " + "|".join(STYLES))
     p.add_argument("--k", type=int, help="shots per prompt (default InstructEval's: MMLU 5, BBH 3, CRASS 3, HHH 0)")
     p.add_argument("--heldout", help="FLAN-Mini-format file for held-out loss and perplexity")
     p.add_argument("--max-examples", type=int, help="score at most this many per task / held-out file")
     p.add_argument("--out", help="results JSON")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--batch-size", type=int, default=8)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from flacuna_jax.generate import load_for_inference
     from flacuna_jax.tokenizer import load_tokenizer
 
     a = build_parser().parse_args(argv)
@@ -365,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         tasks = [parse_task(t) for t in a.task]
         tokenizer = load_tokenizer(a.tokenizer or a.model)
-        model, params = load_for_inference(a.model, a.adapter, a.run, _DTYPES[a.dtype])
+        model, params = load_from_args(a)
         suite = EvalSuite(model, tokenizer, tasks, a.heldout, a.k, a.batch_size, a.max_examples)
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {e}")

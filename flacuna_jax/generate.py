@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax.inference import add_model_args, load_from_args
+from flacuna_jax.jsonl import read_objects
 from flacuna_jax.model import init_cache
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
 
 
@@ -277,15 +278,9 @@ class TextStreamer:
 
 def read_prompts(path: str | Path) -> list[str]:
     prompts = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ValueError(f'{path}:{lineno}: expected {{"prompt": str}}')
+    for where, rec in read_objects(path):
+        if not isinstance(rec.get("prompt"), str):
+            raise ValueError(f'{where}: expected {{"prompt": str}}')
         prompts.append(rec["prompt"])
     return prompts
 
@@ -316,41 +311,10 @@ def chat(gen: Generator, codec: Codec, args: argparse.Namespace, inp=None, out=N
         history.append((message, streamer.finish(completion)))
 
 
-def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
-                       dtype: Any = jnp.float32) -> tuple[Any, Any]:
-    """(model, params) of the base model with an adapter or a training run's LoRA folded in."""
-    from flacuna_jax.hf import load_pretrained
-    from flacuna_jax.lora import fold_lora, merge_params
-    from flacuna_jax.model import LoraSpec, Runtime
-
-    model, params = load_pretrained(model_dir, Runtime(compute_dtype=dtype, param_dtype=dtype))
-    if adapter is None and run is None:
-        return model, params
-    if adapter is not None:
-        try:  # contract asked of peft_io: load_adapter(dir, LlamaConfig) -> (LoraSpec, LoRA factor tree)
-            from flacuna_jax import peft_io
-        except ImportError:
-            raise ImportError("--adapter needs flacuna_jax.peft_io (PEFT adapter loading), missing here") from None
-        lora_spec, trainable = peft_io.load_adapter(adapter, model.config)
-    else:
-        from flacuna_jax.checkpoint import load_trainable
-
-        _, trainable, cfg = load_trainable(run)
-        if cfg.finetune == "full":
-            return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), trainable)
-        lora_spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, 0.0, tuple(cfg.lora.targets))
-    folded = fold_lora(merge_params(trainable, params), lora_spec)  # W + s A B: plain matmuls when decoding
-    return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), folded)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flacuna_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--adapter", help="PEFT LoRA adapter directory")
-    src.add_argument("--run", help="training run directory (latest checkpoint)")
+    add_model_args(p)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt; the answer streams to stdout")
     mode.add_argument("--data", help='input JSONL, {"prompt": str} per line (needs --out)')
@@ -361,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt text as is (BOS added)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together with --data")
     return p
 
@@ -376,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     try:
         tokenizer = load_tokenizer(a.tokenizer or a.model)
-        model, params = load_for_inference(a.model, a.adapter, a.run, _DTYPES[a.dtype])
+        model, params = load_from_args(a)
         prompts = read_prompts(a.data) if a.data else []
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {e}")

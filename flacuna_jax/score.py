@@ -1,11 +1,12 @@
 """Log-likelihood of continuations given contexts: the primitive of multiple-choice evaluation.
 
-    python -m flacuna_jax.score --model HF_DIR [--adapter PEFT_DIR] --data in.jsonl --out out.jsonl [--dtype float32]
+    python -m flacuna_jax.score --model HF_DIR [--adapter PEFT_DIR | --run RUN_DIR] --data in.jsonl --out out.jsonl
 
 Each input line is {"context": str, "continuation": str}; each output line, in the same order, is
 {"loglik": float, "is_greedy": bool, "num_tokens": int}. Tokens as lm-evaluation-harness takes them:
 whole = tok(context + continuation), ctx = tok(context), continuation = whole[len(ctx):].
-With `--adapter`, a PEFT LoRA adapter is folded into the base first (as a merged export would be).
+With `--adapter` (a PEFT LoRA adapter) or `--run` (a training run's latest checkpoint), the LoRA
+factors are folded into the base first, as a merged export would be.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from flacuna_jax.inference import add_model_args, load_from_args
+from flacuna_jax.jsonl import read_objects
 
 
 class ScoreInputError(ValueError):
@@ -29,19 +31,10 @@ class ScoreInputError(ValueError):
 
 
 def read_requests(path: str | Path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ScoreInputError(f"{path}: file not found")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ScoreInputError(f"{path}:{lineno}: invalid JSON ({e})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("context"), str) or not isinstance(rec.get("continuation"), str):
-            raise ScoreInputError(f"{path}:{lineno}: expected {{\"context\": str, \"continuation\": str}}")
+    for where, rec in read_objects(path, ScoreInputError):
+        if not isinstance(rec.get("context"), str) or not isinstance(rec.get("continuation"), str):
+            raise ScoreInputError(f"{where}: expected {{\"context\": str, \"continuation\": str}}")
         out.append((rec["context"], rec["continuation"]))
     return out
 
@@ -101,44 +94,26 @@ def score_requests(model: Any, params: Any, tokenizer: Any, requests: Iterable[t
     return results
 
 
-def with_adapter(params: Any, adapter_dir: str | Path, config: Any) -> Any:
-    """The base params with a PEFT adapter folded in (W + alpha/r A B in fp32, then the params' dtype)."""
-    from flacuna_jax.lora import fold_lora, merge_params
-    from flacuna_jax.peft_io import load_adapter
-
-    spec, factors = load_adapter(adapter_dir, config)
-    return fold_lora(merge_params(factors, params), spec)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flacuna_jax.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
-    p.add_argument("--adapter", help="PEFT LoRA adapter directory to fold into --model")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="input JSONL: {\"context\": str, \"continuation\": str} per line")
     p.add_argument("--out", required=True, help="output JSONL: {\"loglik\", \"is_greedy\", \"num_tokens\"} per line")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute and parameter dtype")
     p.add_argument("--batch-size", type=int, default=8)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flacuna_jax.hf import CheckpointError, load_pretrained
-    from flacuna_jax.model import Runtime
-    from flacuna_jax.peft_io import AdapterError
-    from flacuna_jax.tokenizer import TokenizerError, load_tokenizer
+    from flacuna_jax.tokenizer import load_tokenizer
 
     a = build_parser().parse_args(argv)
     try:
         requests = read_requests(a.data)
         tokenizer = load_tokenizer(a.tokenizer or a.model)
-        dtype = _DTYPES[a.dtype]
-        model, params = load_pretrained(a.model, Runtime(compute_dtype=dtype, param_dtype=dtype))
-        if a.adapter:
-            params = with_adapter(params, a.adapter, model.config)
+        model, params = load_from_args(a)
         results = score_requests(model, params, tokenizer, requests, a.batch_size)
-    except (ScoreInputError, CheckpointError, TokenizerError, AdapterError) as e:
+    except (ValueError, OSError) as e:  # our input errors are ValueErrors; a missing file an OSError
         sys.exit(f"error: {e}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,17 @@ def generation_prompt(history: Iterable[tuple[str, str]], message: str,
     return render(conv, system)
 
 
+def _split_at(ids: list[int], eos_id: int) -> list[list[int]]:
+    """The runs of ids between EOS tokens (decoded one by one, then joined with "</s>")."""
+    chunks: list[list[int]] = [[]]
+    for i in ids:
+        if i == eos_id:
+            chunks.append([])
+        else:
+            chunks[-1].append(i)
+    return chunks
+
+
 class SegmentTokenizer:
     """SentencePiece encoder that tokenizes prompt segments without spurious spaces.
 
@@ -201,14 +212,7 @@ class SegmentTokenizer:
         whole = bool(ids) and ids[0] == self.bos_id
         if whole:
             ids = ids[1:]
-        chunks, cur = [], []
-        for i in ids:
-            if i == self.eos_id:
-                chunks.append(cur)
-                cur = []
-            else:
-                cur.append(i)
-        chunks.append(cur)
+        chunks = _split_at(ids, self.eos_id)
         text = SEP2.join(self._sp.decode(c) for c in chunks)
         if whole and self.add_dummy_prefix and text.startswith(" "):
             text = text[1:]
@@ -242,14 +246,7 @@ class HFSegmentTokenizer:
         ids = [int(i) for i in ids]
         if ids and ids[0] == self.bos_id:
             ids = ids[1:]
-        chunks, cur = [], []
-        for i in ids:
-            if i == self.eos_id:
-                chunks.append(cur)
-                cur = []
-            else:
-                cur.append(i)
-        chunks.append(cur)
+        chunks = _split_at(ids, self.eos_id)
         backend = getattr(self._tok, "backend_tokenizer", None)
         if backend is not None and backend.decoder is None:  # plain vocab: tokens are text
             return SEP2.join("".join(self._tok.convert_ids_to_tokens(c)) for c in chunks)

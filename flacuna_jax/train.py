@@ -37,8 +37,8 @@ from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
 from flacuna_jax.model import LoraSpec, Runtime, abstract_params
-from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
-from flacuna_jax.step import BATCH_KEYS, make_eval_step, make_train_step
+from flacuna_jax.sharding import make_mesh, tree_shardings
+from flacuna_jax.step import make_eval_step, make_train_step
 from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
 from flacuna_jax.train_data import DataFeed
 

@@ -198,7 +198,7 @@ def test_run_checkpoint_is_folded_for_decoding(decisive_dir, loaded, tmp_path):
     """--run: a training run's saved LoRA factors, folded into the base, decode as the unfolded model."""
     from flacuna_jax import checkpoint, optim, train_state
     from flacuna_jax.config import Config, LoraConfig, OptimConfig, dump_config
-    from flacuna_jax.generate import load_for_inference
+    from flacuna_jax.inference import load_for_inference
 
     model, params = loaded
     spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
@@ -219,7 +219,7 @@ def test_run_checkpoint_is_folded_for_decoding(decisive_dir, loaded, tmp_path):
 def test_adapter_dir_matches_peft(decisive_dir, loaded, tmp_path):
     """--adapter: a PEFT adapter directory (saved by PEFT itself) decodes as PeftModel does."""
     pytest.importorskip("flacuna_jax.peft_io")
-    from flacuna_jax.generate import load_for_inference
+    from flacuna_jax.inference import load_for_inference
 
     model, params = loaded
     spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flacuna_jax import hf
-from flacuna_jax.model import (Attention, Llama, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
+from flacuna_jax.model import (Attention, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
 from tests.helpers import hf_logits, hf_reference
 
 LOGIT_TOL = 1e-4  # max |delta logits|, fp32

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import jax
-import pytest
 
 from flacuna_jax.config import load_config
 from flacuna_jax.plan import plan

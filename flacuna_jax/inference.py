@@ -1,0 +1,56 @@
+"""The model the inference tools run, and the arguments that choose it (generate, score and eval share them).
+
+A base Hugging Face LLaMA dir, optionally with a PEFT adapter or a training run's latest trainable
+parameters: LoRA factors are folded into the base (W + alpha/r A B, computed in fp32), so decoding and
+scoring run plain matmuls; a full fine-tune's weights replace the base's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --tokenizer, --adapter | --run, --dtype."""
+    p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model")
+    src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute and parameter dtype")
+
+
+def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, params) chosen by the `add_model_args` arguments."""
+    return load_for_inference(a.model, a.adapter, a.run, DTYPES[a.dtype])
+
+
+def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
+                       dtype: Any = jnp.float32) -> tuple[Any, Any]:
+    """(model, params) of the base model with an adapter or a training run's LoRA folded in."""
+    from flacuna_jax.hf import load_pretrained
+    from flacuna_jax.lora import fold_lora, merge_params
+    from flacuna_jax.model import LoraSpec, Runtime
+
+    model, params = load_pretrained(model_dir, Runtime(compute_dtype=dtype, param_dtype=dtype))
+    if adapter is None and run is None:
+        return model, params
+    if adapter is not None:
+        from flacuna_jax.peft_io import load_adapter
+
+        lora_spec, trainable = load_adapter(adapter, model.config)
+    else:
+        from flacuna_jax.checkpoint import load_trainable
+
+        _, trainable, cfg = load_trainable(run)
+        if cfg.finetune == "full":
+            return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), trainable)
+        lora_spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, 0.0, tuple(cfg.lora.targets))
+    folded = fold_lora(merge_params(trainable, params), lora_spec)
+    return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), folded)
