@@ -48,23 +48,42 @@ class Plan:
 
 
 def _shard_bytes(tree) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings."""
     import jax
 
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def abstract_batch(rows: int, seq_len: int, mesh):
+    """The train step's global batch as ShapeDtypeStructs (the dtypes `train_data.DataFeed` feeds)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flacuna_jax.sharding import batch_sharding
+    from flacuna_jax.step import BATCH_KEYS
+
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
+
+
+def device_memory(compiled, state, frozen, batch) -> dict[str, int]:
+    """Per-device bytes of a compiled train step: its arguments counted from their shard shapes, its
+    temporaries from XLA's memory analysis."""
+    mem = compiled.memory_analysis()
+    use = {"params": _shard_bytes(frozen) + _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
+           "temp": int(mem.temp_size_in_bytes) if mem is not None else 0, "batch": _shard_bytes(batch)}
+    return {**use, "total": sum(use.values())}
+
+
 def plan(cfg, config, devices) -> Plan:
     """Compiles the configured train step for a mesh over `devices` and measures it."""
     import jax
-    import jax.numpy as jnp
 
     from flacuna_jax.lora import split_params
     from flacuna_jax.metrics import flops_per_token
     from flacuna_jax.model import Llama, abstract_params
     from flacuna_jax.optim import make_optimizer
-    from flacuna_jax.sharding import batch_sharding, make_mesh, tree_shardings
-    from flacuna_jax.step import BATCH_KEYS
+    from flacuna_jax.sharding import make_mesh, tree_shardings
     from flacuna_jax.train import batch_layout, configured_train_step, model_options
     from flacuna_jax.train_state import abstract_state, state_shardings
 
@@ -80,20 +99,15 @@ def plan(cfg, config, devices) -> Plan:
     state = abstract_state(tx, trainable_shapes, st_sh)
     frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), frozen_shapes, frozen_sh)
     rows = cfg.train.global_batch_size
-    batch = {k: jax.ShapeDtypeStruct((rows, cfg.train.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
+    batch = abstract_batch(rows, cfg.train.seq_len, mesh)
     step = configured_train_step(cfg, model, tx, schedule, mesh, st_sh, frozen_sh, accum)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    params = _shard_bytes(frozen) + _shard_bytes(state.params)
-    optimizer = _shard_bytes(state.opt_state)
-    temp = int(mem.temp_size_in_bytes) if mem is not None else 0
-    batch_bytes = _shard_bytes(batch)
+    m = device_memory(compiled, state, frozen, batch)
     flops = flops_per_token(config, cfg.train.seq_len, cfg.finetune) * rows * cfg.train.seq_len
-    return Plan(len(devices), tuple(mesh.shape.values()), accum, params, optimizer, temp, batch_bytes,
-                params + optimizer + temp + batch_bytes, flops, compile_s)
+    return Plan(len(devices), tuple(mesh.shape.values()), accum, m["params"], m["optimizer"], m["temp"], m["batch"],
+                m["total"], flops, compile_s)
 
 
 def _gb(n: int) -> str:

@@ -20,7 +20,6 @@ checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
 from flacuna_jax.model import LoraSpec, Runtime, abstract_params
+from flacuna_jax.plan import abstract_batch, device_memory
 from flacuna_jax.sharding import make_mesh, tree_shardings
 from flacuna_jax.step import make_eval_step, make_train_step
 from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
@@ -61,30 +61,6 @@ def batch_layout(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[int, int]:
     if cfg.train.global_batch_size % jax.process_count():
         raise ConfigError(f"config key 'train.global_batch_size': not divisible by {jax.process_count()} processes")
     return cfg.train.global_batch_size // micro, cfg.train.global_batch_size // jax.process_count()
-
-
-def _shard_bytes(tree: Any, shardings: Any) -> int:
-    leaves = jax.tree.leaves(jax.tree.map(
-        lambda s, sh: math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize, tree, shardings))
-    return int(sum(leaves))
-
-
-def memory_report(cfg: Config, model: Any, frozen: Any, state_abstract: Any, mesh: Any) -> str:
-    """Per-device bytes: frozen base and trainable state exactly (from shard shapes), activations roughly."""
-    frozen_b = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(frozen))
-    params_b = _shard_bytes(state_abstract.params, jax.tree.map(lambda s: s.sharding, state_abstract.params))
-    opt_b = _shard_bytes(state_abstract.opt_state, jax.tree.map(lambda s: s.sharding, state_abstract.opt_state))
-    c, t, b = model.config, cfg.train.seq_len, cfg.train.per_device_batch_size
-    act_bytes = np.dtype(cfg.model.compute_dtype).itemsize
-    # Saved per layer: its input (remat=full) or roughly 10 d-sized activations (no remat); one
-    # layer's live activations; the fp32 logits of one loss chunk with their gradient.
-    saved = 1 if cfg.model.remat == "full" else (4 if cfg.model.remat == "dots_saveable" else 10)
-    layer = b * t * (6 * c.hidden_size + 3 * c.intermediate_size) * act_bytes + b * c.num_heads * t * t * 4
-    chunk = min(cfg.train.loss_chunk or t, t)
-    acts = b * t * c.hidden_size * act_bytes * saved * c.num_layers + layer + 2 * b * chunk * c.vocab_size * 4
-    gib = lambda n: f"{n / 2**30:.3f} GiB"
-    return (f"per-device memory estimate: frozen base {gib(frozen_b)}, trainable {gib(params_b)}, optimizer "
-            f"{gib(opt_b)}, gradients {gib(params_b)}, activations ~{gib(acts)} (rough) -> ~{gib(frozen_b + 2 * params_b + opt_b + acts)}")
 
 
 def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
@@ -139,6 +115,20 @@ def configured_train_step(cfg: Config, model: Any, tx: Any, schedule: Any, mesh:
                            dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
 
 
+def compile_train_step(cfg: Config, step: Any, state: Any, frozen: Any, mesh: Any, say: Any) -> Any:
+    """The step compiled before the first batch: its exact per-device memory is reported up front, and
+    a batch of another shape, dtype or sharding is an error instead of a silent recompile."""
+    t0 = time.perf_counter()
+    batch = abstract_batch(cfg.train.global_batch_size, cfg.train.seq_len, mesh)
+    compiled = step.lower(state, frozen, batch).compile()
+    m = device_memory(compiled, state, frozen, batch)
+    gib = lambda n: f"{n / 2**30:.3f} GiB"
+    say(f"train step compiled in {time.perf_counter() - t0:.1f}s; per-device memory: params {gib(m['params'])} "
+        f"(frozen base + trainable), optimizer {gib(m['optimizer'])}, temporaries {gib(m['temp'])}, batch "
+        f"{gib(m['batch'])} -> {gib(m['total'])}")
+    return compiled
+
+
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
     from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
@@ -187,7 +177,6 @@ def run(cfg: Config) -> dict:
     tx, schedule = make_optimizer(cfg.optim, total_steps)
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     target = abstract_state(tx, p_shapes, s_shard)
-    say(memory_report(cfg, model, frozen, target, mesh))
     ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -202,7 +191,8 @@ def run(cfg: Config) -> dict:
     start = int(jax.device_get(state.step))
 
     f_shard = jax.tree.map(lambda x: x.sharding, frozen)
-    train_fn = configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum)
+    train_fn = compile_train_step(cfg, configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum),
+                                  target, frozen, mesh, say)
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
