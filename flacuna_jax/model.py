@@ -215,15 +215,15 @@ def _cudnn_can_run(q_bthf: Array) -> bool:
             and f % 8 == 0 and f <= 128)
 
 
-def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
+def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array, causal: bool = False) -> Array:
     """`jax.nn.dot_product_attention`, asking for cuDNN flash attention where it can run.
 
     JAX's default implementation is XLA's even on GPU, so cuDNN is requested explicitly; if it
-    refuses the shapes at trace time, XLA's is used. `is_causal` (when queries and keys are the
-    same positions, i.e. not decoding into a cache) lets cuDNN skip the masked-out upper triangle;
-    the mask already holds causality, so both implementations compute the same thing.
+    refuses the shapes at trace time, XLA's is used. `causal` (queries at the key positions, i.e.
+    not decoding into a cache) lets cuDNN skip the masked-out upper triangle; the mask already
+    holds causality, so both implementations compute the same thing.
     """
-    kw = dict(mask=mask_bts[:, None], is_causal=q_bthf.shape[1] == k_bskf.shape[1])
+    kw = dict(mask=mask_bts[:, None], is_causal=causal)
     if _cudnn_can_run(q_bthf):
         try:
             return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, implementation="cudnn", **kw)
@@ -306,8 +306,11 @@ class Attention(nn.Module):
             k_btkf = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkf.astype(cache["k"].dtype), write_index, axis=1)
             v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
             cache = {"k": k_btkf, "v": v_btkf}
-        attend = fused_attention if self.runtime.attention == "dot_product" else xla_attention
-        o = attend(q_bthf, k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype), mask_bts)
+        k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
+        if self.runtime.attention == "dot_product":  # causal unless decoding into a cache
+            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None)
+        else:
+            o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim))
         return out, cache
 

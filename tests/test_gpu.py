@@ -8,6 +8,8 @@ reference attention in bf16 on packed rows (several segments, padding) with grou
 forward and backward, and one whole LoRA train step.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +49,8 @@ SHAPES = [(4, 256, 8, 8, 64), (4, 512, 8, 2, 128)]  # (b, t, heads, kv heads, he
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cudnn_is_what_runs(shape):
     q, k, v, mask, _ = packed_qkv(*shape)
-    grad = jax.grad(lambda q, k, v: M.fused_attention(q, k, v, mask).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    grad = jax.grad(lambda q, k, v: M.fused_attention(q, k, v, mask, causal=True).astype(jnp.float32).sum(),
+                    argnums=(0, 1, 2))
     text = jax.jit(grad).lower(q, k, v).as_text()
     assert "__cudnn$fmha" in text and "Backward" in text, "fused_attention fell back to XLA"
 
@@ -62,7 +65,8 @@ def test_cudnn_equals_xla_attention_forward_and_backward(shape):
             return out, vjp(cotangent.astype(out.dtype))
         return jax.jit(run)(q, k, v)
 
-    (out_c, grads_c), (out_x, grads_x) = forward_and_grads(M.fused_attention), forward_and_grads(M.xla_attention)
+    cudnn = functools.partial(M.fused_attention, causal=True)  # as in training
+    (out_c, grads_c), (out_x, grads_x) = forward_and_grads(cudnn), forward_and_grads(M.xla_attention)
     real = np.asarray(cotangent[..., 0, 0] != 0)  # [b, t]
     assert rel(np.asarray(out_c, np.float32)[real], np.asarray(out_x, np.float32)[real]) < BF16_TOL
     for name, gc, gx in zip("qkv", grads_c, grads_x):
