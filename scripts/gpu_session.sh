@@ -9,8 +9,8 @@
 #   variants  ours alone at remat full / none x batch 2, and step_vs_torch's small shape in bf16
 #
 # Uses the Python on PATH (the GPU machine's, with jax[cuda], torch, transformers, peft). Anything
-# missing (pytest, sentencepiece, ...) is installed from ./.wheels if that folder was brought along:
-#   .venv/bin/pip download -d .wheels pytest sentencepiece   (here; then carry .wheels)
+# missing (pytest, sentencepiece) is installed from ./.wheels (git-ignored) if it was brought along:
+#   .venv/bin/pip download -d .wheels pytest sentencepiece   (here; then carry .wheels to the GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_session}"
