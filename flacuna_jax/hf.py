@@ -59,6 +59,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> LlamaConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if raw.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not supported")
+    if raw.get("hidden_act", "silu") != "silu":  # the MLP is SwiGLU: silu(gate) * up
+        raise CheckpointError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu)")
     rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))

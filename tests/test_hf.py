@@ -85,6 +85,22 @@ def test_not_llama(tiny_model_dir, tmp_path):
         hf.load_pretrained(d)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+    ({"num_hidden_layers": None}, "missing key|num_hidden_layers"),
+])
+def test_unsupported_configs_are_refused_in_one_line(change, message):
+    from flacuna_jax.tiny import PRESETS
+
+    raw = {**hf.hf_config_dict(PRESETS["gqa"]), **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(hf.CheckpointError, match=message):
+        hf.config_from_hf(raw, "m/config.json")
+
+
 def test_missing_tensor_and_shape_mismatch(tiny_model_dir, tmp_path):
     from flacuna_jax.safetensors_io import SafetensorsFile, write_safetensors
 
