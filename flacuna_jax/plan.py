@@ -54,18 +54,6 @@ def _shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_batch(rows: int, seq_len: int, mesh):
-    """The train step's global batch as ShapeDtypeStructs (the dtypes `train_data.DataFeed` feeds)."""
-    import jax
-    import jax.numpy as jnp
-
-    from flacuna_jax.sharding import batch_sharding
-    from flacuna_jax.step import BATCH_KEYS
-
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
-
-
 def device_memory(compiled, state, frozen, batch) -> dict[str, int]:
     """Per-device bytes of a compiled train step: its arguments counted from their shard shapes, its
     temporaries from XLA's memory analysis."""
@@ -84,6 +72,7 @@ def plan(cfg, config, devices) -> Plan:
     from flacuna_jax.model import Llama, abstract_params
     from flacuna_jax.optim import make_optimizer
     from flacuna_jax.sharding import make_mesh, tree_shardings
+    from flacuna_jax.step import abstract_batch
     from flacuna_jax.train import batch_layout, configured_train_step, model_options
     from flacuna_jax.train_state import abstract_state, state_shardings
 

@@ -38,6 +38,12 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
+def abstract_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The train step's global batch as ShapeDtypeStructs (the dtypes `train_data.DataFeed` feeds)."""
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
+
+
 def _split_chunks(hidden_btd: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array, chunk: int):
     """[b, t, ...] -> [n, b, c, ...] (the last chunk zero-padded, its padding masked out)."""
     b, t, d = hidden_btd.shape

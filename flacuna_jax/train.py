@@ -36,9 +36,9 @@ from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
 from flacuna_jax.model import LoraSpec, Runtime, abstract_params
-from flacuna_jax.plan import abstract_batch, device_memory
+from flacuna_jax.plan import device_memory
 from flacuna_jax.sharding import make_mesh, tree_shardings
-from flacuna_jax.step import make_eval_step, make_train_step
+from flacuna_jax.step import abstract_batch, make_eval_step, make_train_step
 from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
 from flacuna_jax.train_data import DataFeed
 
@@ -177,6 +177,9 @@ def run(cfg: Config) -> dict:
     tx, schedule = make_optimizer(cfg.optim, total_steps)
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     target = abstract_state(tx, p_shapes, s_shard)
+    f_shard = jax.tree.map(lambda x: x.sharding, frozen)
+    train_fn = compile_train_step(cfg, configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum),
+                                  target, frozen, mesh, say)  # from shapes: before any state is allocated
     ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -190,9 +193,6 @@ def run(cfg: Config) -> dict:
         del trainable
     start = int(jax.device_get(state.step))
 
-    f_shard = jax.tree.map(lambda x: x.sharding, frozen)
-    train_fn = compile_train_step(cfg, configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum),
-                                  target, frozen, mesh, say)
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
