@@ -145,22 +145,20 @@ def torch_side(a) -> dict:
     # auto: torch's fastest setting that fits. Checkpointing (torch's only remat) when ours recomputes
     # everything too; otherwise none, falling back to checkpointing if that runs out of memory.
     checkpointing = a.torch_checkpointing == "on" or (a.torch_checkpointing == "auto" and cfg.model.remat == "full")
-    try:
-        run, attention = _torch_step(cfg, shape, b, t, device, dtype, checkpointing)
-        timing = timed_rounds(run, a, b * t)
-        oom = False
-    except torch.cuda.OutOfMemoryError:
-        if a.torch_checkpointing != "auto" or checkpointing:
-            raise
-        oom = True
-    if oom:
-        run = None
+    oom = False
+    while True:
+        try:
+            run, attention = _torch_step(cfg, shape, b, t, device, dtype, checkpointing)
+            timing = timed_rounds(run, a, b * t)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if a.torch_checkpointing != "auto" or checkpointing:
+                raise
+        run = None  # outside the except block, so the failed attempt's tensors can be freed
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        checkpointing = True
-        run, attention = _torch_step(cfg, shape, b, t, device, dtype, checkpointing)
-        timing = timed_rounds(run, a, b * t)
+        checkpointing = oom = True
     return {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).removeprefix("torch."),
             "attention": attention, "gradient_checkpointing": checkpointing, "out_of_memory_without": oom,
             "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None, **timing}

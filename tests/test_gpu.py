@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flacuna_jax import model as M
-from tests.test_step import make_batch
+from tests.test_step import make_batch, rel_err
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="needs a GPU: JAX_PLATFORMS=cuda python -m pytest tests/test_gpu.py")
@@ -36,11 +36,6 @@ def packed_qkv(b: int, t: int, h: int, k: int, f: int):
     # differently, and nothing reads it); a random cotangent weighs every output.
     cotangent = jax.random.normal(keys[3], q.shape, jnp.float32) * (seg != 0)[:, :, None, None]
     return q, kk, v, mask, cotangent
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 SHAPES = [(4, 256, 8, 8, 64), (4, 512, 8, 2, 128)]  # (b, t, heads, kv heads, head dim): MHA; GQA
@@ -68,9 +63,9 @@ def test_cudnn_equals_xla_attention_forward_and_backward(shape):
     cudnn = functools.partial(M.fused_attention, causal=True)  # as in training
     (out_c, grads_c), (out_x, grads_x) = forward_and_grads(cudnn), forward_and_grads(M.xla_attention)
     real = np.asarray(cotangent[..., 0, 0] != 0)  # [b, t]
-    assert rel(np.asarray(out_c, np.float32)[real], np.asarray(out_x, np.float32)[real]) < BF16_TOL
+    assert rel_err(np.asarray(out_c, np.float32)[real], np.asarray(out_x, np.float32)[real]) < BF16_TOL
     for name, gc, gx in zip("qkv", grads_c, grads_x):
-        assert rel(np.asarray(gc, np.float32), np.asarray(gx, np.float32)) < BF16_TOL, name
+        assert rel_err(np.asarray(gc, np.float32), np.asarray(gx, np.float32)) < BF16_TOL, name
 
 
 def test_lora_train_step_with_cudnn_equals_xla():
