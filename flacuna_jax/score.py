@@ -6,7 +6,8 @@ Each input line is {"context": str, "continuation": str}; each output line, in t
 {"loglik": float, "is_greedy": bool, "num_tokens": int}. Tokens as lm-evaluation-harness takes them:
 whole = tok(context + continuation), ctx = tok(context), continuation = whole[len(ctx):].
 With `--adapter` (a PEFT LoRA adapter) or `--run` (a training run's latest checkpoint), the LoRA
-factors are folded into the base first, as a merged export would be.
+factors are folded into the base first, as a merged export would be (a full fine-tune's weights
+replace the base's).
 """
 
 from __future__ import annotations
