@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-real bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} bash scripts/demo.sh
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests
+	$(TEST_ENV) $(PY) -m pytest tests -m "not real"
+
+# The slow checks on the real SmolLM2-135M-Instruct model (built once under .cache/smollm2).
+test-real: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest tests -m real
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

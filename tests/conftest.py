@@ -34,3 +34,11 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def char_tokenizer_dir(tmp_path_factory):
     return write_char_tokenizer(tmp_path_factory.mktemp("char_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as an HF dir (built once under .cache/smollm2); `real` tests only."""
+    from benchmarks.smollm2 import smollm2_dir
+
+    return smollm2_dir()
