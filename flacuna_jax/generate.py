@@ -103,6 +103,15 @@ class DecodeSpec:
     pad_id: int = 0
     stream: bool = False
     collect_logits: bool = False  # also return the logits each token was chosen from (tests)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # a row also ends once its last tokens are one of these
+
+
+def ends_with_stop(recent_bl: jax.Array, stop_sequences: Sequence[Sequence[int]]) -> jax.Array:
+    """[b] bool: the last generated tokens (window [b, l], newest last) end with one of the sequences."""
+    hit_b = jnp.zeros(recent_bl.shape[:1], bool)
+    for seq in stop_sequences:
+        hit_b |= jnp.all(recent_bl[:, recent_bl.shape[1] - len(seq):] == jnp.asarray(seq, jnp.int32), axis=1)
+    return hit_b
 
 
 def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
@@ -115,6 +124,7 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         raise ValueError("stream=True needs a sink")
     n_new = spec.max_new_tokens
     eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
+    window = max((len(q) for q in spec.stop_sequences), default=0)
 
     def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p):
         b, width = ids_bt.shape
@@ -133,6 +143,8 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         }
         if spec.collect_logits:
             state["all_logits"] = jnp.zeros((b, n_new, model.config.vocab_size), jnp.float32)
+        if window:  # the newest generated tokens (-1 before the first: never a token id)
+            state["recent"] = jnp.full((b, window), -1, jnp.int32)
 
         def cond(s):
             return (s["step"] < n_new) & ~jnp.all(s["done"])
@@ -147,6 +159,9 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
                        tokens=s["tokens"].at[:, s["step"]].set(token_b), position=s["position"] + 1)
             if spec.collect_logits:
                 out["all_logits"] = s["all_logits"].at[:, s["step"]].set(s["logits"])
+            if window:
+                out["recent"] = jnp.concatenate([s["recent"][:, 1:], token_b[:, None]], axis=1)
+                out["done"] |= ends_with_stop(out["recent"], spec.stop_sequences)
             logits_b1v, out["cache"] = model.apply(variables, token_b[:, None], s["position"][:, None],
                                                    jnp.ones((b, 1), jnp.int32), cache=s["cache"])
             out["logits"] = logits_b1v[:, 0].astype(jnp.float32)
@@ -161,12 +176,13 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     return jax.jit(decode)
 
 
-def trim_completion(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Generated ids up to and including the first EOS (the padding after it dropped)."""
-    out = []
+def trim_completion(tokens: Sequence[int], eos_ids: Sequence[int],
+                    stop_sequences: Sequence[Sequence[int]] = ()) -> list[int]:
+    """Generated ids up to and including the first EOS or stop sequence (the padding after it dropped)."""
+    out: list[int] = []
     for t in tokens:
         out.append(int(t))
-        if int(t) in eos_ids:
+        if int(t) in eos_ids or any(out[-len(q):] == list(q) for q in stop_sequences if len(q) <= len(out)):
             break
     return out
 
@@ -187,18 +203,23 @@ class Generator:
         if self._sink is not None:
             self._sink(int(step), np.asarray(tokens_b), np.asarray(done_b))
 
-    def decoder(self, max_new_tokens: int, stream: bool = False, collect_logits: bool = False):
-        spec = DecodeSpec(max_new_tokens, self.eos_ids, self.pad_id, stream, collect_logits)
+    def decoder(self, max_new_tokens: int, stream: bool = False, collect_logits: bool = False,
+                stop_sequences: tuple[tuple[int, ...], ...] = ()):
+        spec = DecodeSpec(max_new_tokens, self.eos_ids, self.pad_id, stream, collect_logits, stop_sequences)
         if spec not in self._decoders:
             self._decoders[spec] = make_decoder(self.model, spec, self._route if stream else None)
         return self._decoders[spec]
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None) -> list[list[int]]:
+                     top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None,
+                     stop_sequences: Sequence[Sequence[int]] = ()) -> list[list[int]]:
         """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
 
         Prompts are sorted by length and decoded `batch_size` at a time; a sink streams batch 0.
+        A row also stops once it has generated one of `stop_sequences` (kept in its ids; tokens
+        after it are `pad_id`): an early exit for callers that cut the text at stop strings.
         """
+        stops = tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
         rng = jax.random.key(seed)
@@ -209,7 +230,7 @@ class Generator:
             ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
             self._sink = sink
             try:
-                decode = self.decoder(max_new_tokens, stream=sink is not None)
+                decode = self.decoder(max_new_tokens, stream=sink is not None, stop_sequences=stops)
                 rng, key = jax.random.split(rng)
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
                                 jnp.float32(temperature), jnp.float32(top_p))
@@ -219,7 +240,7 @@ class Generator:
             finally:
                 self._sink = None
             for row, i in enumerate(idx):
-                out[i] = trim_completion(tokens_bn[row], self.eos_ids)
+                out[i] = trim_completion(tokens_bn[row], self.eos_ids, stops)
         return out
 
 

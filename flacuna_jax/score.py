@@ -17,7 +17,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,17 @@ def make_token_scorer(model: Any):
 def score_requests(model: Any, params: Any, tokenizer: Any, requests: Iterable[tuple[str, str]],
                    batch_size: int = 8) -> list[dict]:
     max_len = model.config.max_position_embeddings
-    toks = [request_tokens(tokenizer, c, x, max_len) for c, x in requests]
+    return score_token_requests(model, params, [request_tokens(tokenizer, c, x, max_len) for c, x in requests],
+                                batch_size)
+
+
+def score_token_requests(model: Any, params: Any, toks: Sequence[tuple[Sequence[int], int]],
+                         batch_size: int = 8) -> list[dict]:
+    """Scores pre-tokenized requests: (ids, n) scores the last n of ids, each given all before it.
+
+    ids must fit the window (at most max_position_embeddings + 1); results come back in input order.
+    """
+    max_len = model.config.max_position_embeddings
     scorer = make_token_scorer(model)
     results: list[dict] = [None] * len(toks)  # type: ignore[list-item]
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i][0]))  # similar lengths batch together
