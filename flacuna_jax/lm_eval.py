@@ -40,6 +40,8 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
+import jax.numpy as jnp
+
 from flacuna_jax.generate import Generator
 from flacuna_jax.inference import DTYPES, load_for_inference
 from flacuna_jax.score import score_token_requests
@@ -73,13 +75,30 @@ class FlacunaLM(TemplateLM):
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by flacuna_jax: give a number")
         self.model_dir, self.adapter, self.run, self.dtype = str(model), adapter, run, dtype
-        self.tokenizer = load_tokenizer(tokenizer or model)
-        self.model, self.params = load_for_inference(str(model), adapter, run, DTYPES[dtype])
+        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype])
+        self._use(net, params, load_tokenizer(tokenizer or model),
+                  generation_eos_ids(model, net.config.eos_token_id), batch_size, max_gen_toks, seed)
+
+    @classmethod
+    def from_loaded(cls, model: Any, params: Any, tokenizer: Any, eos_ids: Sequence[int], batch_size: int = 8,
+                    max_gen_toks: int = 256, seed: int = 1234) -> "FlacunaLM":
+        """A backend over a model already in memory (training's evaluation); `set_params` swaps weights."""
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm.model_dir, lm.adapter, lm.run, lm.dtype = None, None, None, jnp.dtype(model.runtime.compute_dtype).name
+        lm._use(model, params, tokenizer, tuple(eos_ids), batch_size, max_gen_toks, seed)
+        return lm
+
+    def _use(self, model: Any, params: Any, tokenizer: Any, eos_ids: tuple[int, ...], batch_size: int | str,
+             max_gen_toks: int, seed: int) -> None:
+        self.model, self.params, self.tokenizer = model, params, tokenizer
         self._batch_size, self._max_gen_toks, self.seed = int(batch_size), int(max_gen_toks), int(seed)
-        tok = self.tokenizer  # padding id as lm-eval's configure_pad_token picks it (masked out either way)
+        tok = tokenizer  # padding id as lm-eval's configure_pad_token picks it (masked out either way)
         pad = next((t for t in (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) if t is not None), 0)
-        self.generator = Generator(self.model, self.params, generation_eos_ids(model, self.model.config.eos_token_id),
-                                   pad_id=pad, batch_size=self._batch_size)
+        self.generator = Generator(model, params, eos_ids, pad_id=pad, batch_size=self._batch_size)
+
+    def set_params(self, params: Any) -> None:
+        self.params = self.generator.params = params
 
     # ------------------------------------------------------------------ what lm-eval asks of a backend
 
@@ -214,6 +233,39 @@ class FlacunaLM(TemplateLM):
 
 def ends_with_any(ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> bool:
     return any(len(q) <= len(ids) and list(ids[len(ids) - len(q):]) == list(q) for q in sequences if q)
+
+
+class LmEvalSuite:
+    """lm-eval tasks scored during training (`eval.tasks` entries `lm_eval:<task>`), on the model in memory.
+
+    Calling it with the current parameters returns {"<task>/<metric>": value} (stderr left out),
+    which training logs as eval/<task>/<metric>.
+    """
+
+    PREFIX = "lm_eval:"
+
+    def __init__(self, model: Any, tokenizer: Any, tasks: Sequence[str], eos_ids: Sequence[int],
+                 include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
+                 batch_size: int = 8):
+        from lm_eval.tasks import TaskManager
+
+        self.tasks, self.limit, self.num_fewshot = list(tasks), limit, num_fewshot
+        self.manager = TaskManager(include_path=include_path)
+        unknown = [t for t in self.tasks if t not in self.manager.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown lm-eval task(s) {unknown}" + (f" (also looked in {include_path})" if include_path else ""))
+        self.lm = FlacunaLM.from_loaded(model, None, tokenizer, eos_ids, batch_size)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        import lm_eval
+
+        self.lm.set_params(params)
+        out = lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, task_manager=self.manager, limit=self.limit,
+                                      num_fewshot=self.num_fewshot, bootstrap_iters=0, log_samples=False,
+                                      verbosity="WARNING")
+        return {f"{task}/{key.split(',')[0]}": float(value) for task, res in out["results"].items()
+                for key, value in res.items()
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
 
 
 LM_EVAL_COMMANDS = ("run", "ls", "validate")

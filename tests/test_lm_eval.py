@@ -149,3 +149,56 @@ def test_rolling_perplexity_matches_hf(both):
     our_ll = [s["resps"][0][0] for s in ours["samples"]["flj_ppl"]]
     np.testing.assert_allclose(our_ll, ref_ll, rtol=LOGLIK_RTOL)
     assert max(len(s["arguments"][0][0]) for s in ours["samples"]["flj_ppl"]) > 2 * WINDOW  # several windows
+
+
+def test_cli_runs_lm_eval_with_our_model(model_dir, task_dir, tmp_path, monkeypatch):
+    """`python -m flacuna_jax.lm_eval` (in process): lm-eval's flags, `--model flacuna_jax` implied, results written."""
+    import lm_eval.tasks
+
+    from flacuna_jax.lm_eval import main
+
+    class LocalTasksOnly(lm_eval.tasks.TaskManager):  # indexing lm-eval's thousands of built-in YAMLs takes a minute here
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+
+    main(["--model_args", f"model={model_dir},dtype=float32", "--tasks", "flj_mc", "--include_path", str(task_dir),
+          "--num_fewshot", "1", "--limit", "6", "--batch_size", "4", "--output_path", str(tmp_path / "out")])
+    [path] = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(path.read_text())
+    assert results["config"]["model"] == "flacuna_jax"
+    assert results["n-samples"]["flj_mc"]["effective"] == 6
+    assert 0.0 <= results["results"]["flj_mc"]["acc,none"] <= 1.0
+
+
+def test_registered_and_bad_arguments_are_refused(model_dir):
+    from lm_eval.api.registry import get_model
+
+    from flacuna_jax.lm_eval import FlacunaLM
+
+    assert get_model("flacuna_jax") is FlacunaLM
+    with pytest.raises(ValueError, match="adapter or run, not both"):
+        FlacunaLM(model=str(model_dir), adapter="a", run="b")
+    with pytest.raises(ValueError, match="batch_size=auto"):
+        FlacunaLM(model=str(model_dir), batch_size="auto")
+
+
+def test_generation_kwargs_we_cannot_honour_are_refused(model_dir):
+    from flacuna_jax.lm_eval import FlacunaLM
+
+    lm = FlacunaLM(model=str(model_dir), batch_size=2)
+    with pytest.raises(ValueError, match=r"not supported by flacuna_jax: \['num_beams'\]"):
+        lm._generate(["a:"], ["\n"], {"max_gen_toks": 4, "do_sample": False, "num_beams": 4})
+    with pytest.raises(ValueError, match="needs temperature > 0"):
+        lm._generate(["a:"], ["\n"], {"max_gen_toks": 4, "do_sample": True, "temperature": 0.0})
+    with pytest.raises(ValueError, match=f"must be below the model's length \\({WINDOW}\\)"):
+        lm._generate(["a:"], ["\n"], {"max_gen_toks": WINDOW, "do_sample": False})
+
+
+def test_generation_eos_ids_follow_generation_config(tmp_path):
+    from flacuna_jax.lm_eval import generation_eos_ids
+
+    assert generation_eos_ids(tmp_path, 2) == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert generation_eos_ids(tmp_path, 2) == (7, 9)
