@@ -114,7 +114,10 @@ class EvalConfig:
     max_batches: int = 50  # held-out batches per evaluation (the split's loss: eval_loss)
     # Multiple-choice tasks scored as `python -m flacuna_jax.eval --task` scores them, e.g.
     # [mmlu=data/mmlu_anatomy.jsonl, bbh=data/bbh_navigate.jsonl]; logged as eval/<style>:<stem>/acc.
+    # lm-evaluation-harness tasks as lm_eval:<task> (e.g. lm_eval:arc_easy), run by flacuna_jax.lm_eval
+    # with k as --num_fewshot and max_examples as --limit; logged as eval/<task>/<metric>.
     tasks: tuple[str, ...] = ()
+    lm_eval_include_path: str | None = None  # lm-eval's --include_path: a dir of your own task YAMLs
     k: int | None = None  # shots per prompt (default InstructEval's per style)
     max_examples: int | None = None  # questions scored per task
 

@@ -130,17 +130,31 @@ def compile_train_step(cfg: Config, step: Any, state: Any, frozen: Any, mesh: An
 
 
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
-    """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
+    """The `eval.tasks` suites, prepared once: multiple-choice tasks (the same code as `python -m
+    flacuna_jax.eval`) and `lm_eval:<task>` entries (lm-eval tasks on `flacuna_jax.lm_eval`'s backend).
+    Returns params -> {name/metric: value}."""
     from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
 
     if jax.process_count() > 1:
         raise ConfigError("config key 'eval.tasks': multiple-choice tasks are scored in single-process runs only; "
                           "score a multi-host run's export with python -m flacuna_jax.eval")
+    prefix = "lm_eval:"
+    ours = [t for t in cfg.eval.tasks if not t.startswith(prefix)]
+    theirs = [t[len(prefix):] for t in cfg.eval.tasks if t.startswith(prefix)]
+    suites = []
     try:
-        return EvalSuite(model, tokenizer, [parse_task(t) for t in cfg.eval.tasks], k=cfg.eval.k,
-                         max_examples=cfg.eval.max_examples, cache_dir=cfg.data.cache_dir)
-    except (EvalInputError, OSError) as e:
+        if ours:
+            suites.append(EvalSuite(model, tokenizer, [parse_task(t) for t in ours], k=cfg.eval.k,
+                                    max_examples=cfg.eval.max_examples, cache_dir=cfg.data.cache_dir))
+        if theirs:
+            from flacuna_jax.lm_eval import LmEvalSuite, generation_eos_ids
+
+            suites.append(LmEvalSuite(model, tokenizer, theirs, generation_eos_ids(cfg.model.path, model.config.eos_token_id),
+                                      include_path=cfg.eval.lm_eval_include_path, limit=cfg.eval.max_examples,
+                                      num_fewshot=cfg.eval.k))
+    except (EvalInputError, OSError, ValueError) as e:
         raise ConfigError(f"config key 'eval.tasks': {e}") from None
+    return lambda params: {k: v for suite in suites for k, v in suite(params).items()}
 
 
 def run(cfg: Config) -> dict:

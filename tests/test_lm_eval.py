@@ -151,17 +151,9 @@ def test_rolling_perplexity_matches_hf(both):
     assert max(len(s["arguments"][0][0]) for s in ours["samples"]["flj_ppl"]) > 2 * WINDOW  # several windows
 
 
-def test_cli_runs_lm_eval_with_our_model(model_dir, task_dir, tmp_path, monkeypatch):
+def test_cli_runs_lm_eval_with_our_model(model_dir, task_dir, tmp_path, local_tasks_only):
     """`python -m flacuna_jax.lm_eval` (in process): lm-eval's flags, `--model flacuna_jax` implied, results written."""
-    import lm_eval.tasks
-
     from flacuna_jax.lm_eval import main
-
-    class LocalTasksOnly(lm_eval.tasks.TaskManager):  # indexing lm-eval's thousands of built-in YAMLs takes a minute here
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs, include_defaults=False)
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
 
     main(["--model_args", f"model={model_dir},dtype=float32", "--tasks", "flj_mc", "--include_path", str(task_dir),
           "--num_fewshot", "1", "--limit", "6", "--batch_size", "4", "--output_path", str(tmp_path / "out")])
@@ -202,3 +194,34 @@ def test_generation_eos_ids_follow_generation_config(tmp_path):
     assert generation_eos_ids(tmp_path, 2) == (2,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     assert generation_eos_ids(tmp_path, 2) == (7, 9)
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm-eval's TaskManager without its thousands of built-in YAMLs (indexing them takes a minute here)."""
+    import lm_eval.tasks
+
+    class LocalTasksOnly(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
+
+
+def test_training_eval_tasks_run_lm_eval_tasks(model_dir, task_dir, local_tasks_only):
+    """`eval.tasks: [lm_eval:<task>]` in training: train.eval_suite scores the params it is given as the backend does."""
+    from flacuna_jax import train
+    from flacuna_jax.config import Config, ConfigError, EvalConfig, ModelConfig
+    from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.lm_eval import FlacunaLM
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    cfg = Config(model=ModelConfig(path=str(model_dir)),
+                 eval=EvalConfig(tasks=("lm_eval:flj_mc",), lm_eval_include_path=str(task_dir), k=1, max_examples=6))
+    model, params = load_for_inference(str(model_dir))
+    metrics = train.eval_suite(cfg, model, load_tokenizer(model_dir))(params)
+    expected = _evaluate(FlacunaLM(model=str(model_dir), batch_size=8), None, task_dir, ["flj_mc"], num_fewshot=1, limit=6)
+    assert metrics == {"flj_mc/acc": _metric(expected, "flj_mc", "acc"), "flj_mc/acc_norm": _metric(expected, "flj_mc", "acc_norm")}
+    bad = Config(model=cfg.model, eval=EvalConfig(tasks=("lm_eval:no_such_task",), lm_eval_include_path=str(task_dir)))
+    with pytest.raises(ConfigError, match=r"eval.tasks.*unknown lm-eval task\(s\) \['no_such_task'\]"):
+        train.eval_suite(bad, model, load_tokenizer(model_dir))
