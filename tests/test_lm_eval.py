@@ -225,3 +225,16 @@ def test_training_eval_tasks_run_lm_eval_tasks(model_dir, task_dir, local_tasks_
     bad = Config(model=cfg.model, eval=EvalConfig(tasks=("lm_eval:no_such_task",), lm_eval_include_path=str(task_dir)))
     with pytest.raises(ConfigError, match=r"eval.tasks.*unknown lm-eval task\(s\) \['no_such_task'\]"):
         train.eval_suite(bad, model, load_tokenizer(model_dir))
+
+
+def test_stop_sequences_end_rows_in_the_decoder_and_trim():
+    import jax.numpy as jnp
+
+    from flacuna_jax.generate import ends_with_stop, trim_completion
+    from flacuna_jax.lm_eval import ends_with_any
+
+    recent = jnp.asarray([[-1, 5, 6], [5, 6, 7], [-1, -1, 9]], jnp.int32)
+    assert ends_with_stop(recent, [(5, 6), (9,)]).tolist() == [True, False, True]
+    assert trim_completion([3, 5, 6, 0, 0], eos_ids=(2,), stop_sequences=[(5, 6)]) == [3, 5, 6]
+    assert trim_completion([3, 2, 5, 6], eos_ids=(2,), stop_sequences=[(5, 6)]) == [3, 2]
+    assert ends_with_any([3, 5, 6], [[5, 6]]) and not ends_with_any([6], [[5, 6]])
