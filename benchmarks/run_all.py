@@ -59,6 +59,8 @@ BENCHES = [
           lambda r: (f"{r['ratio']:.2f}x", _met(r["ratio"] >= 1.0))),
     Bench("decode", (), ("--new-tokens", "32", "--repeats", "1"), "decode tokens/s, batch 1 / 8", "(reported)",
           lambda r: (f"{r['batch1']['decode_tokens_per_s']:,.0f} / {r['batch8']['decode_tokens_per_s']:,.0f}", "-")),
+    Bench("lm_eval_speed", (), ("--tiny", "--examples", "16"), "lm-eval examples/s, ours / --model hf (mc; gen), batch 8",
+          ">= 2x", lambda r: (f"{r['mc']['ratio']:.2f}x; {r['gen']['ratio']:.2f}x", _met(r["meets_target"]))),
     Bench("plan_13b", (), (), "13B LoRA memory per device, 4 devices", "<= 20 GB",
           lambda r: (f"{r['per_device_gb']:.2f} GB", _met(r["meets_target"]))),
     Bench("mfu", (), ("--layers", "2", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--vocab", "1024",
