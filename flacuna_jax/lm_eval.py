@@ -33,14 +33,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import lm_eval.models  # noqa: F401  lm-eval's own backends, registered before ours (get_model loads them only into an empty registry)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                   postprocess_generated_text)
-
-import jax.numpy as jnp
 
 from flacuna_jax.generate import Generator
 from flacuna_jax.inference import DTYPES, load_for_inference
