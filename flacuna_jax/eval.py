@@ -98,7 +98,7 @@ def _check_args(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the evaluation; returns {"benchmarks": {...}, "metrics": {...}} (what results.json holds)."""
     from flacuna_jax.evals import report
-    from flacuna_jax.evals.runner import Runner
+    from flacuna_jax.evals.runner import Runner, stop_ids
     from flacuna_jax.tokenizer import load_tokenizer
 
     a = build_parser().parse_args(argv)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results, scored = {}, {}
     if benches:
-        runner = Runner(model, params, tokenizer, a.batch_size, a.seed)
+        runner = Runner(model, params, tokenizer, a.batch_size, a.seed, eos_ids=stop_ids(a.model, model, tokenizer))
         for bench in benches:
             try:
                 run = runner.run(bench)

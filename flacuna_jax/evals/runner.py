@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,6 +56,20 @@ def _clock(seconds: float) -> str:
         return "?"
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def stop_ids(model_dir: str | Path, model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The ids transformers' `generate` stops at: generation_config.json's eos_token_id (an id or a
+    list) where the model dir has one, else config.json's, plus the tokenizer's EOS."""
+    ids = [model.config.eos_token_id, tokenizer.eos_token_id]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except ValueError:
+            raise ValueError(f"{gen}: not valid JSON") from None
+        ids += eos if isinstance(eos, list) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 @dataclasses.dataclass
