@@ -97,6 +97,7 @@ class Runner:
         self.generator = Generator(model, params, eos_ids=tuple(dict.fromkeys(eos_ids)), pad_id=pad,
                                    batch_size=batch_size)
         self._last_logits = None
+        self._stop = None
 
     # ---------------------------------------------------------------- the length rule
     def count_tokens(self, text: str) -> int:
@@ -107,8 +108,10 @@ class Runner:
         return lambda prompt: self.count_tokens(prompt) <= limit
 
     # ---------------------------------------------------------------- the requests
-    def generate(self, prompts: Sequence[str], request: Generate, label: str = "") -> list[list[str]]:
-        """`request.samples` completion texts per prompt, batched through the KV-cache decoder."""
+    def generate(self, prompts: Sequence[str], request: Generate, label: str = "",
+                 stop_table: np.ndarray | None = None) -> list[list[str]]:
+        """`request.samples` completion texts per prompt, batched through the KV-cache decoder
+        (`stop_table`: rows may end early, see `generate.make_decoder`)."""
         ids = [list(self.tokenizer(p)["input_ids"]) for p in prompts]
         for p, x in zip(prompts, ids):
             if not x:
@@ -123,7 +126,8 @@ class Runner:
             if len(batch) == 1 and len(order) > 1:
                 batch = batch * 2  # keep the batch shape compiled for the others (a single prompt runs unpadded)
             completions = self.generator.generate_ids(batch, request.max_new_tokens, request.temperature,
-                                                      seed=self.seed + n, capacity=capacity(request.max_new_tokens))
+                                                      seed=self.seed + n, capacity=capacity(request.max_new_tokens),
+                                                      stop_table=stop_table)
             for r, c in zip(chunk, completions):
                 texts[r] = self.tokenizer.decode(c, skip_special_tokens=True)
             bar.update(len(chunk))
@@ -156,13 +160,27 @@ class Runner:
             bar.update(len(chunk))
         return out
 
+    def _stop_table(self, bench: Benchmark) -> np.ndarray | None:
+        """A benchmark with `stop_when` (HumanEval: a blank line after the code ends what is executed)
+        has its rows stopped there in the loop, by `humaneval.stop_table`, the same rule token by token."""
+        if getattr(bench, "stop_when", None) is None:
+            return None
+        from flacuna_jax.evals.humaneval import stop_table
+
+        if self._stop is None:
+            table = stop_table(self.tokenizer)
+            extra = self.model.config.vocab_size - table.shape[0]  # ids past the tokenizer's: no text, no move
+            self._stop = np.concatenate([table, np.tile(np.arange(table.shape[1], dtype=table.dtype), (extra, 1))]) \
+                if extra > 0 else table
+        return self._stop
+
     # ---------------------------------------------------------------- a benchmark
     def run(self, bench: Benchmark) -> BenchmarkRun:
         t0 = time.perf_counter()
         request = bench.request
         examples = bench.examples(self.fits_for(request))
         if isinstance(request, Generate):
-            outputs: list = self.generate([e.prompt for e in examples], request, bench.name)
+            outputs: list = self.generate([e.prompt for e in examples], request, bench.name, self._stop_table(bench))
         elif isinstance(request, NextTokenLogits):
             flat = [p for e in examples for p in (e.prompt, *e.extra_prompts)]
             logits = self.next_token_logits(flat, request.tokens, bench.name)
