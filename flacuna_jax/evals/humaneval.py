@@ -161,7 +161,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one problem from n samples of which c passed: 1 - C(n-c, k) / C(n, k)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    total = math.comb(n, k)
+    return (total - math.comb(n - c, k)) / total  # one rounding (ints divide exactly-rounded): pass@1 == c / n
 
 
 def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:

