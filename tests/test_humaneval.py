@@ -119,6 +119,39 @@ def test_completion_is_final_exactly_when_more_text_cannot_change_the_completion
             assert he.postprocess(text + "x") != he.postprocess(text), repr(text)
 
 
+def _tokenizer(kind: str):
+    """A tiny byte-level BPE (SmolLM2's kind) or SentencePiece-style (LLaMA's) tokenizer with multi-character
+    tokens of newlines and spaces."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bytelevel":  # Ċ is "\n", Ġ is " "
+        pieces = ["Ċ", "ĊĊ", "ĊĊĊ", "Ġ", "ĠĠ", "ĠĠĠ", "ĊĠ", "ĠĊ", "a", "Ġa", "re", "turn", "Ġ1", "(", ")", "Ã", "©"]
+        decoder = decoders.ByteLevel()
+    else:  # ▁ is a space, dropped at the start of a text
+        pieces = ["<0x0A>", "▁", "▁▁", "▁▁▁▁", "a", "▁a", "re", "turn", "▁1", "(", ")", "\n", "\n\n"]
+        decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    vocab = {"<unk>": 0, "</s>": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=kind != "bytelevel"))
+    tok.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "sentencepiece"])
+def test_stop_table_is_completion_is_final_token_by_token(kind):
+    tok = _tokenizer(kind)
+    table = he.stop_table(tok)
+    assert table.shape == (len(tok), 5) and (table[:, he.FINAL] == he.FINAL).all()
+    rng = random.Random(0)
+    for _ in range(400):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 12))]
+        state = he.START
+        for i, t in enumerate(ids):
+            state = table[t, state]
+            assert (state == he.FINAL) == he.completion_is_final(tok.decode(ids[:i + 1], skip_special_tokens=True)), ids[:i + 1]
+
+
 def test_program_is_prompt_completion_test_and_check():
     problem = he.Problem("T/0", "def f():\n", "def check(c):\n    assert c() == 1\n", "f")
     assert he.build_program(problem, "    return 1") == (
@@ -255,7 +288,14 @@ def test_smollm2_completions_equal_instructevals_transformers_loop(smollm2_dir):
     gen = Generator(model, params, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, batch_size=4)
     ids = [tok(p)["input_ids"] for p in prompts]
     assert all(i[0] != tok.bos_token_id for i in ids)  # the tokenizer's own rule: no BOS
-    ours = [tok.decode(c, skip_special_tokens=True) for c in gen.generate_ids(ids, budget)]
+    ours_ids = gen.generate_ids(ids, budget)
+    ours = [tok.decode(c, skip_special_tokens=True) for c in ours_ids]
+    table = he.stop_table(tok)  # the token-level stop agrees with the text rule on real completions
+    for c in ours_ids:
+        state = he.START
+        for i, t in enumerate(c):
+            state = table[t, state]
+            assert (state == he.FINAL) == he.completion_is_final(tok.decode(c[:i + 1], skip_special_tokens=True))
     assert [he.postprocess(t) for t in ours] == [he.postprocess(t) for t in theirs]
     verdicts = [o.result for o in he.execute(problems * 2, [he.postprocess(t) for t in ours + theirs])]
     assert verdicts[:4] == verdicts[4:]

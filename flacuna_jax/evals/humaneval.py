@@ -8,6 +8,7 @@ Public functions (stable; the runner and the CLI use them):
     filter_code(text) -> str                    the first block: text.lstrip("\\n").split("\\n\\n")[0]
     postprocess(generated) -> str               filter_code(fix_indents(generated)): what is executed
     completion_is_final(generated) -> bool      True once more tokens cannot change `postprocess`
+    stop_table(tokenizer) -> int8 [vocab, 5]    the same, token by token, for a decoder's loop
     build_program(problem, completion) -> str   prompt + completion + "\\n" + test + "\\n" + check(entry_point)
     execute(problems, completions, ...)         the programs, in the sandbox, a few at a time -> Outcomes
     pass_at_k(n, c, k) -> float                 the unbiased estimator of Chen et al. (2021)
@@ -41,6 +42,8 @@ import json
 import math
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from flacuna_jax.evals import sandbox
 from flacuna_jax.evals.benchmark import (BenchmarkInputError, Example, Generate, Options, Result, Scored,
@@ -140,6 +143,41 @@ def completion_is_final(generated: str) -> bool:
     example here without changing its completion.
     """
     return "\n\n" in generated.lstrip("\n")
+
+
+# States of the blank-line automaton (`completion_is_final` token by token, for a decoder's loop):
+# nothing decoded yet, only newlines so far, inside a line, just after a newline, a blank line seen.
+START, LEADING, IN_LINE, AT_NEWLINE, FINAL = range(5)
+
+
+def _advance(state: int, text: str) -> int:
+    for ch in text:
+        if state == FINAL:
+            break
+        state = IN_LINE if ch != "\n" else {LEADING: LEADING, IN_LINE: AT_NEWLINE, AT_NEWLINE: FINAL}[state]
+    return state
+
+
+def stop_table(tokenizer) -> np.ndarray:
+    """int8 [len(tokenizer), 5]: table[token, state] = the state after that token.
+
+    A decoder that starts every row at START and steps `state = table[token, state]` reaches FINAL
+    exactly when `completion_is_final(tokenizer.decode(row, skip_special_tokens=True))` becomes true,
+    so it may stop the row there without changing the executed completion (the tokens before are the
+    same, greedy or sampled). A token's text is how it decodes after an ordinary token; the first one
+    that decodes to anything is taken as it decodes alone (a SentencePiece decoder drops the text's
+    leading space: "▁" alone is "", after a letter " ").
+    """
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    prefix = len(tokenizer.decode(anchor, skip_special_tokens=True))
+    ids = range(len(tokenizer))
+    after = [t[prefix:] for t in tokenizer.batch_decode([anchor + [i] for i in ids], skip_special_tokens=True)]
+    alone = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    table = np.empty((len(ids), 5), np.int8)
+    for i in ids:
+        table[i, START] = START if after[i] == "" else _advance(LEADING, alone[i])
+        table[i, LEADING:] = [_advance(s, after[i]) for s in range(LEADING, FINAL + 1)]
+    return table
 
 
 def build_program(problem: Problem, completion: str) -> str:
