@@ -31,7 +31,13 @@ The protocol, read from InstructEval's code (none of it copied):
 - pass@k: n samples per problem, c of them passed, the mean over problems of 1 - C(n-c, k)/C(n, k).
   InstructEval picks the temperature from the number of samples ({1: 0.1, 10: 0.6, 100: 0.8}) and
   always samples, so even its pass@1 with one sample is sampled at temperature 0.1; here greedy is the
-  default (deterministic) and `temperature=0.1, samples=N` is that sampled setting.
+  default (deterministic) and `temperature=0.1, samples=N` is that sampled setting (transformers also
+  applied its default top-k of 50 there, which at temperature 0.1 removes next to no probability).
+
+What differs in execution, knowingly: InstructEval's `reliability_guard` sets functions such as
+`os.remove`, `os.getcwd`, `shutil.rmtree` and `subprocess.Popen` to None, so a completion calling
+them fails there; here they work inside the sandbox's own directory. Its 3 s alarm covers `exec` only,
+as our clock does (`sandbox` starts it when the program is about to run).
 """
 
 from __future__ import annotations
@@ -54,7 +60,6 @@ INSTRUCTION = ("Please complete the following Python code without providing any 
 MAX_NEW_TOKENS = 512  # InstructEval's max_output_length
 TIMEOUT = 3.0  # seconds per program, InstructEval's default
 PROMPT_LIMIT = 1360  # InstructEval's max_input_length for HumanEval (which it never checks)
-SAMPLED_TEMPERATURE = {1: 0.1, 10: 0.6, 100: 0.8}  # InstructEval's temperature per number of samples
 REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
 
 

@@ -305,10 +305,11 @@ def run_program(source: str, limits: Limits = Limits(), slot: int = 0) -> Outcom
     try:
         os.mkdir(workdir, 0o700)
         program_path = os.path.join(stage, "program.py")
-        with open(program_path, "w", encoding="utf-8") as f:
+        with open(os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
             f.write(source)
         if os.geteuid() == 0 and limits.drop_privileges:
             os.chown(workdir, uid, uid)
+            os.chmod(stage, 0o711)  # the uid may pass through to its dir (program.py stays 0600, ours)
         read_fd, write_fd = os.pipe()
         cfg = dict(dataclasses.asdict(limits), result_fd=write_fd, program_path=program_path, uid=uid)
         argv = [str(int(v) if isinstance(v, bool) else v) for v in (cfg[k] for k in _CHILD_ARGS)]
