@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {e}")
 
-    results, scored = {}, {}
+    results, scored, more = {}, {}, {}
     if benches:
         runner = Runner(model, params, tokenizer, a.batch_size, a.seed, eos_ids=stop_ids(a.model, model, tokenizer))
         for bench in benches:
@@ -124,10 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
             except ValueError as e:
                 sys.exit(f"error: {bench.name}: {e}")
             results[bench.name], scored[bench.name] = run.result, run.scored
+            if bench.name == "humaneval":
+                from flacuna_jax.evals.humaneval import pass_at_ks
+
+                more["humaneval"] = pass_at_ks(run.scored)  # pass@1 (= score), and @10, @100 with enough samples
             print(f"{bench.name}: {100 * run.result.score:.2f} over {run.result.n} examples "
                   f"({run.seconds:.1f}s, {run.result.n / max(run.seconds, 1e-9):.2f} ex/s)", file=sys.stderr)
     metrics = suite(params) if suite is not None else {}
-    out = {"benchmarks": report.results_dict(results), "metrics": metrics}
+    out = {"benchmarks": report.results_dict(results, more), "metrics": metrics}
     name = a.name or Path(a.run or a.adapter or a.model).name
     if results:
         print(report.format_tables(results, name, a.shots))
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"model": a.model, "adapter": a.adapter, "run": a.run, "protocol": a.protocol, "shots": a.shots,
                 "max_examples": a.max_examples, "temperature": a.temperature, "samples": a.samples}
     if a.out:
-        report.write_results(a.out, results, {"metrics": metrics, "settings": settings})
+        report.write_results(a.out, out["benchmarks"], {"metrics": metrics, "settings": settings})
     if a.predictions:
         report.write_predictions(a.predictions, scored)
     return out
