@@ -36,9 +36,7 @@ from pathlib import Path
 
 from flacuna_jax.evals import BENCHMARKS, load_benchmark
 from flacuna_jax.evals.benchmark import Options
-from flacuna_jax.evals.loglik import (CRASS_PAPER_SHOTS, DEFAULT_SHOTS, STYLES, EvalInputError, EvalSuite,  # noqa: F401
-                                      McPrompt, Question, build_prompt, encode_heldout, fit_prompt, heldout_loss,
-                                      make_nll_fn, parse_task, read_questions, score_mc, split_shots)
+from flacuna_jax.evals.loglik import STYLES, EvalInputError, EvalSuite, parse_task
 from flacuna_jax.inference import add_model_args, load_from_args
 
 PROTOCOLS = ("instructeval", "loglik")
