@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ import lm_eval.models  # noqa: F401  lm-eval's own backends, registered before o
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
+import numpy as np
 from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
@@ -217,7 +219,8 @@ class FlacunaLM(TemplateLM):
         prompts = [self._context_ids(c, self.max_length - max_gen) for c in contexts]
         stops = [self.tokenizer.encode(s, add_special_tokens=False) for s in until if s]
         temperature = temperature if do_sample else 0.0
-        ids = self.generator.generate_ids(prompts, max_gen, temperature, top_p, self.seed, stop_sequences=stops)
+        table = stop_sequences_table(stops, self.model.config.vocab_size)
+        ids = self.generator.generate_ids(prompts, max_gen, temperature, top_p, self.seed, stop_table=table)
         texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         # A row stopped on a stop string's tokens whose text does not contain the string (a tokenizer
         # that decodes them differently in context) would end too early: decode it again without stops.
@@ -228,6 +231,51 @@ class FlacunaLM(TemplateLM):
             for i, x in zip(again, redo):
                 texts[i] = self.tokenizer.decode(x, skip_special_tokens=True)
         return [postprocess_generated_text(t, until, None) for t in texts]
+
+
+def stop_sequences_table(sequences: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray | None:
+    """The decoder's stop automaton [vocab, states] (generate.make_decoder's stop_table) for "the
+    tokens generated so far end with one of `sequences`": Aho-Corasick over token ids, the last
+    column the absorbing stop state. None when there is nothing to stop on."""
+    seqs = [tuple(int(t) for t in q) for q in sequences if q and all(0 <= t < vocab_size for t in q)]
+    if not seqs:
+        return None
+    children: list[dict[int, int]] = [{}]
+    terminal = [False]
+    for q in seqs:  # the trie
+        node = 0
+        for t in q:
+            if t not in children[node]:
+                children[node][t] = len(children)
+                children.append({})
+                terminal.append(False)
+            node = children[node][t]
+        terminal[node] = True
+    alphabet = sorted({t for q in seqs for t in q})
+    fail = [0] * len(children)
+    goto: list[dict[int, int]] = [{} for _ in children]
+    queue = deque()
+    for t in alphabet:
+        goto[0][t] = children[0].get(t, 0)
+        if t in children[0]:
+            queue.append(children[0][t])
+    while queue:  # breadth first: a node's failure link is shallower, so already complete
+        s = queue.popleft()
+        terminal[s] = terminal[s] or terminal[fail[s]]
+        for t in alphabet:
+            if t in children[s]:
+                fail[children[s][t]] = goto[fail[s]][t]
+                goto[s][t] = children[s][t]
+                queue.append(children[s][t])
+            else:
+                goto[s][t] = goto[fail[s]][t]
+    final = len(children)
+    table = np.zeros((vocab_size, final + 1), np.int32)  # any other token: back to the start
+    table[:, final] = final
+    for s in range(final):
+        for t in alphabet:
+            table[t, s] = final if terminal[goto[s][t]] else goto[s][t]
+    return table
 
 
 def ends_with_any(ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> bool:

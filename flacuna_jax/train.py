@@ -133,7 +133,7 @@ def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     """The `eval.tasks` suites, prepared once: multiple-choice tasks (the same code as `python -m
     flacuna_jax.eval`) and `lm_eval:<task>` entries (lm-eval tasks on `flacuna_jax.lm_eval`'s backend).
     Returns params -> {name/metric: value}."""
-    from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
+    from flacuna_jax.evals.loglik import EvalInputError, EvalSuite, parse_task
 
     if jax.process_count() > 1:
         raise ConfigError("config key 'eval.tasks': multiple-choice tasks are scored in single-process runs only; "

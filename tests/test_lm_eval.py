@@ -227,14 +227,20 @@ def test_training_eval_tasks_run_lm_eval_tasks(model_dir, task_dir, local_tasks_
         train.eval_suite(bad, model, load_tokenizer(model_dir))
 
 
-def test_stop_sequences_end_rows_in_the_decoder_and_trim():
-    import jax.numpy as jnp
+def test_stop_table_ends_a_row_once_it_ends_with_a_stop_sequence():
+    """The automaton against the definition, on random token streams over a small alphabet."""
+    from flacuna_jax.lm_eval import ends_with_any, stop_sequences_table
 
-    from flacuna_jax.generate import ends_with_stop, trim_completion
-    from flacuna_jax.lm_eval import ends_with_any
-
-    recent = jnp.asarray([[-1, 5, 6], [5, 6, 7], [-1, -1, 9]], jnp.int32)
-    assert ends_with_stop(recent, [(5, 6), (9,)]).tolist() == [True, False, True]
-    assert trim_completion([3, 5, 6, 0, 0], eos_ids=(2,), stop_sequences=[(5, 6)]) == [3, 5, 6]
-    assert trim_completion([3, 2, 5, 6], eos_ids=(2,), stop_sequences=[(5, 6)]) == [3, 2]
-    assert ends_with_any([3, 5, 6], [[5, 6]]) and not ends_with_any([6], [[5, 6]])
+    stops = [[1, 2, 1], [2, 2], [3], [1, 2, 1, 1]]
+    table = stop_sequences_table(stops, vocab_size=6)
+    final = table.shape[1] - 1
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        state, stream = 0, []
+        for t in rng.integers(0, 5, size=12):
+            stream.append(int(t))
+            state = int(table[t, state])
+            assert (state == final) == ends_with_any(stream, stops), stream
+            if state == final:
+                break
+    assert stop_sequences_table([[]], 6) is None and stop_sequences_table([[9]], 6) is None
