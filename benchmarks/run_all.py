@@ -30,7 +30,8 @@ def _met(ok: bool) -> str:
 
 def _mfu_verdict(r: dict) -> tuple[str, str]:
     ratio = r.get("ratio")
-    value = f"{r['mfu']:.1%}; " + (f"{ratio:.2f}x" if ratio is not None else "torch: " + str(
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else f"no spec peak ({r['matmul_utilisation']:.1%} of a measured matmul)"
+    value = f"{mfu}; " + (f"{ratio:.2f}x" if ratio is not None else "torch: " + str(
         r["torch_peft"].get("skipped") or r["torch_peft"].get("error")))
     if not (r["seven_b"] and "H100" in r["device"]):
         return value, f"n/a ({r['device']}, not the 7B shape on an H100)"
@@ -48,6 +49,9 @@ class Bench:
 
 
 BENCHES = [
+    Bench("parity", (), (), "max |delta| vs transformers logits; PEFT logits, factor grads (rel)", "<= 1e-4",
+          lambda r: (f"{r['logits_worst']:.1e}; {r['peft_worst']['logits']:.1e}, {r['peft_worst']['grad_rel']:.1e}",
+                     _met(max(r["logits_worst"], *r["peft_worst"].values()) <= r["tolerance"]))),
     Bench("packing", (), ("--seq-len", "512", "--rows", "4", "--steps", "2"),
           "packed / padded trained tokens/s", ">= 3x",
           lambda r: (f"{r['ratio']:.2f}x ({r['packed']['trained_per_slot']:.0%} vs "

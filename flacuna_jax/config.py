@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from flacuna_jax.dtypes import FLOAT_DTYPES
+
 
 class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
@@ -147,8 +149,8 @@ class Config:
 
 _CHOICES = {
     "finetune": ("lora", "full"),
-    "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.compute_dtype": tuple(FLOAT_DTYPES),
+    "model.param_dtype": tuple(FLOAT_DTYPES),
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "dot_product", "auto"),
     "data.on_bad_record": ("error", "skip"),
@@ -156,7 +158,7 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the model's projections
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -240,8 +242,8 @@ def _validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
     for t in cfg.lora.targets:
-        if t not in _LORA_TARGETS:
-            raise ConfigError(f"config key 'lora.targets': unknown target {t!r} (known: {', '.join(_LORA_TARGETS)})")
+        if t not in LORA_TARGETS:
+            raise ConfigError(f"config key 'lora.targets': unknown target {t!r} (known: {', '.join(LORA_TARGETS)})")
     positive = {
         "train.seq_len": cfg.train.seq_len,
         "train.global_batch_size": cfg.train.global_batch_size,

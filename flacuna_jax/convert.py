@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from flacuna_jax.dtypes import FLOAT_DTYPES
+
 EPILOG = """examples:
   export a run's latest checkpoint as a PEFT adapter:
     python -m flacuna_jax.convert export --run runs/demo --out build/demo/adapter --format peft
@@ -27,14 +29,13 @@ EPILOG = """examples:
   fold an existing PEFT adapter into its base model:
     python -m flacuna_jax.convert merge --model vicuna-13b --adapter flacuna-adapter --out flacuna-13b-merged
 """
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def export_run(run_dir: str | Path, out: str | Path, fmt: str, step: int | None = None, dtype: str | None = None,
                max_shard_size: str = "5GB", model_dir: str | Path | None = None) -> tuple[int, Path]:
     """(step exported, output dir) for a training run's checkpoint in `fmt` (peft | merged)."""
     from flacuna_jax.checkpoint import load_trainable
-    from flacuna_jax.export import DTYPES, ExportError, export_merged
+    from flacuna_jax.export import ExportError, export_merged
     from flacuna_jax.model import LoraSpec
     from flacuna_jax.peft_io import save_adapter
 
@@ -45,7 +46,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str, step: int | None 
             raise ExportError(f"{run_dir}: a finetune={cfg.finetune} run has no LoRA adapter; use --format merged")
         spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
         return step, save_adapter(out, trainable, spec, base_model_name_or_path=base or None,
-                                  dtype=DTYPES[dtype or "float32"])
+                                  dtype=FLOAT_DTYPES[dtype or "float32"])
     if fmt != "merged":
         raise ExportError(f"--format must be peft or merged, got {fmt!r}")
     if not base:
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--format", required=True, choices=("peft", "merged"))
-    e.add_argument("--dtype", choices=DTYPE_CHOICES,
+    e.add_argument("--dtype", choices=FLOAT_DTYPES,
                    help="tensor dtype (default: merged -> the base checkpoint's, peft -> float32)")
     e.add_argument("--max-shard-size", default="5GB", help="merged: largest safetensors shard (default 5GB)")
     e.add_argument("--model", help="base HF dir (default: the run's model.path)")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True, help="base HF LLaMA dir")
     m.add_argument("--adapter", required=True, help="PEFT adapter dir")
     m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("--dtype", choices=DTYPE_CHOICES, help="tensor dtype (default: the base checkpoint's)")
+    m.add_argument("--dtype", choices=FLOAT_DTYPES, help="tensor dtype (default: the base checkpoint's)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     return p
 

@@ -93,10 +93,6 @@ def initialize() -> None:
           flush=True)
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
 def log_prefix() -> str:
     """'[p1/2] ' in multi-process runs, '' otherwise ('' too where `initialize` already prefixes
     every line of stdout/stderr)."""

@@ -23,15 +23,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-import ml_dtypes
 import numpy as np
 
+from flacuna_jax.dtypes import FLOAT_DTYPES
 from flacuna_jax.hf import (CheckpointError, TensorSource, WeightSpec, config_from_hf, iter_hf_tensors, read_json,
                             weight_specs, write_hf_weights)
 from flacuna_jax.model import LlamaConfig, LoraSpec
 from flacuna_jax.peft_io import factor_shapes, factors_of, lora_path, to_host
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -43,16 +42,16 @@ class ExportError(ValueError):
 def output_dtype(name: str | None, base_dir: str | Path) -> np.dtype:
     """`name` (float32|bfloat16|float16), or the base checkpoint's dtype when None."""
     if name is not None:
-        if name not in DTYPES:
-            raise ExportError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
-        return DTYPES[name]
+        if name not in FLOAT_DTYPES:
+            raise ExportError(f"dtype {name!r}: choose one of {', '.join(FLOAT_DTYPES)}")
+        return FLOAT_DTYPES[name]
     raw = read_json(Path(base_dir) / "config.json")
     declared = raw.get("torch_dtype") or raw.get("dtype")
-    if declared in DTYPES:
-        return DTYPES[declared]
+    if declared in FLOAT_DTYPES:
+        return FLOAT_DTYPES[declared]
     src = TensorSource(base_dir)  # undeclared ("auto" or absent): the embedding's stored dtype
     stored = np.dtype(src.get("model.embed_tokens.weight").dtype)
-    return stored if stored in DTYPES.values() else DTYPES["float32"]
+    return stored if stored in FLOAT_DTYPES.values() else FLOAT_DTYPES["float32"]
 
 
 def _ordered(config: LlamaConfig) -> list[tuple[WeightSpec, int | None]]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -307,18 +306,6 @@ def write_hf_weights(out_dir: str | Path, tensors: Iterator[tuple[str, np.ndarra
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def save_hf_model(out_dir: str | Path, params: dict, config: LlamaConfig, dtype: Any = jnp.float32,
-                  max_shard_size: str | int = "5GB") -> None:
-    """config.json, generation_config.json and safetensors weights of a full LlamaForCausalLM."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype_name = np.dtype(dtype).name
-    write_hf_weights(out, iter_hf_tensors(params, config, dtype), max_shard_size)
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config, dtype_name), indent=2))
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def load_pretrained(model_dir: str | Path, runtime: Any = None, lora: Any = None, mesh: Mesh | None = None,

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from flacuna_jax.dtypes import FLOAT_DTYPES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,12 +23,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model")
     src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute and parameter dtype")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
     """(model, params) chosen by the `add_model_args` arguments."""
-    return load_for_inference(a.model, a.adapter, a.run, DTYPES[a.dtype])
+    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype])
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,

@@ -28,8 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-PEAK_FLOPS = {  # dense matmul FLOP/s per device, by (device kind substring, compute dtype)
-    ("H100", "bfloat16"): 798e12,  # measured on these machines (DESIGN.md); spec sheet says 989e12
+PEAK_FLOPS = {  # spec-sheet dense FLOP/s per device (MFU's denominator, as PaLM and MaxText define it),
+    # by (device kind substring, compute dtype); the first match wins, so the PCIe/NVL parts come first
+    ("H100 PCIe", "bfloat16"): 756e12,
+    ("H100 NVL", "bfloat16"): 835e12,
+    ("H100", "bfloat16"): 989e12,  # H100 SXM; a measured dense bf16 matmul reaches ~798e12 (DESIGN.md)
+    ("H200", "bfloat16"): 989e12,
 }
 
 

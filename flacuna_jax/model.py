@@ -19,7 +19,6 @@ k kv heads, g query heads per kv head, f head dim, l layers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,6 @@ from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -357,7 +355,3 @@ def abstract_params(model: Llama, seq_len: int = 8) -> tuple[Any, Any]:
     names = nn.get_partition_spec(boxed)
     names = jax.tree.map(tuple, names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     return nn.meta.unbox(boxed), names
-
-
-def with_runtime(model: Llama, **changes) -> Llama:
-    return model.clone(runtime=dataclasses.replace(model.runtime, **changes))

@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from flacuna_jax.model import LORA_TARGETS, LlamaConfig, LoraSpec
+from flacuna_jax.config import LORA_TARGETS
+from flacuna_jax.model import LlamaConfig, LoraSpec
 from flacuna_jax.safetensors_io import SafetensorsFile, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"

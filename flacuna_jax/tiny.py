@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flacuna_jax.dtypes import FLOAT_DTYPES
 from flacuna_jax.hf import hf_config_dict, weight_specs, write_hf_weights
 from flacuna_jax.model import LlamaConfig, RopeScaling
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size (match your tokenizer)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--final-norm-scale", type=float,
                    help=f"multiply the final RMSNorm weight (default: {FINAL_NORM_SCALE} by preset, else 1)")
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     config = PRESETS[a.preset]
     if a.vocab_size:
         config = dataclasses.replace(config, vocab_size=a.vocab_size)
-    import ml_dtypes
-    dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[a.dtype]
+    dtype = FLOAT_DTYPES[a.dtype]
     scale = a.final_norm_scale if a.final_norm_scale is not None else FINAL_NORM_SCALE.get(a.preset, 1.0)
     write_tiny_model(a.out, config, a.seed, dtype, a.max_shard_size, scale)
     print(f"wrote {a.preset} model ({config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}) to {a.out}")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from flacuna_jax import export, hf, lora, peft_io, score, tiny
-from flacuna_jax.model import LORA_TARGETS, LoraSpec
+from flacuna_jax.config import LORA_TARGETS
+from flacuna_jax.model import LoraSpec
 from tests.helpers import hf_logits, hf_reference
 from tests.test_peft import random_factors
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax import hf, lora
-from flacuna_jax.model import Llama, LoraSpec, LORA_TARGETS
+from flacuna_jax.config import LORA_TARGETS
+from flacuna_jax.model import Llama, LoraSpec
 from flacuna_jax.tiny import PRESETS
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.parity import logit_delta
 from flacuna_jax import hf
 from flacuna_jax.model import (Attention, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
-from tests.helpers import hf_logits, hf_reference
+from tests.helpers import hf_reference
 
 LOGIT_TOL = 1e-4  # max |delta logits|, fp32
 LAYER_TOL = 1e-5  # max |delta| of one layer's output, fp32
@@ -20,13 +21,9 @@ def _ids(vocab, shape, seed=0):
 
 @pytest.mark.parametrize("preset", ["mha", "gqa", "llama3", "linear_rope", "tied", "odd"])
 def test_logits_match_transformers(tiny_model_dir, preset):
+    """The measurement `python -m benchmarks.parity` prints."""
     path = tiny_model_dir(preset)
-    model, params = hf.load_pretrained(path)
-    ids = _ids(model.config.vocab_size, (2, 45))
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
-    ref = hf_logits(hf_reference(path), ids)
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= LOGIT_TOL
+    assert logit_delta(path, _ids(hf.load_hf_config(path).vocab_size, (2, 45))) <= LOGIT_TOL
 
 
 def _layer0(params):

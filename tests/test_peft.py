@@ -3,50 +3,22 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.parity import PEFT_CASES, peft_deltas, random_factors
 from flacuna_jax import hf, lora, peft_io
-from flacuna_jax.model import LORA_TARGETS, Llama, LoraSpec
+from flacuna_jax.model import Llama, LoraSpec
 from flacuna_jax.safetensors_io import SafetensorsFile, write_safetensors
 from tests.helpers import hf_reference
 
 LOGIT_TOL = 1e-4
 GRAD_REL_TOL = 1e-4
-CASES = [  # (targets, rank): the paper's default, all seven at both ranks, an MLP-heavy mix
-    (("q_proj", "v_proj"), 4),
-    (LORA_TARGETS, 16),
-    (LORA_TARGETS, 4),
-    (("k_proj", "o_proj", "up_proj", "down_proj"), 16),
-]
-
-
-def random_factors(config, spec, seed=0, std=0.3):
-    """A LoRA tree with A and B both random (B != 0, so every factor has a gradient)."""
-    rng = np.random.default_rng(seed)
-    tree: dict = {}
-    for target in spec.targets:
-        a_shape, b_shape = peft_io.factor_shapes(config, target, spec.rank)
-        node = tree.setdefault("layers", {}).setdefault(peft_io.lora_path(target)[1], {})
-        node[target] = {"lora_a": (std * rng.standard_normal(a_shape)).astype(np.float32),
-                        "lora_b": (std * rng.standard_normal(b_shape)).astype(np.float32)}
-    return tree
 
 
 def _ids(vocab, shape=(2, 12), seed=0):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
-
-
-def _jax_loss_and_grads(model, frozen, factors, ids):
-    def loss_fn(trainable):
-        logits = model.apply({"params": lora.merge_params(trainable, frozen)}, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean(), logits
-
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(jax.tree.map(jnp.asarray, factors))
-    return float(loss), np.asarray(logits), jax.tree.map(np.asarray, grads)
 
 
 def _peft_model(base_dir, adapter_dir, trainable=False):
@@ -55,40 +27,16 @@ def _peft_model(base_dir, adapter_dir, trainable=False):
     return PeftModel.from_pretrained(hf_reference(base_dir), str(adapter_dir), is_trainable=trainable)
 
 
-@pytest.mark.parametrize("targets,rank", CASES, ids=lambda v: str(v) if isinstance(v, int) else "+".join(v))
-def test_logits_and_gradients_match_peft(tiny_model_dir, tmp_path, targets, rank):
-    base_dir = tiny_model_dir("gqa")
-    spec = LoraSpec(rank=rank, alpha=2.0 * rank if rank == 4 else 8.0, dropout=0.0, targets=targets)
-    model, frozen = hf.load_pretrained(base_dir, lora=spec)
-    factors = random_factors(model.config, spec, seed=rank)
-    peft_io.save_adapter(tmp_path / "adapter", factors, spec, model.config.num_layers, str(base_dir))
-
-    ids = _ids(model.config.vocab_size)
-    loss, logits, grads = _jax_loss_and_grads(model, frozen, factors, ids)
-
-    ref = _peft_model(base_dir, tmp_path / "adapter", trainable=True)
-    out = ref(torch.as_tensor(ids[:, :-1], dtype=torch.long)).logits
-    ref_loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
-                                                 torch.as_tensor(ids[:, 1:], dtype=torch.long).reshape(-1))
-    ref_loss.backward()
-    np.testing.assert_allclose(logits, out.detach().numpy(), atol=LOGIT_TOL, rtol=0)
-    base_logits = model.clone(lora=None).apply({"params": frozen}, ids[:, :-1])
-    assert np.abs(logits - np.asarray(base_logits)).max() > 100 * LOGIT_TOL  # the adapter matters
-    assert abs(loss - ref_loss.item()) <= LOGIT_TOL
-
-    named = dict(ref.named_parameters())
-    checked = 0
-    for target in targets:
-        g = grads["layers"][peft_io.lora_path(target)[1]][target]
-        for i in range(model.config.num_layers):
-            for factor, ours in (("A", g["lora_a"][i].T), ("B", g["lora_b"][i].T)):  # PEFT: A [r, in], B [out, r]
-                key = peft_io.peft_key(i, target, factor).replace(".weight", ".default.weight")
-                theirs = named[key].grad.numpy()
-                assert ours.shape == theirs.shape
-                rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
-                assert rel <= GRAD_REL_TOL, (key, rel)
-                checked += 1
-    assert checked == 2 * len(targets) * model.config.num_layers
+@pytest.mark.parametrize("targets,rank,alpha", PEFT_CASES, ids=lambda v: "+".join(v) if isinstance(v, tuple) else str(v))
+def test_logits_and_gradients_match_peft(tiny_model_dir, tmp_path, targets, rank, alpha):
+    """The measurement `python -m benchmarks.parity` prints: our LoRA forward and every factor's gradient
+    against PEFT loading the adapter dir we write."""
+    spec = LoraSpec(rank=rank, alpha=alpha, dropout=0.0, targets=targets)
+    config = hf.load_hf_config(tiny_model_dir("gqa"))
+    d = peft_deltas(tiny_model_dir("gqa"), spec, tmp_path / "adapter", _ids(config.vocab_size), seed=rank)
+    assert d["logits"] <= LOGIT_TOL and d["loss"] <= LOGIT_TOL and d["grad_rel"] <= GRAD_REL_TOL, d
+    assert d["adapter_effect"] > 100 * LOGIT_TOL  # the adapter matters
+    assert d["grads"] == 2 * len(targets) * config.num_layers
 
 
 def test_written_keys_and_config_are_peft_s(tiny_model_dir, tmp_path):

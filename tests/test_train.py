@@ -169,7 +169,8 @@ def test_metrics_resume_truncation_and_flops(tmp_path):
     truncate_jsonl(tmp_path / "metrics.jsonl", 3)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] is None  # strict JSON: NaN -> null
-    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 798e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert peak_flops("cpu", "float32") is None and peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
     n = 13_015_864_320 - 32000 * 5120 - 81 * 5120  # LLaMA-13B matmul weights: no embedding lookup, no norms
     f_lora, f_full = flops_per_token(PRESETS["llama_13b"], 1280, "lora"), flops_per_token(PRESETS["llama_13b"], 1280, "full")

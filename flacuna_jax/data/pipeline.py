@@ -221,12 +221,10 @@ def pipeline_from_config(data: Any, tokenizer: Any, *, seq_len: int, batch_size:
     return make_pipeline(
         data.sources, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
         split=split, epochs=1 if is_eval else epochs, packing=data.packing,
-        num_bins=getattr(data, "packing_bins", 8), shuffle=data.shuffle and not is_eval,
-        eval_fraction=data.eval_fraction, split_seed=data.split_seed,
+        shuffle=data.shuffle and not is_eval, eval_fraction=data.eval_fraction, split_seed=data.split_seed,
         process_index=process_index, process_count=process_count,
         num_workers=data.num_workers, drop_remainder=drop_remainder,
-        on_bad_record=data.on_bad_record, overlong=data.overlong, cache_dir=data.cache_dir,
-        allow_hub=getattr(data, "allow_hub", False))
+        on_bad_record=data.on_bad_record, overlong=data.overlong, cache_dir=data.cache_dir)
 
 
 def counts_from_state(state: Any) -> dict[str, int]:
