@@ -43,8 +43,9 @@ import numpy as np
 from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
+from flacuna_jax.dtypes import FLOAT_DTYPES as DTYPES
 from flacuna_jax.generate import Generator
-from flacuna_jax.inference import DTYPES, load_for_inference
+from flacuna_jax.inference import load_for_inference
 from flacuna_jax.score import score_token_requests
 
 SAMPLING_KWARGS = {"top_p"}  # generation kwargs we honour besides until / max_gen_toks / do_sample / temperature
