@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 BASE_QUANTS = ("none", "int8", "nf4")
@@ -178,7 +177,7 @@ def is_quantized(x: Any) -> bool:
 
 def quantize_oi(w_oi: np.ndarray, kind: str, dtype: Any, double_quant: bool = False) -> NF4Weight | Int8Weight:
     """One HF weight [out, in] (cast to `dtype` first, as transformers loads it) as a frozen leaf of numpy arrays."""
-    dtype = np.dtype(dtype)
+    dtype = jnp.dtype(dtype)
     w = np.asarray(w_oi).astype(dtype).astype(np.float32)
     out, inp = w.shape
     if kind == "int8":
@@ -208,7 +207,7 @@ def abstract_leaf(kind: str, in_out: tuple[int, int], axes: tuple[str, str], dty
     """(leaf of ShapeDtypeStructs, leaf of logical-axis tuples) for a kernel [in, out] with `axes`."""
     inp, out = in_out
     a_in, a_out = axes
-    name = np.dtype(dtype).name
+    name = jnp.dtype(dtype).name
     sds = jax.ShapeDtypeStruct
     if kind == "int8":
         return (Int8Weight(sds((out, inp), jnp.int8), sds((out,), jnp.float32), name),
@@ -228,16 +227,37 @@ def abstract_leaf(kind: str, in_out: tuple[int, int], axes: tuple[str, str], dty
             NF4Weight((a_out, a_in), (a_out, a_in), (None,), (), name))
 
 
-def zeros_like_leaf(abstract: Any) -> Any:
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+def kernel_param(module: Any, in_out: tuple[int, int], axes: tuple[str, str], runtime: Any) -> NF4Weight | Int8Weight:
+    """The quantized `kernel` param of a flax Linear: each field boxed with its logical axes (so
+    `model.abstract_params` yields the quantized shapes and names, and nn.scan adds the layer axis).
+    Initialised to zeros: a quantized base only ever comes from a checkpoint (`load_quantized`)."""
+    import flax.linen as nn
+
+    abstract, names = abstract_leaf(runtime.base_quant, in_out, axes, runtime.param_dtype, runtime.double_quant)
+
+    def init(_):
+        return jax.tree.map(lambda s, n: nn.LogicallyPartitioned(jnp.zeros(s.shape, s.dtype), n), abstract, names)
+
+    return module.param("kernel", init)
 
 
-def host_bytes_per_weight(kind: str, double_quant: bool = False) -> float:
-    """Stored bytes per weight element (for messages and docs): nf4 0.5 + 4/64 (or 1/64 + 4/16384), int8 1 + 4/in."""
-    if kind == "nf4":
-        return 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * NESTED_BLOCK) if double_quant else 4 / NF4_BLOCK)
-    return 1.0
+def load_quantized(read: Any, hf_names: list[str], abstract: Any, shardings: Any) -> Any:
+    """A stacked quantized kernel from HF tensors [out, in], quantized one layer at a time on the host.
+
+    `read(name)` gives one layer's tensor; `abstract`/`shardings`: the leaf's ShapeDtypeStructs and
+    shardings. Host memory: one layer in fp32 plus this projection's quantized stack (1/4 to 1/2 of it
+    in bf16), never the whole model; each device then gets its shard of every field.
+    """
+    layers = [quantize_oi(read(name), _kind(abstract), abstract.dtype, abstract_nested(abstract))
+              for name in hf_names]
+    host = stack_leaves(layers)
+    return jax.tree.map(lambda h, s, sh: jax.make_array_from_callback(s.shape, sh, lambda idx: h[idx]),
+                        host, abstract, shardings)
 
 
-def to_ml_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+def _kind(leaf: Any) -> str:
+    return "nf4" if isinstance(leaf, NF4Weight) else "int8"
+
+
+def abstract_nested(leaf: Any) -> bool:
+    return isinstance(leaf, NF4Weight) and leaf.absmax2 is not None
