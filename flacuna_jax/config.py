@@ -29,6 +29,8 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     remat: str = "full"  # none | full | dots_saveable
     attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
+    base_quant: str = "none"  # none | int8 | nf4: the frozen decoder projections, as bitsandbytes (QLoRA)
+    double_quant: bool = False  # nf4 only: quantize the block absmax too (bitsandbytes' compress_statistics)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "dot_product"),
+    "model.base_quant": ("none", "int8", "nf4"),
     "data.on_bad_record": ("error", "skip"),
     "data.overlong": ("truncate", "drop"),
     "optim.name": ("adamw", "sgd"),
@@ -234,6 +237,11 @@ def _validate(cfg: Config) -> None:
         value = flat[section][leaf] if section else flat[leaf]
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    if cfg.model.base_quant != "none" and cfg.finetune != "lora":
+        raise ConfigError(f"config key 'model.base_quant': {cfg.model.base_quant} keeps the base frozen; "
+                          f"it needs finetune: lora, not {cfg.finetune}")
+    if cfg.model.double_quant and cfg.model.base_quant != "nf4":
+        raise ConfigError("config key 'model.double_quant': applies to model.base_quant: nf4 only")
     for t in cfg.lora.targets:
         if t not in _LORA_TARGETS:
             raise ConfigError(f"config key 'lora.targets': unknown target {t!r} (known: {', '.join(_LORA_TARGETS)})")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax import quant
 from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
@@ -92,6 +93,8 @@ class Runtime:
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
     attention: str = "xla"  # xla | dot_product
+    base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
+    double_quant: bool = False  # nf4: the block absmax quantized too
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -157,15 +160,20 @@ class Linear(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    quantizable: bool = False  # runtime.base_quant applies (the decoder layers' projections, not lm_head)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         rt = self.runtime
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-            (x.shape[-1], self.features), rt.param_dtype,
-        )
-        y = x @ kernel.astype(rt.compute_dtype)
+        if self.quantizable and rt.base_quant != "none":
+            kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
+            y = x @ kernel.dequantize(rt.compute_dtype)  # inside the jitted matmul: XLA fuses it
+        else:
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                (x.shape[-1], self.features), rt.param_dtype,
+            )
+            y = x @ kernel.astype(rt.compute_dtype)
         if self.lora is None:
             return y
         a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
@@ -191,7 +199,7 @@ class RMSNorm(nn.Module):
 
 def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = module.lora if module.lora is not None and name in module.lora.targets else None
-    return Linear(features, axes, module.runtime, lora, module.deterministic, name=name)
+    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, name=name)
 
 
 class Attention(nn.Module):

@@ -142,6 +142,12 @@ class NF4Weight:
     def nested(self) -> bool:
         return self.absmax2 is not None
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The kernel's logical shape [.., in, out] (what the weight is, not how it is stored)."""
+        *lead, out, half = self.codes.shape
+        return (*lead, 2 * half, out)
+
     def dequantize(self, dtype: Any) -> jax.Array:
         """The [.., in, out] kernel in `dtype`: fp32 `code[q] * absmax`, cast to the weight's dtype, then `dtype`."""
         *lead, out, half = self.codes.shape
@@ -165,6 +171,11 @@ class Int8Weight:
     cb: Any
     scb: Any
     dtype: str = "float32"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, out, inp = self.cb.shape
+        return (*lead, inp, out)
 
     def dequantize(self, dtype: Any) -> jax.Array:
         w = (self.cb.astype(jnp.float32) * self.scb[..., None]) * _INV_127
