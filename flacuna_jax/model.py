@@ -11,7 +11,8 @@ than autodiff would (only its two inputs; same values, gradients equal up to rou
 Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES` maps them onto
 the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
 the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` splits them off as the
-trainable tree.
+trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
+quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul.
 
 Array names carry their shapes: b batch, t query length, s key length, d model, h query heads,
 k kv heads, g query heads per kv head, f head dim, l layers.

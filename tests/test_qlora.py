@@ -194,7 +194,7 @@ def test_lora_training_on_nf4_then_inference_and_export(tmp_path_factory):
         "model.compute_dtype=float32", "model.param_dtype=float32", "model.remat=full", "model.base_quant=nf4",
         f"data.sources=[{assets['sample']}]", "data.eval_fraction=0.0", "train.steps=3", "train.seq_len=64",
         "train.global_batch_size=8", "train.per_device_batch_size=1", "lora.rank=4", "lora.dropout=0.0",
-        "optim.lr=1e-2", "optim.warmup_steps=1", "checkpoint.every=3", "log.every=1", "log.tensorboard=false",
+        "lora.targets=[q_proj, v_proj]", "optim.lr=1e-2", "optim.warmup_steps=1", "checkpoint.every=3", "log.every=1", "log.tensorboard=false",
         "eval.every=0", "mesh.fsdp=2", "mesh.data=4"])
     summary = train.run(cfg)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -213,3 +213,25 @@ def test_lora_training_on_nf4_then_inference_and_export(tmp_path_factory):
     src, merged = TensorSource(assets["model"]), SafetensorsFile(d / "merged" / "model.safetensors")
     np.testing.assert_array_equal(merged.get("model.layers.0.mlp.up_proj.weight"), src.get("model.layers.0.mlp.up_proj.weight"))
     assert not np.array_equal(merged.get("model.layers.0.self_attn.q_proj.weight"), src.get("model.layers.0.self_attn.q_proj.weight"))
+
+
+def test_planner_counts_the_quantized_bytes_exactly():
+    """One device: NF4 projections at 0.5 + 4/64 bytes a weight (int8: 1 + 4 per row), the rest in param_dtype."""
+    from flacuna_jax.config import load_config
+    from flacuna_jax.plan import plan
+    from flacuna_jax.tiny import PRESETS
+
+    c = PRESETS["mha"]
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    projections = [(c.hidden_size, q), (c.hidden_size, kv), (c.hidden_size, kv), (q, c.hidden_size),
+                   (c.hidden_size, c.intermediate_size), (c.hidden_size, c.intermediate_size),
+                   (c.intermediate_size, c.hidden_size)]
+    rest = 2 * (2 * c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size)  # bf16
+    lora = 4 * c.num_layers * 8 * (2 * c.hidden_size + q + kv)  # fp32 A and B of q_proj, v_proj, r=8
+    expect = {"nf4": sum(i * o // 2 + i * o // 64 * 4 for i, o in projections),
+              "int8": sum(i * o + 4 * o for i, o in projections)}
+    for kind, proj_bytes in expect.items():
+        cfg = load_config("configs/demo.yaml", ["lora.targets=[q_proj, v_proj]", "lora.rank=8", "train.seq_len=32",
+                                                "train.global_batch_size=1", "train.per_device_batch_size=1",
+                                                "model.param_dtype=bfloat16", f"model.base_quant={kind}"])
+        assert plan(cfg, c, jax.devices()[:1]).params == c.num_layers * proj_bytes + rest + lora
