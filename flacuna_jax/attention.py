@@ -4,13 +4,15 @@
 across examples; padding is segment 0). `xla_attention` is the reference (transformers' eager
 numerics) with a custom gradient that recomputes the probabilities from q, k and per-row softmax
 statistics instead of storing [b, h, t, s] arrays. `fused_attention` asks `jax.nn.dot_product_attention`
-for cuDNN flash attention where it can run.
+for cuDNN flash attention where it can run, and says why when it cannot.
 
 Array names carry their shapes: b batch, t query length, s key length, h query heads,
 k kv heads, f head dim.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -83,25 +85,45 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
-def _cudnn_can_run(q_bthf: Array) -> bool:
-    # cuDNN flash attention: GPU, half precision, head_dim a multiple of 8 up to 128.
+def cudnn_refusal(q_bthf: Array) -> str | None:
+    """Why cuDNN flash attention cannot run on these queries, or None if it may (it can still
+    refuse the shapes at trace time): it needs a GPU, half precision, head_dim a multiple of 8 <= 128."""
     f = q_bthf.shape[-1]
-    return (jax.default_backend() == "gpu" and q_bthf.dtype in (jnp.bfloat16, jnp.float16)
-            and f % 8 == 0 and f <= 128)
+    if jax.default_backend() != "gpu":
+        return f"no cuDNN on the {jax.default_backend()} backend"
+    if q_bthf.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"compute dtype {q_bthf.dtype} (cuDNN needs bfloat16 or float16)"
+    if f % 8 or f > 128:
+        return f"head_dim {f} (cuDNN needs a multiple of 8 up to 128)"
+    return None
 
 
-def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array, causal: bool = False) -> Array:
+_logged_fallbacks: set[str] = set()
+
+
+def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array, causal: bool = False,
+                    *, fallback: bool = True) -> Array:
     """`jax.nn.dot_product_attention`, asking for cuDNN flash attention where it can run.
 
-    JAX's default implementation is XLA's even on GPU, so cuDNN is requested explicitly; if it
-    refuses the shapes at trace time, XLA's is used. `causal` (queries at the key positions, i.e.
-    not decoding into a cache) lets cuDNN skip the masked-out upper triangle; the mask already
-    holds causality, so both implementations compute the same thing.
+    JAX's default implementation is XLA's even on GPU, so cuDNN is requested explicitly. Where
+    cuDNN cannot run (`cudnn_refusal`) or refuses the shapes at trace time, XLA's implementation is
+    used and the reason logged once (`fallback`), or, on a GPU with `fallback=False`
+    (`model.attention=dot_product`), that is an error. `causal` (queries at the key positions, i.e.
+    not decoding into a cache) lets cuDNN skip the masked-out upper triangle; the mask already holds
+    causality, so both implementations compute the same thing.
     """
     kw = dict(mask=mask_bts[:, None], is_causal=causal)
-    if _cudnn_can_run(q_bthf):
+    reason = cudnn_refusal(q_bthf)
+    if reason is None:
         try:
             return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, implementation="cudnn", **kw)
-        except (ValueError, NotImplementedError, RuntimeError):
-            pass  # an unsupported shape or cuDNN version: XLA below
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # a shape or cuDNN version it refuses
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            reason = f"cuDNN refused queries {tuple(q_bthf.shape)} {q_bthf.dtype}: {first_line}"
+    if not fallback and jax.default_backend() == "gpu":
+        raise ValueError(f"model.attention=dot_product: cuDNN flash attention cannot run: {reason} "
+                         "(model.attention=auto falls back to XLA's implementation; xla is the reference kernel)")
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logging.getLogger(__name__).warning("attention: XLA's implementation instead of cuDNN flash attention: %s", reason)
     return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, **kw)

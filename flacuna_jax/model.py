@@ -93,7 +93,7 @@ class Runtime:
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
-    attention: str = "xla"  # xla | dot_product
+    attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
     base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
     double_quant: bool = False  # nf4: the block absmax quantized too
 
@@ -227,10 +227,11 @@ class Attention(nn.Module):
             v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
             cache = {"k": k_btkf, "v": v_btkf}
         k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
-        if self.runtime.attention == "dot_product":  # causal unless decoding into a cache
-            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None)
-        else:
+        if self.runtime.attention == "xla":
             o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
+        else:  # causal unless decoding into a cache
+            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
+                                fallback=self.runtime.attention == "auto")
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim))
         return out, cache
 

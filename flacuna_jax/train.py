@@ -131,7 +131,7 @@ def compile_train_step(cfg: Config, step: Any, state: Any, frozen: Any, mesh: An
 
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
-    from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
+    from flacuna_jax.evals.loglik import EvalInputError, EvalSuite, parse_task
 
     if jax.process_count() > 1:
         raise ConfigError("config key 'eval.tasks': multiple-choice tasks are scored in single-process runs only; "

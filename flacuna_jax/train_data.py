@@ -9,6 +9,7 @@ estimated from a sample with the same first-fit packing (large data).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any, Iterator
 
@@ -45,9 +46,9 @@ def first_fit_rows(lengths: list[int], seq_len: int, num_bins: int = 8) -> int:
     return rows + len(bins)
 
 
-def _min_over_hosts(n: int) -> int:
+def _over_hosts(reduce: Any, n: int) -> int:
     from jax.experimental import multihost_utils
-    return int(np.min(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+    return int(reduce(multihost_utils.process_allgather(np.asarray(n, np.int64))))
 
 
 class DataFeed:
@@ -70,14 +71,16 @@ class DataFeed:
                                       drop_remainder=False, **common)
             self.eval = ev if ev.report["host_examples"] > 0 else None
         self.eval_limit = cfg.eval.max_batches or None
-        if self.eval is not None and jax.process_count() > 1:  # every host runs the same number of eval steps
-            n = sum(1 for _ in self.eval.iterator())
-            n = _min_over_hosts(min(n, self.eval_limit or n))
-            self.eval, self.eval_limit = (self.eval, n) if n > 0 else (None, None)
+        self.eval_steps = None  # one host: until its eval split ends
+        if cfg.data.eval_fraction > 0 and jax.process_count() > 1:
+            # Every host runs as many eval steps as the host with the most batches (at most eval.max_batches),
+            # the others feed untrained rows once their share ends: each example is scored exactly once.
+            n = sum(1 for _ in self.eval.iterator()) if self.eval is not None else 0
+            self.eval_steps = _over_hosts(np.max, min(n, self.eval_limit or n))
 
     @property
     def has_eval(self) -> bool:
-        return self.eval is not None
+        return self.eval is not None if self.eval_steps is None else self.eval_steps > 0
 
     def _count_steps(self) -> int:
         n = len(self.train.examples)
@@ -90,7 +93,7 @@ class DataFeed:
             per_example = (first_fit_rows(kept, self.cfg.train.seq_len) if self.cfg.data.packing else len(kept)) / len(idx)
             steps = int(n * per_example) // self.host_rows
         if jax.process_count() > 1:  # hosts may pack their shares into different numbers of rows
-            steps = _min_over_hosts(steps)
+            steps = _over_hosts(np.min, steps)
         if steps < 1:
             raise ValueError(f"the training split gives no full batch of {self.host_rows} rows per host")
         return steps
@@ -149,12 +152,15 @@ class DataFeed:
         return out
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
-        """Held-out batches (at most eval.max_batches); a short last batch is padded with untrained rows."""
-        for i, host in enumerate(self.eval.iterator()):
-            if self.eval_limit is not None and i >= self.eval_limit:
-                return
+        """Held-out batches (at most eval.max_batches; with several hosts, `eval_steps` on each): a short
+        batch, or one past the end of this host's share, is filled with untrained rows."""
+        empty = {k: np.zeros((self.eval_rows, self.cfg.train.seq_len), np.float32 if k == "loss_mask" else np.int32)
+                 for k in BATCH_KEYS}
+        host_batches = iter(self.eval.iterator()) if self.eval is not None else iter(())
+        if self.eval_steps is not None:
+            host_batches = itertools.islice(itertools.chain(host_batches, itertools.repeat(empty)), self.eval_steps)
+        elif self.eval_limit is not None:
+            host_batches = itertools.islice(host_batches, self.eval_limit)
+        for host in host_batches:
             rows = len(host["input_ids"])
-            if rows < self.eval_rows:
-                host = {k: np.concatenate([v, np.zeros((self.eval_rows - rows,) + v.shape[1:], v.dtype)])
-                        for k, v in host.items()}
-            yield self._global(host)
+            yield self._global({k: np.concatenate([host[k], empty[k][rows:]]) for k in BATCH_KEYS})
