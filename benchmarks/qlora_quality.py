@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
     p.add_argument("--records", type=int, default=400)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bases-only", action="store_true", help="only the bases' held-out losses (no fine-tune)")
     a = p.parse_args(argv)
     model = a.model
     if not Path(model, "config.json").is_file():
@@ -57,11 +58,13 @@ def main(argv=None) -> dict:
         sample = write_demo_assets(tmp, a.records)["sample"]
         for base in ("none", "nf4", "int8"):
             before = eval_loss(model, sample, Path(tmp) / f"{base}_0", base, 1, 0.0, a.seq)
-            after = eval_loss(model, sample, Path(tmp) / f"{base}_lora", base, a.steps, a.lr, a.seq)
-            result["bf16" if base == "none" else base] = {"eval_loss_base": round(before, 4),
-                                                           "eval_loss_after_lora": round(after, 4)}
+            row = {"eval_loss_base": round(before, 4)}
+            if not a.bases_only:
+                row["eval_loss_after_lora"] = round(eval_loss(model, sample, Path(tmp) / f"{base}_lora", base, a.steps,
+                                                              a.lr, a.seq), 4)
+            result["bf16" if base == "none" else base] = row
     for base in ("nf4", "int8"):
-        for k in ("eval_loss_base", "eval_loss_after_lora"):
+        for k in [k for k in result["bf16"]]:
             result[base][k.replace("eval_loss", "delta_vs_bf16")] = round(result[base][k] - result["bf16"][k], 4)
     print(json.dumps(result))
     return result
