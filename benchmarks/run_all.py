@@ -70,6 +70,12 @@ BENCHES = [
           lambda r: (f"{r['ratio']:.2f}x ({r['agree']}/{r['examples']} outputs equal)", _met(r["meets_target"]))),
     Bench("plan_13b", (), (), "13B LoRA memory per device, 4 devices", "<= 20 GB",
           lambda r: (f"{r['per_device_gb']:.2f} GB", _met(r["meets_target"]))),
+    Bench("plan_qlora", (), (), "QLoRA (NF4) memory, one device: 13B / 7B", "<= 12 / 7 GB",
+          lambda r: (f"{r['llama_13b']['per_device_gb']:.2f} / {r['llama_7b']['per_device_gb']:.2f} GB",
+                     _met(r["meets_target"]))),
+    Bench("qlora", (), ("--seq", "128", "--steps", "1"), "NF4 / bf16 base LoRA train tokens/s (CPU fp32)",
+          "(reported)", lambda r: (f"{r['nf4_train_ratio']:.2f}x ({r['nf4']['train_tokens_per_s']:,.0f} vs "
+                                   f"{r['bf16']['train_tokens_per_s']:,.0f})", "-")),
     Bench("mfu", (), ("--layers", "2", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--vocab", "1024",
                       "--seq", "256", "--batch", "2", "--warmup", "1", "--steps", "2", "--repeats", "1"),
           "7B LoRA MFU; ours / torch+peft tokens/s", ">= 55%; >= 1.5x (H100)", _mfu_verdict),

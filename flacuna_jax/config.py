@@ -33,6 +33,8 @@ class ModelConfig:
     # xla | dot_product (cuDNN flash attention; on a GPU an error if it cannot run, elsewhere XLA's, logged)
     # | auto (cuDNN where it can run, else XLA's implementation, the reason logged once)
     attention: str = "xla"
+    base_quant: str = "none"  # none | int8 | nf4: the frozen decoder projections, as bitsandbytes (QLoRA)
+    double_quant: bool = False  # nf4 only: quantize the block absmax too (bitsandbytes' compress_statistics)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ _CHOICES = {
     "model.param_dtype": tuple(FLOAT_DTYPES),
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "dot_product", "auto"),
+    "model.base_quant": ("none", "int8", "nf4"),
     "data.on_bad_record": ("error", "skip"),
     "data.overlong": ("truncate", "drop"),
     "optim.name": ("adamw", "sgd"),
@@ -241,6 +244,11 @@ def _validate(cfg: Config) -> None:
         value = flat[section][leaf] if section else flat[leaf]
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    if cfg.model.base_quant != "none" and cfg.finetune != "lora":
+        raise ConfigError(f"config key 'model.base_quant': {cfg.model.base_quant} keeps the base frozen; "
+                          f"it needs finetune: lora, not {cfg.finetune}")
+    if cfg.model.double_quant and cfg.model.base_quant != "nf4":
+        raise ConfigError("config key 'model.double_quant': applies to model.base_quant: nf4 only")
     for t in cfg.lora.targets:
         if t not in LORA_TARGETS:
             raise ConfigError(f"config key 'lora.targets': unknown target {t!r} (known: {', '.join(LORA_TARGETS)})")

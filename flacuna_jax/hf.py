@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from flacuna_jax.model import LlamaConfig, RopeScaling
+from flacuna_jax.quant import is_quantized, load_quantized
 from flacuna_jax.safetensors_io import SafetensorsFile, write_safetensors
 from flacuna_jax.sharding import named_sharding
 
@@ -220,6 +221,10 @@ def load_hf_params(model_dir: str | Path, shapes: Any, names: Any = None, mesh: 
     params: dict = {}
     for spec in weight_specs(config):
         leaf = _get(shapes, spec.path)
+        if is_quantized(leaf):  # a decoder projection of a quantized base (model.base_quant)
+            _set(params, spec.path, _quantized_leaf(src, spec, leaf, _get(names, spec.path) if names else None, mesh,
+                                                    model_dir))
+            continue
         n_layers = leaf.shape[0] if spec.stacked else None
         hf_names = [spec.hf_name.format(i=i) for i in range(n_layers)] if spec.stacked else [spec.hf_name]
         want = _expected_hf_shape(spec, leaf.shape)
@@ -232,6 +237,23 @@ def load_hf_params(model_dir: str | Path, shapes: Any, names: Any = None, mesh: 
                     else SingleDeviceSharding(jax.devices()[0]))
         _set(params, spec.path, jax.make_array_from_callback(leaf.shape, sharding, _reader(src, spec, hf_names, target)))
     return params
+
+
+def _quantized_leaf(src: TensorSource, spec: WeightSpec, leaf: Any, names: Any, mesh: Mesh | None, model_dir: Any) -> Any:
+    """The stacked kernel quantized layer by layer from the HF tensors [out, in] (quant.load_quantized)."""
+    first = jax.tree.leaves(leaf)[0]  # codes [l, out, in/2] or cb [l, out, in]
+    n_layers, out = first.shape[:2]
+    inp = first.shape[2] * (2 if first.dtype == jnp.uint8 else 1)
+    hf_names = [spec.hf_name.format(i=i) for i in range(n_layers)]
+    for name in hf_names:
+        got = tuple(src.get(name).shape)
+        if got != (out, inp):
+            raise CheckpointError(f"{model_dir}: tensor {name!r} has shape {got}, the model expects {(out, inp)}")
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), leaf)
+    else:
+        shardings = jax.tree.map(lambda s, n: named_sharding(mesh, n, s.shape), leaf, names)
+    return load_quantized(src.get, hf_names, leaf, shardings)
 
 
 def _reader(src: TensorSource, spec: WeightSpec, hf_names: list[str], dtype: np.dtype) -> Callable:

@@ -3,6 +3,10 @@
 A base Hugging Face LLaMA dir, optionally with a PEFT adapter or a training run's latest trainable
 parameters: LoRA factors are folded into the base (W + alpha/r A B, computed in fp32), so decoding and
 scoring run plain matmuls; a full fine-tune's weights replace the base's.
+
+`--base-quant nf4|int8` quantizes the base's decoder projections while loading, as bitsandbytes does
+(`quant.py`). LoRA factors then stay beside the quantized kernels and are applied on top of them in
+each matmul, as PEFT does on a bitsandbytes base (a quantized weight cannot hold the fold exactly).
 """
 
 from __future__ import annotations
@@ -24,21 +28,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model")
     src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model")
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
+    p.add_argument("--base-quant", choices=("none", "int8", "nf4"), default="none",
+                   help="quantize the base's decoder projections as bitsandbytes does (LoRA applied on top, unfolded)")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
     """(model, params) chosen by the `add_model_args` arguments."""
-    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype])
+    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant)
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
-                       dtype: Any = jnp.float32) -> tuple[Any, Any]:
-    """(model, params) of the base model with an adapter or a training run's LoRA folded in."""
+                       dtype: Any = jnp.float32, base_quant: str = "none") -> tuple[Any, Any]:
+    """(model, params) of the base model with an adapter or a training run's LoRA folded in (or, on a
+    quantized base, beside it)."""
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lora import fold_lora, merge_params
     from flacuna_jax.model import LoraSpec, Runtime
 
-    model, params = load_pretrained(model_dir, Runtime(compute_dtype=dtype, param_dtype=dtype))
+    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, base_quant=base_quant)
+    model, params = load_pretrained(model_dir, runtime)
     if adapter is None and run is None:
         return model, params
     if adapter is not None:
@@ -50,7 +58,11 @@ def load_for_inference(model_dir: str, adapter: str | None = None, run: str | No
 
         _, trainable, cfg = load_trainable(run)
         if cfg.finetune == "full":
+            if base_quant != "none":
+                raise ValueError(f"--run {run}: a full fine-tune's weights replace the base; --base-quant does not apply")
             return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), trainable)
         lora_spec = LoraSpec(cfg.lora.rank, cfg.lora.alpha, 0.0, tuple(cfg.lora.targets))
+    if base_quant != "none":  # the factors (fp32) on top of the quantized kernels, applied in each matmul
+        return model.clone(lora=lora_spec), merge_params(trainable, params)
     folded = fold_lora(merge_params(trainable, params), lora_spec)
     return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), folded)

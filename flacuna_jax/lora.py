@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from flacuna_jax.model import Llama, LoraSpec, _lora_a_init, abstract_params
+from flacuna_jax.quant import is_quantized
 
 LORA_LEAVES = ("lora_a", "lora_b")
 
@@ -90,6 +91,9 @@ def fold_lora(params: dict, lora: LoraSpec) -> dict:
         if path[-1] in LORA_LEAVES:
             continue
         if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
+            if is_quantized(value):
+                raise ValueError(f"{'/'.join(path)}: a quantized kernel cannot hold the fold exactly; apply the "
+                                 f"factors on top of it (model.lora) as inference.py does")
             a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
             delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * lora.scale
             value = (value.astype(jnp.float32) + delta).astype(value.dtype)

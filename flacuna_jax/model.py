@@ -11,7 +11,8 @@ than autodiff would (only its two inputs; same values, gradients equal up to rou
 Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES` maps them onto
 the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
 the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` splits them off as the
-trainable tree.
+trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
+quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul.
 
 Array names carry their shapes: b batch, t query length, s key length, d model, h query heads,
 k kv heads, g query heads per kv head, f head dim, l layers.
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax import quant
 from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
@@ -90,6 +92,8 @@ class Runtime:
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
     attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
+    base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
+    double_quant: bool = False  # nf4: the block absmax quantized too
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -155,15 +159,20 @@ class Linear(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    quantizable: bool = False  # runtime.base_quant applies (the decoder layers' projections, not lm_head)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         rt = self.runtime
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-            (x.shape[-1], self.features), rt.param_dtype,
-        )
-        y = x @ kernel.astype(rt.compute_dtype)
+        if self.quantizable and rt.base_quant != "none":
+            kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
+            y = x @ kernel.dequantize(rt.compute_dtype)  # inside the jitted matmul: XLA fuses it
+        else:
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                (x.shape[-1], self.features), rt.param_dtype,
+            )
+            y = x @ kernel.astype(rt.compute_dtype)
         if self.lora is None:
             return y
         a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
@@ -189,7 +198,7 @@ class RMSNorm(nn.Module):
 
 def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = module.lora if module.lora is not None and name in module.lora.targets else None
-    return Linear(features, axes, module.runtime, lora, module.deterministic, name=name)
+    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, name=name)
 
 
 class Attention(nn.Module):

@@ -66,7 +66,7 @@ def batch_layout(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[int, int]:
 def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
     """(Runtime, LoraSpec or None for finetune=full): how the config runs the model."""
     runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
-                      cfg.model.attention)
+                      cfg.model.attention, cfg.model.base_quant, cfg.model.double_quant)
     if cfg.finetune != "lora":
         return runtime, None
     return runtime, LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
