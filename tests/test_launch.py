@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from flacuna_jax.metrics import read_jsonl
-from tests.helpers import write_train_assets
+from tests.helpers import slow_steps_path, write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -60,7 +60,7 @@ def one_process(assets, out):
 
 
 def cpu_sim(assets, out, sleep=0.0, **extra):
-    e = env(assets, FLACUNA_TEST_STEP_SLEEP_S=str(sleep), PYTHON=sys.executable)
+    e = env(assets, SLOW_STEP_S=str(sleep), PYTHONPATH=slow_steps_path(), PYTHON=sys.executable)
     cmd = ["bash", "launch/cpu_sim.sh", "2", "2", "configs/demo.yaml", *overrides(assets, out, **extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
