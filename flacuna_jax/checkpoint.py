@@ -100,6 +100,14 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_complete_step(run_dir: str | Path) -> int | None:
+    """The latest complete checkpoint's step, read from the directory names alone (orbax renames a
+    step's temporary directory to the bare number when it is complete), without opening a manager."""
+    d = checkpoint_dir(run_dir)
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()] if d.is_dir() else []
+    return max(steps, default=None)
+
+
 def stored_spec(ckpt_dir: Path, step: int) -> dict | None:
     path = Path(ckpt_dir) / str(step) / "spec" / "metadata"
     return json.loads(path.read_text()) if path.is_file() else None

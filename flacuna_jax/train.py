@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from flacuna_jax import distributed
-from flacuna_jax.checkpoint import Checkpointer
+from flacuna_jax.checkpoint import Checkpointer, checkpoint_dir, latest_complete_step, stored_spec
 from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -140,19 +140,10 @@ def setup(cfg: Config) -> tuple[Session, Any]:
     say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
     if main:
         print("resolved config:\n" + dump_config(cfg), flush=True)
-    ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
-    try:
-        return _setup(cfg, main, out, say, ckpt)
-    except BaseException:
-        ckpt.close()
-        raise
-
-
-def _setup(cfg: Config, main: bool, out: Path, say: Callable[[str], None], ckpt: Checkpointer) -> tuple[Session, Any]:
-    latest = ckpt.latest_step()
     spec = run_spec(cfg)
-    if latest is not None:  # before any weight is loaded: refuse at once
-        check_resume(ckpt.spec(latest), cfg, str(out))
+    previous = latest_complete_step(out)
+    if previous is not None:  # before anything is loaded or compiled: refuse at once
+        check_resume(stored_spec(checkpoint_dir(out), previous), cfg, str(out))
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     accum = batch_layout(cfg, mesh)
@@ -172,6 +163,8 @@ def _setup(cfg: Config, main: bool, out: Path, say: Callable[[str], None], ckpt:
     f_shard = jax.tree.map(lambda x: x.sharding, frozen)
     train_fn = compile_train_step(cfg, configured_train_step(cfg, model, tx, schedule, mesh, s_shard, f_shard, accum),
                                   target, frozen, mesh, say)  # from shapes: before any state is allocated
+    ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
+    latest = ckpt.latest_step()
     if latest is not None:
         del trainable  # replaced by the checkpoint's
         state, data_state = ckpt.restore(latest, target)
