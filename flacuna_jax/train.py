@@ -150,11 +150,11 @@ def setup(cfg: Config) -> tuple[Session, Any]:
     say(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} on "
         f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); global batch {cfg.train.global_batch_size} = "
         f"{cfg.train.per_device_batch_size} per device x {mesh.shape['data'] * mesh.shape['fsdp']} x {accum} accumulation")
+    feed = DataFeed(cfg, mesh)  # before the model: bad data stops the run at once
+    say(feed.describe())
     model, frozen, trainable, p_shapes, p_shard = build_model(cfg, mesh)
     n_train, n_total = count_params(model, cfg.finetune)
     say(f"parameters: trainable {n_train:,} / total {n_total:,} ({100 * n_train / n_total:.4f}%)")
-    feed = DataFeed(cfg, mesh)
-    say(feed.describe())
 
     from flacuna_jax.optim import make_optimizer
     tx, schedule = make_optimizer(cfg.optim, feed.total_steps)

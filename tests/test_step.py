@@ -152,16 +152,16 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir):
 
 def test_dropout_masks_do_not_depend_on_the_mesh_or_accumulation(tiny_model_dir):
     """LoRA dropout on: a row's mask is seeded by its global row index, so 1 device x 8 accumulation
-    steps, 2 devices x 4 and 4 devices x 2 compute the same loss and gradients (summation order aside),
-    and the dropout does change them."""
+    steps and 2 x 2 devices x 2 compute the same loss and gradients (summation order aside), and the
+    dropout does change them."""
     import dataclasses
 
     batch, lora, key = make_batch(), dataclasses.replace(LORA, dropout=0.3), jax.random.PRNGKey(7)
-    layouts = [(single_mesh(), 8), (sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2]), 4),
-               (sharding.make_mesh(1, 4, 1, devices=jax.devices()[:4]), 2)]
+    layouts = [(single_mesh(), 8), (sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4]), 2)]
     results = [grads_on(mesh, tiny_model_dir("mha"), batch, accum, lora, key)[:2] for mesh, accum in layouts]
-    (loss0, g0), plain = results[0], grads_on(single_mesh(), tiny_model_dir("mha"), batch, 8, lora)[0]
-    assert rel_err(loss0, plain) > 1e-3  # the masks are applied
+    (loss0, g0), (_, plain) = results[0], grads_on(single_mesh(), tiny_model_dir("mha"), batch, 8, lora)[:2]
+    g0, plain = jax.device_get(g0), jax.device_get(plain)
+    assert min(rel_err(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(plain))) > 1e-2  # masks applied
     for loss, grads in results[1:]:
         assert rel_err(loss, loss0) <= 1e-6
         for a, b in zip(jax.tree.leaves(jax.device_get(grads)), jax.tree.leaves(jax.device_get(g0))):
