@@ -29,7 +29,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     remat: str = "full"  # none | full | dots_saveable
-    attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
+    # xla | dot_product (cuDNN flash attention; on a GPU an error if it cannot run, elsewhere XLA's, logged)
+    # | auto (cuDNN where it can run, else XLA's implementation, the reason logged once)
+    attention: str = "xla"
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "dot_product"),
+    "model.attention": ("xla", "dot_product", "auto"),
     "data.on_bad_record": ("error", "skip"),
     "data.overlong": ("truncate", "drop"),
     "optim.name": ("adamw", "sgd"),

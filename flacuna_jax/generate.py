@@ -25,6 +25,7 @@ calls; the callback keeps the one-loop structure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -106,17 +107,19 @@ class DecodeSpec:
 
 
 def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
-    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p) -> dict.
+    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None) -> dict.
 
     Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
-    and "logits": [b, max_new, vocab] when collect_logits}.
+    and "logits": [b, max_new, vocab] when collect_logits}. A traced `max_steps` (<= max_new) stops
+    the loop earlier: one compiled decoder serves every shorter limit (evaluation's 2, 8 and 32).
     """
     if spec.stream and sink is None:
         raise ValueError("stream=True needs a sink")
     n_new = spec.max_new_tokens
     eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
 
-    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p):
+    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None):
+        limit = n_new if max_steps is None else jnp.minimum(max_steps, n_new)
         b, width = ids_bt.shape
         variables = {"params": params}
         positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
@@ -135,7 +138,7 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
             state["all_logits"] = jnp.zeros((b, n_new, model.config.vocab_size), jnp.float32)
 
         def cond(s):
-            return (s["step"] < n_new) & ~jnp.all(s["done"])
+            return (s["step"] < limit) & ~jnp.all(s["done"])
 
         def body(s):
             rng, key = jax.random.split(s["rng"])
@@ -159,6 +162,13 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         return result
 
     return jax.jit(decode)
+
+
+@functools.lru_cache(maxsize=16)
+def shared_decoder(model: Any, spec: DecodeSpec):
+    """A non-streaming decoder shared by every Generator of an equal model (linen modules hash by
+    their fields): a second Generator, e.g. the next evaluation run in one process, reuses the compile."""
+    return make_decoder(model, spec)
 
 
 def trim_completion(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -190,14 +200,17 @@ class Generator:
     def decoder(self, max_new_tokens: int, stream: bool = False, collect_logits: bool = False):
         spec = DecodeSpec(max_new_tokens, self.eos_ids, self.pad_id, stream, collect_logits)
         if spec not in self._decoders:
-            self._decoders[spec] = make_decoder(self.model, spec, self._route if stream else None)
+            self._decoders[spec] = make_decoder(self.model, spec, self._route) if stream else shared_decoder(self.model, spec)
         return self._decoders[spec]
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None) -> list[list[int]]:
+                     top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None,
+                     capacity: int | None = None) -> list[list[int]]:
         """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
 
         Prompts are sorted by length and decoded `batch_size` at a time; a sink streams batch 0.
+        `capacity` (>= max_new_tokens) compiles the decoder for that many new tokens and stops it at
+        max_new_tokens, so calls with different limits share one compiled loop.
         """
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
@@ -209,11 +222,11 @@ class Generator:
             ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
             self._sink = sink
             try:
-                decode = self.decoder(max_new_tokens, stream=sink is not None)
+                decode = self.decoder(max(max_new_tokens, capacity or 0), stream=sink is not None)
                 rng, key = jax.random.split(rng)
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
-                                jnp.float32(temperature), jnp.float32(top_p))
-                tokens_bn = np.asarray(jax.device_get(result["tokens"]))
+                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
+                tokens_bn = np.asarray(jax.device_get(result["tokens"]))[:, :max_new_tokens]
                 if sink is not None:
                     jax.effects_barrier()  # every streamed token has reached the sink
             finally:

@@ -4,10 +4,9 @@ LLaMA 1/2/3: RMSNorm, rotary embeddings (default, linear and llama3 scaling), gr
 attention, SwiGLU MLP, tied or untied embeddings. Attention masks are causal plus segment ids, with
 per-segment positions, so several examples packed in one row never see each other. An optional KV
 cache supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers` axis on
-every layer parameter) and optionally rematerialised. Two custom gradients keep fewer activations
-for the backward pass than autodiff would (same values, gradients equal up to rounding): the XLA
-attention recomputes its probabilities from q, k and per-row softmax statistics instead of storing
-[b, h, t, s] arrays, and the SwiGLU product keeps only its two inputs.
+every layer parameter) and optionally rematerialised. The attention kernels live in `attention.py`;
+like its XLA attention, the SwiGLU product here has a custom gradient that keeps fewer activations
+than autodiff would (only its two inputs; same values, gradients equal up to rounding).
 
 Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES` maps them onto
 the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -91,7 +91,7 @@ class Runtime:
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
-    attention: str = "xla"  # xla | dot_product
+    attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -141,95 +141,6 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
 
 
 BTD = ("batch", "length", "act_embed")
-
-
-def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array) -> Array:
-    """[b, t, s] True where query t may attend key s: same non-padding segment, not in the future."""
-    kv_index_s = jnp.arange(kv_segment_bs.shape[1])
-    same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
-    return same & (kv_index_s[None, None, :] <= q_index_bt[:, :, None])
-
-
-def _masked_scores(q_bthf: Array, k_bshf: Array, mask_bts: Array) -> Array:
-    """fp32 [b, h, t, s]: q·k / sqrt(f) in the compute dtype, then fp32, masked to the fp32 minimum."""
-    scores = jnp.einsum("bthf,bshf->bhts", q_bthf, k_bshf) * (q_bthf.shape[-1] ** -0.5)
-    return jnp.where(mask_bts[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-
-
-def _softmax_stats(scores_bhts: Array) -> tuple[Array, Array, Array]:
-    """(probs, row max, row sum of exp): the same operations as `jax.nn.softmax`."""
-    max_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
-    unnormalized = jnp.exp(scores_bhts - max_bht1)
-    sum_bht1 = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return unnormalized / sum_bht1, max_bht1, sum_bht1
-
-
-@jax.custom_vjp
-def _attention(q_bthf: Array, k_bshf: Array, v_bshf: Array, mask_bts: Array) -> Array:
-    return _attention_fwd(q_bthf, k_bshf, v_bshf, mask_bts)[0]
-
-
-def _attention_fwd(q_bthf, k_bshf, v_bshf, mask_bts):
-    probs, max_bht1, sum_bht1 = _softmax_stats(_masked_scores(q_bthf, k_bshf, mask_bts))
-    out = jnp.einsum("bhts,bshf->bthf", probs.astype(v_bshf.dtype), v_bshf)
-    return out, (q_bthf, k_bshf, v_bshf, mask_bts, max_bht1, sum_bht1)
-
-
-def _attention_bwd(res, g_bthf):
-    """The probabilities are recomputed from q, k and the saved row max and sum (bit-identical to
-    the forward's); only [b, h, t] statistics are kept, not the [b, h, t, s] probabilities."""
-    q_bthf, k_bshf, v_bshf, mask_bts, max_bht1, sum_bht1 = res
-    probs = jnp.exp(_masked_scores(q_bthf, k_bshf, mask_bts) - max_bht1) / sum_bht1
-    dv_bshf = jnp.einsum("bhts,bthf->bshf", probs.astype(v_bshf.dtype), g_bthf.astype(v_bshf.dtype))
-    dprobs = jnp.einsum("bthf,bshf->bhts", g_bthf.astype(v_bshf.dtype), v_bshf, preferred_element_type=jnp.float32)
-    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
-    dscores = jnp.where(mask_bts[:, None], dscores, 0.0)
-    dscores = (dscores.astype(q_bthf.dtype) * (q_bthf.shape[-1] ** -0.5)).astype(q_bthf.dtype)
-    dq_bthf = jnp.einsum("bhts,bshf->bthf", dscores, k_bshf)
-    dk_bshf = jnp.einsum("bhts,bthf->bshf", dscores, q_bthf)
-    return dq_bthf, dk_bshf, dv_bshf, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) -> Array:
-    """Reference attention: scores in the compute dtype, softmax in fp32 (as transformers' eager).
-
-    KV heads are repeated up to the query heads (as transformers' `repeat_kv`): plain 4-D batched
-    matmuls run ~1.8x faster on XLA:CPU than the grouped 5-D einsum. The gradient is a custom rule
-    that recomputes the probabilities instead of saving them (see `_attention_bwd`).
-    """
-    h, k = q_bthf.shape[2], k_bskf.shape[2]
-    if k != h:
-        k_bshf, v_bshf = jnp.repeat(k_bskf, h // k, axis=2), jnp.repeat(v_bskf, h // k, axis=2)
-    else:
-        k_bshf, v_bshf = k_bskf, v_bskf
-    return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
-
-
-def _cudnn_can_run(q_bthf: Array) -> bool:
-    # cuDNN flash attention: GPU, half precision, head_dim a multiple of 8 up to 128.
-    f = q_bthf.shape[-1]
-    return (jax.default_backend() == "gpu" and q_bthf.dtype in (jnp.bfloat16, jnp.float16)
-            and f % 8 == 0 and f <= 128)
-
-
-def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array, causal: bool = False) -> Array:
-    """`jax.nn.dot_product_attention`, asking for cuDNN flash attention where it can run.
-
-    JAX's default implementation is XLA's even on GPU, so cuDNN is requested explicitly; if it
-    refuses the shapes at trace time, XLA's is used. `causal` (queries at the key positions, i.e.
-    not decoding into a cache) lets cuDNN skip the masked-out upper triangle; the mask already
-    holds causality, so both implementations compute the same thing.
-    """
-    kw = dict(mask=mask_bts[:, None], is_causal=causal)
-    if _cudnn_can_run(q_bthf):
-        try:
-            return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, implementation="cudnn", **kw)
-        except (ValueError, NotImplementedError, RuntimeError):
-            pass  # an unsupported shape or cuDNN version: XLA below
-    return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, **kw)
 
 
 def _lora_a_init(key, shape, dtype):
@@ -316,10 +227,11 @@ class Attention(nn.Module):
             v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
             cache = {"k": k_btkf, "v": v_btkf}
         k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
-        if self.runtime.attention == "dot_product":  # causal unless decoding into a cache
-            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None)
-        else:
+        if self.runtime.attention == "xla":
             o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
+        else:  # causal unless decoding into a cache
+            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
+                                fallback=self.runtime.attention == "auto")
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
         return out, cache
 

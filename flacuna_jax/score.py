@@ -47,7 +47,10 @@ def request_tokens(tokenizer: Any, context: str, continuation: str, max_len: int
     n_cont = len(whole) - n_ctx
     if n_ctx == 0 and n_cont > 0:
         raise ScoreInputError("empty context and a tokenizer that adds no BOS: the first token has nothing to condition on")
-    return whole[-(max_len + 1):], n_cont  # keep the end, as lm-evaluation-harness does
+    if n_cont > max_len:  # lm-evaluation-harness asserts the same: no window holds every scored token
+        raise ScoreInputError(f"the continuation is {n_cont} tokens, longer than the model's context window of "
+                              f"{max_len} tokens")
+    return whole[-(max_len + 1):], n_cont  # keep the end: the context is cut from the left, as lm-eval does
 
 
 def _bucket(n: int, step: int = 32) -> int:
@@ -76,7 +79,12 @@ def make_token_scorer(model: Any):
 def score_requests(model: Any, params: Any, tokenizer: Any, requests: Iterable[tuple[str, str]],
                    batch_size: int = 8) -> list[dict]:
     max_len = model.config.max_position_embeddings
-    toks = [request_tokens(tokenizer, c, x, max_len) for c, x in requests]
+    toks = []
+    for i, (context, continuation) in enumerate(requests, 1):
+        try:
+            toks.append(request_tokens(tokenizer, context, continuation, max_len))
+        except ScoreInputError as e:
+            raise ScoreInputError(f"request {i}: {e}") from None
     scorer = make_token_scorer(model)
     results: list[dict] = [None] * len(toks)  # type: ignore[list-item]
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i][0]))  # similar lengths batch together

@@ -23,6 +23,11 @@ prefix (``▁A chat``); text right after ``</s>`` gets none (``USER`` not
 literal FastChat string, and the ids decode back to that exact string.
 (``legacy=True`` would insert a space after every ``</s>``.)
 
+BOS: the tokenizer's own rule decides. A LLaMA SentencePiece tokenizer adds it
+(``add_bos_token``, true unless its tokenizer_config.json says otherwise); any other
+tokenizer gets the special tokens it puts before a text itself (SmolLM2's byte-level
+BPE: none). ``tokenizer.prefix_ids`` holds them.
+
 Mask: BOS, the system text and user turns are 0; each assistant answer and
 its EOS are 1. An empty assistant message is rendered as FastChat does
 (``ASSISTANT:`` with no ``</s>``) and trains nothing.
@@ -148,7 +153,7 @@ class SegmentTokenizer:
     the prefix is then added by hand to the first segment only.
     """
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, add_bos: bool = True):
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(model_proto)
         norm = proto.normalizer_spec
@@ -163,6 +168,7 @@ class SegmentTokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError("SentencePiece model needs bos and eos ids")
         self.vocab_size = self._sp.get_piece_size()
+        self.prefix_ids: tuple[int, ...] = (self.bos_id,) if add_bos else ()
 
     def __getstate__(self):  # picklable for worker processes
         return {k: v for k, v in self.__dict__.items() if k != "_sp"}
@@ -189,7 +195,12 @@ class SegmentTokenizer:
         model = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
         if model.endswith(".model") and os.path.isfile(model):
             with open(model, "rb") as f:
-                return cls(f.read())
+                proto = f.read()
+            if is_path:
+                return cls(proto, _config_add_bos(os.path.dirname(model)))
+            segments = cls(proto)  # an HF tokenizer object: does it put BOS before a text?
+            segments.prefix_ids = (segments.bos_id,) if tokenizer("a")["input_ids"][:1] == [segments.bos_id] else ()
+            return segments
         if is_path:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"tokenizer not found: {path}")
@@ -219,19 +230,39 @@ class SegmentTokenizer:
         return text
 
 
+def _config_add_bos(directory: str) -> bool:
+    """tokenizer_config.json's add_bos_token beside a tokenizer.model (LLaMA's default, true, without one)."""
+    import json
+
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("add_bos_token", True)
+    except (OSError, ValueError):
+        return True
+    return value is not False
+
+
 class HFSegmentTokenizer:
     """Fallback for tokenizers without a SentencePiece model (e.g. byte/char-level ones).
 
-    Each segment is encoded with ``add_special_tokens=False``. That is only exact when the
-    tokenizer adds nothing at the start of a text, which is checked on a probe at load.
+    Each segment is encoded with ``add_special_tokens=False``, which is only exact when the
+    tokenizer's pieces do not merge across segment boundaries: checked on a probe at load.
+    The special tokens the tokenizer itself puts before a text (BOS or none) are found on a
+    probe too and become ``prefix_ids``.
     """
 
     def __init__(self, tokenizer: Any):
         self._tok = tokenizer
         self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} needs bos and eos tokens")
+        if self.eos_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} needs an eos token")
         self.vocab_size = len(tokenizer)
+        probe = "USER: hi"
+        plain, special = tokenizer(probe, add_special_tokens=False)["input_ids"], tokenizer(probe)["input_ids"]
+        starts = [i for i in range(len(special) - len(plain) + 1) if special[i:i + len(plain)] == plain]
+        if not starts:
+            raise ValueError(f"{type(tokenizer).__name__}: special tokens change the text's own ids")
+        self.prefix_ids = tuple(int(i) for i in special[:starts[0]])
         head, tail = "USER: hi ASSISTANT:", " yo"
         whole, parts = self.encode_texts([head + tail], True)[0], self.encode_texts([head, tail], True)
         if whole != parts[0] + parts[1]:
@@ -244,8 +275,8 @@ class HFSegmentTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
-        if ids and ids[0] == self.bos_id:
-            ids = ids[1:]
+        if self.prefix_ids and tuple(ids[:len(self.prefix_ids)]) == self.prefix_ids:
+            ids = ids[len(self.prefix_ids):]
         chunks = _split_at(ids, self.eos_id)
         backend = getattr(self._tok, "backend_tokenizer", None)
         if backend is not None and backend.decoder is None:  # plain vocab: tokens are text
@@ -262,7 +293,7 @@ class Encoded:
 
 def encode(conversations: Sequence[dict[str, Any]], tokenizer: Any,
            system: str | None = None) -> Encoded:
-    """Token ids and per-token loss mask of a conversation (BOS first, never truncated)."""
+    """Token ids and per-token loss mask of a conversation (BOS first where the tokenizer adds one; never truncated)."""
     tok = SegmentTokenizer.load(tokenizer)
     turns = normalize(conversations, system)
     return _encode_segments(segments(turns), tok, turns.skipped_leading)
@@ -272,7 +303,7 @@ def _encode_segments(segs: list[tuple[str, bool]], tok: SegmentTokenizer,
                      skipped: int) -> Encoded:
     texts = [t for t, _ in segs if t != SEP2]
     encoded = iter(tok.encode_texts(texts, first=True))
-    ids, mask = [tok.bos_id], [0]
+    ids, mask = list(tok.prefix_ids), [0] * len(tok.prefix_ids)
     for text, trained in segs:
         piece = [tok.eos_id] if text == SEP2 else next(encoded)
         ids += piece

@@ -9,19 +9,21 @@ from pathlib import Path
 import numpy as np
 
 
-def write_char_tokenizer(out: Path) -> Path:
-    """A fast tokenizer, one token per printable ASCII character, BOS added: no training needed."""
+def write_char_tokenizer(out: Path, add_bos: bool = True) -> Path:
+    """A fast tokenizer, one token per printable ASCII character, BOS added unless add_bos=False (as
+    SmolLM2's byte-level BPE adds none): no training needed."""
     from tokenizers import Tokenizer, models, processors
 
     chars = sorted(set(string.printable) - set("\x0b\x0c"))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True}))
+        "unk_token": "<unk>", "add_bos_token": add_bos}))
     return out
 
 

@@ -54,6 +54,42 @@ def test_cache_keyed_by_content(tmp_path, cache):
     assert s2.directory != s1.directory and len(s2) == 2
 
 
+def test_hub_source_keyed_by_revision_and_fingerprint(cache, monkeypatch):
+    """A hub dataset that changes under the same id (a new revision pushed) is converted again;
+    an explicit @revision reaches datasets and keys its own store. The hub is a local stand-in."""
+    import datasets
+
+    hub = {None: GOOD, "v1": GOOD[:2]}
+    asked = []
+
+    def load_dataset(path, split, revision=None):
+        asked.append((path, revision))
+        return datasets.Dataset.from_list(hub[revision])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    latest = open_source("hf://org/flan", cache_dir=cache)
+    assert records(latest) == GOOD
+    hub[None] = GOOD[3:]  # the hub's main branch moves on
+    moved = open_source("hf://org/flan", cache_dir=cache)
+    assert moved.directory != latest.directory and records(moved) == GOOD[3:]
+    pinned = open_source("hf://org/flan@v1", cache_dir=cache)
+    assert len(pinned) == 2 and asked[-1] == ("org/flan", "v1")
+
+
+def test_failed_or_losing_conversion_leaves_no_temporary_copy(tmp_path, cache):
+    from flacuna_jax.data import sources
+    from flacuna_jax.data.records import BadRecordLog
+
+    _err(tmp_path, cache, "bad.json", json.dumps(GOOD).replace('"a3"', '"a3" oops', 1))
+    assert os.listdir(cache) == []
+    # Two processes that both found no store: the loser of the rename drops its copy, keeps the winner's.
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, GOOD)
+    store = open_source(str(good), cache_dir=cache)
+    sources._convert(sources._read_json_file(str(good)), store.directory, str(good), BadRecordLog("error"))
+    assert os.listdir(cache) == [os.path.basename(store.directory)] and records(store) == GOOD
+
+
 def _err(tmp_path, cache, name, content, policy="error"):
     p = tmp_path / name
     p.write_bytes(content if isinstance(content, bytes) else content.encode())

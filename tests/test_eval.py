@@ -147,12 +147,12 @@ def test_cli_writes_json_and_table(decisive_dir, char_tokenizer_dir, tmp_path, m
     crass = _synthetic(tmp_path / "crass.jsonl", 3, 3, 4, "crass")
     out = tmp_path / "results.json"
     metrics = main(["--model", str(decisive_dir), "--tokenizer", str(char_tokenizer_dir), "--task", f"crass={crass}",
-                    "--heldout", str(heldout), "--k", "3", "--out", str(out)])
+                    "--heldout", str(heldout), "--k", "3", "--out", str(out)])["metrics"]
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics and set(metrics) >= {"crass:crass/acc", "heldout/loss", "heldout/perplexity"}
     assert metrics["crass:crass/n"] == 3  # the paper's 3 shots, all 3 lines scored
     table = capsys.readouterr().out
     assert "heldout/perplexity" in table and len(table.splitlines()) == len(metrics) + 2
     bbh = _synthetic(tmp_path / "bbh.jsonl", 5, 2, 6, "bbh")
-    metrics = main(["--model", str(decisive_dir), "--tokenizer", str(char_tokenizer_dir), "--task", f"bbh={bbh}"])
+    metrics = main(["--model", str(decisive_dir), "--tokenizer", str(char_tokenizer_dir), "--task", f"bbh={bbh}"])["metrics"]
     assert metrics["bbh:bbh/n"] == 2  # InstructEval's BBH default: the first 3 lines are shots

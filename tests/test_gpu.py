@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cuda python -m pytest tests/test_gpu.py      # scripts/gpu_session.sh runs it
 
-`model.fused_attention` asks for cuDNN and falls back to XLA when cuDNN refuses at trace time, so a
+`attention.fused_attention` asks for cuDNN and falls back to XLA when cuDNN refuses at trace time, so a
 refusal would only show as a slower run: these tests make it visible, and compare cuDNN with the
 reference attention in bf16 on packed rows (several segments, padding) with grouped-query heads,
 forward and backward, and one whole LoRA train step.
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flacuna_jax import attention as A
 from flacuna_jax import model as M
 from tests.test_step import make_batch, rel_err
 
@@ -31,7 +32,7 @@ def packed_qkv(b: int, t: int, h: int, k: int, f: int):
     kk = jax.random.normal(keys[1], (b, t, k, f), jnp.bfloat16)
     v = jax.random.normal(keys[2], (b, t, k, f), jnp.bfloat16)
     seg = jnp.asarray(batch["segment_ids"])
-    mask = M.attention_mask(seg, jnp.broadcast_to(jnp.arange(t), (b, t)), seg)
+    mask = A.attention_mask(seg, jnp.broadcast_to(jnp.arange(t), (b, t)), seg)
     # Only real query rows are compared (a padding row sees no key: each implementation fills it
     # differently, and nothing reads it); a random cotangent weighs every output.
     cotangent = jax.random.normal(keys[3], q.shape, jnp.float32) * (seg != 0)[:, :, None, None]
@@ -44,7 +45,7 @@ SHAPES = [(4, 256, 8, 8, 64), (4, 512, 8, 2, 128)]  # (b, t, heads, kv heads, he
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cudnn_is_what_runs(shape):
     q, k, v, mask, _ = packed_qkv(*shape)
-    grad = jax.grad(lambda q, k, v: M.fused_attention(q, k, v, mask, causal=True).astype(jnp.float32).sum(),
+    grad = jax.grad(lambda q, k, v: A.fused_attention(q, k, v, mask, causal=True).astype(jnp.float32).sum(),
                     argnums=(0, 1, 2))
     text = jax.jit(grad).lower(q, k, v).as_text()
     assert "__cudnn$fmha" in text and "Backward" in text, "fused_attention fell back to XLA"
@@ -60,8 +61,8 @@ def test_cudnn_equals_xla_attention_forward_and_backward(shape):
             return out, vjp(cotangent.astype(out.dtype))
         return jax.jit(run)(q, k, v)
 
-    cudnn = functools.partial(M.fused_attention, causal=True)  # as in training
-    (out_c, grads_c), (out_x, grads_x) = forward_and_grads(cudnn), forward_and_grads(M.xla_attention)
+    cudnn = functools.partial(A.fused_attention, causal=True)  # as in training
+    (out_c, grads_c), (out_x, grads_x) = forward_and_grads(cudnn), forward_and_grads(A.xla_attention)
     real = np.asarray(cotangent[..., 0, 0] != 0)  # [b, t]
     assert rel_err(np.asarray(out_c, np.float32)[real], np.asarray(out_x, np.float32)[real]) < BF16_TOL
     for name, gc, gx in zip("qkv", grads_c, grads_x):

@@ -66,7 +66,7 @@ def test_rope_matches(tiny_model_dir, preset):
 
 @pytest.mark.parametrize("preset", ["mha", "gqa"])
 def test_attention_matches(tiny_model_dir, preset):
-    from flacuna_jax.model import attention_mask
+    from flacuna_jax.attention import attention_mask
 
     path = tiny_model_dir(preset)
     model, params = hf.load_pretrained(path)
@@ -176,7 +176,7 @@ def _rel_err(a, b):
 def test_attention_gradient_equals_autodiff(kv_heads):
     """xla_attention's custom gradient (probabilities recomputed from the saved row max and sum)
     against autodiff through the plain softmax, with packed segments and padding rows."""
-    from flacuna_jax.model import attention_mask, xla_attention
+    from flacuna_jax.attention import attention_mask, xla_attention
 
     def reference(q, k, v, mask):
         k, v = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2), jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)

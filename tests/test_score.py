@@ -75,3 +75,33 @@ def test_repeated_scoring_reuses_one_compiled_scorer(tiny_model_dir, char_tokeni
     second = score.score_requests(model, params, tok, reqs, batch_size=2)
     assert first == second
     assert score.make_token_scorer(model)._cache_size() == 1
+
+
+def test_a_request_longer_than_the_window_is_cut_from_the_left_or_refused(tiny_model_dir, char_tokenizer_dir):
+    """Context + continuation beyond the window: the context loses its first tokens (lm-eval's rule)
+    and every continuation token is still scored; a continuation alone beyond it is refused."""
+    import dataclasses
+
+    from flacuna_jax import hf
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    model_dir = tiny_model_dir("mha")
+    model, params = hf.load_pretrained(model_dir)
+    window = 16
+    model = model.clone(config=dataclasses.replace(model.config, max_position_embeddings=window))
+    tok = load_tokenizer(char_tokenizer_dir)
+    context, continuation = "the context is much longer than the window", " abcdefghij"
+    [got] = score.score_requests(model, params, tok, [(context, continuation)], batch_size=1)
+    whole = tok(context + continuation)["input_ids"]
+    n = len(whole) - len(tok(context)["input_ids"])
+    kept = whole[-(window + 1):]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_reference(model_dir)(torch.tensor([kept[:-1]])).logits[0].double(), -1)
+    ref = logp[torch.arange(len(kept) - 1 - n, len(kept) - 1), torch.tensor(kept[-n:])].sum().item()
+    assert got["num_tokens"] == n == len(continuation)
+    assert abs(got["loglik"] - ref) <= 1e-3
+
+    fits = ("ctx", "x" * window)  # exactly the window: the last context token conditions the first
+    assert score.score_requests(model, params, tok, [fits], batch_size=1)[0]["num_tokens"] == window
+    with pytest.raises(score.ScoreInputError, match=r"request 2: the continuation is 17 tokens, longer than .* 16 tokens"):
+        score.score_requests(model, params, tok, [fits, ("ctx", "x" * (window + 1))], batch_size=1)

@@ -115,7 +115,7 @@ def test_in_training_eval_tasks_equal_the_eval_cli(assets, tmp_path):
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/mmlu:quiz/acc" in r]
     assert [r["step"] for r in evals] == [5, 10] and all(r["eval/mmlu:quiz/n"] == 15 for r in evals)
     cli = eval_cli.main(["--model", assets["model"], "--run", str(out), "--task", f"mmlu={quiz}", "--k", "1",
-                         "--dtype", "float32"])
+                         "--dtype", "float32"])["metrics"]
     assert cli["mmlu:quiz/n"] == 15 and cli["mmlu:quiz/acc"] == evals[-1]["eval/mmlu:quiz/acc"]
 
 

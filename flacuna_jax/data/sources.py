@@ -7,14 +7,15 @@ Accepted ``path`` forms (``data.sources: [{path, weight}]``, a plain string = we
 - ``x.jsonl``: one record per line
 - ``x.parquet``, a directory of ``*.parquet`` chunks, or a glob such as ``dir/*.parquet``
 - a local ``datasets`` ``save_to_disk`` directory
-- a HF datasets hub id, written ``hf://owner/name`` (or a bare ``owner/name`` with
-  ``allow_hub=True``), so that nothing is downloaded unless asked for; tests use local paths
+- a HF datasets hub id, written ``hf://owner/name`` or ``hf://owner/name@revision`` (or bare,
+  with ``allow_hub=True``), so that nothing is downloaded unless asked for; tests use local paths
 
 Every source is converted once into ``<cache_dir>/<key>/`` (``records.jsonl`` with one
 validated record per line, ``offsets.npy`` and ``meta.json``), where ``key`` hashes the
-input bytes, so a changed file is re-converted and an unchanged one is reused. Records are
-then read by index with ``os.pread``: global shuffling and exact resumption need random
-access, and each host reads only the records it is assigned.
+input bytes (of a hub dataset: its id, revision and ``datasets`` fingerprint), so a changed
+source is re-converted and an unchanged one is reused. Records are then read by index with
+``os.pread``: global shuffling and exact resumption need random access, and each host reads
+only the records it is assigned.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from typing import Any, Iterable, Iterator
@@ -119,9 +121,23 @@ def open_source(path: str, *, cache_dir: str | None = None, on_bad_record: str =
 
 def _convert(records: Iterable[tuple[str, str, Any]], directory: str, path: str,
              log: BadRecordLog) -> None:
+    """Writes the store into a private temporary directory renamed into place at the end: a failed
+    conversion removes it, and of two racing conversions the loser removes its own copy."""
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        _write_store(records, tmp, path, log)
+        try:
+            os.rename(tmp, directory)  # atomic; another process may have won the race
+        except OSError:
+            if not os.path.exists(os.path.join(directory, "meta.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless this conversion failed or lost
+
+
+def _write_store(records: Iterable[tuple[str, str, Any]], tmp: str, path: str, log: BadRecordLog) -> None:
     offsets, n = [0], 0
     with open(os.path.join(tmp, "records.jsonl"), "wb") as out:
         for where, default_id, obj in records:
@@ -144,11 +160,6 @@ def _convert(records: Iterable[tuple[str, str, Any]], directory: str, path: str,
             "format_version": FORMAT_VERSION}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    try:
-        os.rename(tmp, directory)  # atomic; another process may have won the race
-    except OSError:
-        if not os.path.exists(os.path.join(directory, "meta.json")):
-            raise
 
 
 def _file_hash(paths: list[str]) -> str:
@@ -178,7 +189,7 @@ def _resolve(path: str, allow_hub: bool):
                 os.path.exists(os.path.join(path, "dataset_dict.json")):
             files = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
             files = [f for f in files if os.path.isfile(f)]
-            return "disk", _file_hash(files), lambda: _read_hf(path, hub=False)
+            return "disk", _file_hash(files), lambda: _dataset_rows(_load_hf(path, hub=False), path)
         files = sorted(glob.glob(os.path.join(path, "*.parquet")))
         if not files:
             raise DataError(f"{path}: directory has neither *.parquet files nor a "
@@ -193,8 +204,11 @@ def _resolve(path: str, allow_hub: bool):
             return "json", _file_hash([path]), lambda: _read_json_file(path)
         raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .zip, .parquet)")
     hub_id = path[len("hf://"):] if path.startswith("hf://") else (path if allow_hub else "")
+    hub_id, _, revision = hub_id.partition("@")
     if hub_id.count("/") == 1 and not hub_id.startswith((".", "/")):
-        return "hub", hub_id, lambda: _read_hf(hub_id, hub=True)
+        # Loaded before the key is known: the fingerprint changes with the revision and the data files.
+        ds = _load_hf(hub_id, hub=True, revision=revision or None)
+        return "hub", f"{hub_id}@{revision}:{ds._fingerprint}", lambda: _dataset_rows(ds, path)
     raise DataError(f"{path}: no such file or directory"
                     + ("" if allow_hub else " (write hf://owner/name for a HF hub dataset)"))
 
@@ -308,15 +322,19 @@ def _read_parquet(files: list[str]):
             yield f"{f}: row {i}", f"{os.path.basename(f)}:{i}", row
 
 
-def _read_hf(path: str, hub: bool):
+def _load_hf(path: str, hub: bool, revision: str | None = None):
     import datasets
     try:
-        ds = datasets.load_dataset(path, split="train") if hub else datasets.load_from_disk(path)
+        ds = datasets.load_dataset(path, split="train", revision=revision) if hub else datasets.load_from_disk(path)
     except Exception as e:
         raise DataError(f"{path}: cannot load dataset: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split: {list(ds)}")
         ds = ds["train"]
+    return ds
+
+
+def _dataset_rows(ds, path: str):
     for i, row in enumerate(tqdm(ds, desc=f"converting {path}", disable=len(ds) < 100_000)):
         yield f"{path}: row {i}", str(i), row
