@@ -17,9 +17,12 @@ How each host finds its rows: the training loop passes the positions ``rows`` (w
 that its devices hold under the batch sharding. A host encodes only the examples of those rows
 and leaves the others as padding that never leaves the host.
 
-What it costs per host: the table pass (1/P of one encoding of the split, once per run), then per
-step a packing decision on integers for all B rows (microseconds per row) and the encoding of its
-own B/P rows: per-host loader work falls as 1/P, as with per-host shards.
+What it costs per host: the table pass (1/P of one encoding of the split, once per run, before the
+first step), then per step the packing decision for all B rows (integers only: a few microseconds
+per example, the same on every host) and the encoding of the examples in its own B/P rows. Each
+example is thus encoded twice in all (once for the table, once by the host that builds its row),
+and a host's encoding work per step falls as 1/P, as with per-host shards; the planning of the
+other hosts' rows is the only work that does not.
 
 The iterator state is global (the next stream position, the open rows as stream positions, the
 counters), identical on every host: a checkpoint holds one state, valid for any topology. The
