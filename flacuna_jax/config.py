@@ -114,7 +114,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # 0: only at the end (when there is held-out data or tasks)
-    max_batches: int = 50  # held-out batches per evaluation (the split's loss: eval_loss)
+    max_batches: int = 50  # held-out rows per evaluation, in global batches (0: all); the split's loss: eval_loss
     # Multiple-choice tasks scored as `python -m flacuna_jax.eval --task` scores them, e.g.
     # [mmlu=data/mmlu_anatomy.jsonl, bbh=data/bbh_navigate.jsonl]; logged as eval/<style>:<stem>/acc.
     tasks: tuple[str, ...] = ()

@@ -72,7 +72,9 @@ class DataFeed:
         except EmptySplit:
             self.eval = None
         self.eval_host_rows = host_rows(self.sharding, self.eval_rows, seq_len)
-        self.eval_limit = cfg.eval.max_batches or None
+        # eval.max_batches counts global batches of train.global_batch_size rows, evaluated eval_rows at a
+        # time: the same held-out rows under every topology.
+        self.eval_limit = cfg.eval.max_batches * (rows // self.eval_rows) or None
 
     @property
     def has_eval(self) -> bool:
@@ -118,7 +120,8 @@ class DataFeed:
         return out
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
-        """Every held-out example once (at most eval.max_batches batches), the same batches on every process."""
+        """Every held-out example once (at most eval.max_batches global batches' worth of rows), the same
+        batches on every process and the same rows under every topology."""
         for i, host in enumerate(self.eval.iterator(self.eval_host_rows)):
             if self.eval_limit is not None and i >= self.eval_limit:
                 return
