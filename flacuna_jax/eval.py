@@ -36,9 +36,7 @@ from pathlib import Path
 
 from flacuna_jax.evals import BENCHMARKS, load_benchmark
 from flacuna_jax.evals.benchmark import Options
-from flacuna_jax.evals.loglik import (CRASS_PAPER_SHOTS, DEFAULT_SHOTS, STYLES, EvalInputError, EvalSuite,  # noqa: F401
-                                      McPrompt, Question, build_prompt, encode_heldout, fit_prompt, heldout_loss,
-                                      make_nll_fn, parse_task, read_questions, score_mc, split_shots)
+from flacuna_jax.evals.loglik import STYLES, EvalInputError, EvalSuite, parse_task
 from flacuna_jax.inference import add_model_args, load_from_args
 
 PROTOCOLS = ("instructeval", "loglik")
@@ -98,7 +96,7 @@ def _check_args(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the evaluation; returns {"benchmarks": {...}, "metrics": {...}} (what results.json holds)."""
     from flacuna_jax.evals import report
-    from flacuna_jax.evals.runner import Runner
+    from flacuna_jax.evals.runner import Runner, stop_ids
     from flacuna_jax.tokenizer import load_tokenizer
 
     a = build_parser().parse_args(argv)
@@ -115,19 +113,23 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {e}")
 
-    results, scored = {}, {}
+    results, scored, more = {}, {}, {}
     if benches:
-        runner = Runner(model, params, tokenizer, a.batch_size, a.seed)
+        runner = Runner(model, params, tokenizer, a.batch_size, a.seed, eos_ids=stop_ids(a.model, model, tokenizer))
         for bench in benches:
             try:
                 run = runner.run(bench)
             except ValueError as e:
                 sys.exit(f"error: {bench.name}: {e}")
             results[bench.name], scored[bench.name] = run.result, run.scored
+            if bench.name == "humaneval":
+                from flacuna_jax.evals.humaneval import pass_at_ks
+
+                more["humaneval"] = pass_at_ks(run.scored)  # pass@1 (= score), and @10, @100 with enough samples
             print(f"{bench.name}: {100 * run.result.score:.2f} over {run.result.n} examples "
                   f"({run.seconds:.1f}s, {run.result.n / max(run.seconds, 1e-9):.2f} ex/s)", file=sys.stderr)
     metrics = suite(params) if suite is not None else {}
-    out = {"benchmarks": report.results_dict(results), "metrics": metrics}
+    out = {"benchmarks": report.results_dict(results, more), "metrics": metrics}
     name = a.name or Path(a.run or a.adapter or a.model).name
     if results:
         print(report.format_tables(results, name, a.shots))
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"model": a.model, "adapter": a.adapter, "run": a.run, "protocol": a.protocol, "shots": a.shots,
                 "max_examples": a.max_examples, "temperature": a.temperature, "samples": a.samples}
     if a.out:
-        report.write_results(a.out, results, {"metrics": metrics, "settings": settings})
+        report.write_results(a.out, out["benchmarks"], {"metrics": metrics, "settings": settings})
     if a.predictions:
         report.write_predictions(a.predictions, scored)
     return out

@@ -107,18 +107,21 @@ class DecodeSpec:
 
 
 def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
-    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None) -> dict.
+    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None) -> dict.
 
     Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
     and "logits": [b, max_new, vocab] when collect_logits}. A traced `max_steps` (<= max_new) stops
     the loop earlier: one compiled decoder serves every shorter limit (evaluation's 2, 8 and 32).
+    `stop_table` [vocab, S] is a token-level automaton per row (state 0 at the start, state =
+    stop_table[token, state]): a row also ends, like at EOS, once it reaches the last state S - 1
+    (HumanEval's "a blank line after the code", `evals.humaneval.stop_table`).
     """
     if spec.stream and sink is None:
         raise ValueError("stream=True needs a sink")
     n_new = spec.max_new_tokens
     eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
 
-    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None):
+    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None):
         limit = n_new if max_steps is None else jnp.minimum(max_steps, n_new)
         b, width = ids_bt.shape
         variables = {"params": params}
@@ -136,6 +139,8 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         }
         if spec.collect_logits:
             state["all_logits"] = jnp.zeros((b, n_new, model.config.vocab_size), jnp.float32)
+        if stop_table is not None:
+            state["stop_state"] = jnp.zeros((b,), jnp.int32)
 
         def cond(s):
             return (s["step"] < limit) & ~jnp.all(s["done"])
@@ -150,6 +155,9 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
                        tokens=s["tokens"].at[:, s["step"]].set(token_b), position=s["position"] + 1)
             if spec.collect_logits:
                 out["all_logits"] = s["all_logits"].at[:, s["step"]].set(s["logits"])
+            if stop_table is not None:
+                out["stop_state"] = stop_table[token_b, s["stop_state"]].astype(jnp.int32)
+                out["done"] = out["done"] | (out["stop_state"] == stop_table.shape[1] - 1)
             logits_b1v, out["cache"] = model.apply(variables, token_b[:, None], s["position"][:, None],
                                                    jnp.ones((b, 1), jnp.int32), cache=s["cache"])
             out["logits"] = logits_b1v[:, 0].astype(jnp.float32)
@@ -181,6 +189,17 @@ def trim_completion(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def stop_length(tokens: Sequence[int], stop_table: np.ndarray) -> int:
+    """How many of `tokens` the decoder kept under `stop_table`: up to and including the token that
+    reached its last state (all of them if none did)."""
+    state, final = 0, stop_table.shape[1] - 1
+    for n, t in enumerate(tokens, 1):
+        state = int(stop_table[int(t), state])
+        if state == final:
+            return n
+    return len(tokens)
+
+
 class Generator:
     """Batched generation for one (model, params); compiled decoders are cached per setting."""
 
@@ -205,13 +224,15 @@ class Generator:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None,
-                     capacity: int | None = None) -> list[list[int]]:
+                     capacity: int | None = None, stop_table: np.ndarray | None = None) -> list[list[int]]:
         """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
 
         Prompts are sorted by length and decoded `batch_size` at a time; a sink streams batch 0.
         `capacity` (>= max_new_tokens) compiles the decoder for that many new tokens and stops it at
-        max_new_tokens, so calls with different limits share one compiled loop.
+        max_new_tokens, so calls with different limits share one compiled loop. `stop_table`: see
+        `make_decoder` (a row may end before EOS; its ids end there).
         """
+        table = None if stop_table is None else jnp.asarray(stop_table)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
         rng = jax.random.key(seed)
@@ -225,7 +246,7 @@ class Generator:
                 decode = self.decoder(max(max_new_tokens, capacity or 0), stream=sink is not None)
                 rng, key = jax.random.split(rng)
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
-                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
+                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table)
                 tokens_bn = np.asarray(jax.device_get(result["tokens"]))[:, :max_new_tokens]
                 if sink is not None:
                     jax.effects_barrier()  # every streamed token has reached the sink
@@ -233,6 +254,8 @@ class Generator:
                 self._sink = None
             for row, i in enumerate(idx):
                 out[i] = trim_completion(tokens_bn[row], self.eos_ids)
+                if stop_table is not None:
+                    out[i] = out[i][:stop_length(out[i], stop_table)]
         return out
 
 

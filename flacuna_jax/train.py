@@ -94,7 +94,7 @@ def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
 
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     """The `eval.tasks` multiple-choice suite, prepared once (the same code as `python -m flacuna_jax.eval`)."""
-    from flacuna_jax.eval import EvalInputError, EvalSuite, parse_task
+    from flacuna_jax.evals.loglik import EvalInputError, EvalSuite, parse_task
 
     if jax.process_count() > 1:
         raise ConfigError("config key 'eval.tasks': multiple-choice tasks are scored in single-process runs only; "

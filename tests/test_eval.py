@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from flacuna_jax import hf, tiny
-from flacuna_jax.eval import (CRASS_PAPER_SHOTS, EvalInputError, EvalSuite, Question, build_prompt, main,
-                              read_questions, score_mc)
+from flacuna_jax.eval import main
+from flacuna_jax.evals.loglik import (CRASS_PAPER_SHOTS, EvalInputError, EvalSuite, Question, build_prompt,
+                                      read_questions, score_mc)
 from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
 
 LOSS_TOL = 1e-4

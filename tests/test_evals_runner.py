@@ -170,3 +170,26 @@ def test_cli_input_errors_are_one_line(model_dir, tok_dir, tmp_path):
         main(base + ["--benchmark", f"mmlu={tmp_path}", "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="NAME one of"):
         main(base + ["--benchmark", "gsm8k=x", "--out", str(tmp_path / "r.json")])
+
+
+def test_cli_humaneval_executes_the_completions(model_dir, tok_dir, tmp_path):
+    """HumanEval through the CLI: task ids as ids, the executed (post-processed) completion as output,
+    pass@1 = the mean of the per-problem c / n; rows stop at the blank line that ends the completion."""
+    from flacuna_jax.eval import main
+    from flacuna_jax.evals.humaneval import filter_code
+
+    problems = [{"task_id": f"Toy/{i}", "prompt": f"def f{i}(x):\n    \"\"\"{i}\"\"\"\n",
+                 "canonical_solution": f"    return x + {i}\n", "test": f"def check(c):\n    assert c(1) == {1 + i}\n",
+                 "entry_point": f"f{i}"} for i in range(2)]
+    path = tmp_path / "HumanEval.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out, preds = tmp_path / "r.json", tmp_path / "p.jsonl"
+    main(["--model", str(model_dir), "--tokenizer", str(tok_dir), "--benchmark", f"humaneval={path}",
+          "--batch-size", str(BATCH), "--out", str(out), "--predictions", str(preds)])
+    he = json.loads(out.read_text())["benchmarks"]["humaneval"]
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert he["n"] == 2 and he["pass@1"] == he["score"] == sum(r["correct"] for r in records) / 2
+    assert [r["id"] for r in records] == ["Toy/0", "Toy/1"] and all(r["prompt"].startswith(
+        "Please complete the following Python code without providing any additional tasks such as testing or "
+        "explanations\ndef f") for r in records)
+    assert all(filter_code(r["output"]) == r["output"] for r in records)

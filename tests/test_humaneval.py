@@ -274,7 +274,7 @@ def test_smollm2_completions_equal_instructevals_transformers_loop(smollm2_dir):
     from flacuna_jax.inference import load_for_inference
     from tests.helpers import hf_reference
 
-    problems, budget = he.load(HUMAN_EVAL).problems[:4], 96
+    problems, budget = he.load(HUMAN_EVAL).problems[:3], 64
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     prompts = [he.build_prompt(p.prompt) for p in problems]
     ref = hf_reference(smollm2_dir)
@@ -285,7 +285,7 @@ def test_smollm2_completions_equal_instructevals_transformers_loop(smollm2_dir):
             out = ref.generate(**inputs, max_new_tokens=budget, pad_token_id=tok.eos_token_id, do_sample=False)
         theirs.append(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
     model, params = load_for_inference(str(smollm2_dir))
-    gen = Generator(model, params, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, batch_size=4)
+    gen = Generator(model, params, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, batch_size=3)
     ids = [tok(p)["input_ids"] for p in prompts]
     assert all(i[0] != tok.bos_token_id for i in ids)  # the tokenizer's own rule: no BOS
     ours_ids = gen.generate_ids(ids, budget)
@@ -298,4 +298,4 @@ def test_smollm2_completions_equal_instructevals_transformers_loop(smollm2_dir):
             assert (state == he.FINAL) == he.completion_is_final(tok.decode(c[:i + 1], skip_special_tokens=True))
     assert [he.postprocess(t) for t in ours] == [he.postprocess(t) for t in theirs]
     verdicts = [o.result for o in he.execute(problems * 2, [he.postprocess(t) for t in ours + theirs])]
-    assert verdicts[:4] == verdicts[4:]
+    assert verdicts[:3] == verdicts[3:]

@@ -39,15 +39,17 @@ TABLE4_PAPER = {
 }
 
 
-def results_dict(results: Mapping[str, Result]) -> dict:
-    return {name: {"score": r.score, "n": r.n, "tasks": {t: {"score": x.score, "n": x.n} for t, x in r.tasks.items()}}
-            for name, r in results.items()}
+def results_dict(results: Mapping[str, Result], more: Mapping[str, Mapping] | None = None) -> dict:
+    """{NAME: {"score", "n", "tasks": {TASK: {"score", "n"}}}}, plus `more[NAME]`'s keys (HumanEval's pass@k)."""
+    return {name: {"score": r.score, "n": r.n, "tasks": {t: {"score": x.score, "n": x.n} for t, x in r.tasks.items()},
+                   **(more or {}).get(name, {})} for name, r in results.items()}
 
 
-def write_results(path: str | Path, results: Mapping[str, Result], extra: Mapping | None = None) -> None:
+def write_results(path: str | Path, benchmarks: Mapping, extra: Mapping | None = None) -> None:
+    """results.json: {"benchmarks": `results_dict(...)`, **extra}."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmarks": results_dict(results), **(extra or {})}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmarks": benchmarks, **(extra or {})}, indent=2) + "\n")
 
 
 def prediction_records(benchmark: str, scored: Sequence[Scored]) -> list[dict]:

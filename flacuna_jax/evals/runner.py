@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -56,6 +58,20 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
+def stop_ids(model_dir: str | Path, model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The ids transformers' `generate` stops at: generation_config.json's eos_token_id (an id or a
+    list) where the model dir has one, else config.json's, plus the tokenizer's EOS."""
+    ids = [model.config.eos_token_id, tokenizer.eos_token_id]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except ValueError:
+            raise ValueError(f"{gen}: not valid JSON") from None
+        ids += eos if isinstance(eos, list) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @dataclasses.dataclass
 class BenchmarkRun:
     name: str
@@ -81,6 +97,7 @@ class Runner:
         self.generator = Generator(model, params, eos_ids=tuple(dict.fromkeys(eos_ids)), pad_id=pad,
                                    batch_size=batch_size)
         self._last_logits = None
+        self._stop = None
 
     # ---------------------------------------------------------------- the length rule
     def count_tokens(self, text: str) -> int:
@@ -91,8 +108,10 @@ class Runner:
         return lambda prompt: self.count_tokens(prompt) <= limit
 
     # ---------------------------------------------------------------- the requests
-    def generate(self, prompts: Sequence[str], request: Generate, label: str = "") -> list[list[str]]:
-        """`request.samples` completion texts per prompt, batched through the KV-cache decoder."""
+    def generate(self, prompts: Sequence[str], request: Generate, label: str = "",
+                 stop_table: np.ndarray | None = None) -> list[list[str]]:
+        """`request.samples` completion texts per prompt, batched through the KV-cache decoder
+        (`stop_table`: rows may end early, see `generate.make_decoder`)."""
         ids = [list(self.tokenizer(p)["input_ids"]) for p in prompts]
         for p, x in zip(prompts, ids):
             if not x:
@@ -107,7 +126,8 @@ class Runner:
             if len(batch) == 1 and len(order) > 1:
                 batch = batch * 2  # keep the batch shape compiled for the others (a single prompt runs unpadded)
             completions = self.generator.generate_ids(batch, request.max_new_tokens, request.temperature,
-                                                      seed=self.seed + n, capacity=capacity(request.max_new_tokens))
+                                                      seed=self.seed + n, capacity=capacity(request.max_new_tokens),
+                                                      stop_table=stop_table)
             for r, c in zip(chunk, completions):
                 texts[r] = self.tokenizer.decode(c, skip_special_tokens=True)
             bar.update(len(chunk))
@@ -140,13 +160,27 @@ class Runner:
             bar.update(len(chunk))
         return out
 
+    def _stop_table(self, bench: Benchmark) -> np.ndarray | None:
+        """A benchmark with `stop_when` (HumanEval: a blank line after the code ends what is executed)
+        has its rows stopped there in the loop, by `humaneval.stop_table`, the same rule token by token."""
+        if getattr(bench, "stop_when", None) is None:
+            return None
+        from flacuna_jax.evals.humaneval import stop_table
+
+        if self._stop is None:
+            table = stop_table(self.tokenizer)
+            extra = self.model.config.vocab_size - table.shape[0]  # ids past the tokenizer's: no text, no move
+            self._stop = np.concatenate([table, np.tile(np.arange(table.shape[1], dtype=table.dtype), (extra, 1))]) \
+                if extra > 0 else table
+        return self._stop
+
     # ---------------------------------------------------------------- a benchmark
     def run(self, bench: Benchmark) -> BenchmarkRun:
         t0 = time.perf_counter()
         request = bench.request
         examples = bench.examples(self.fits_for(request))
         if isinstance(request, Generate):
-            outputs: list = self.generate([e.prompt for e in examples], request, bench.name)
+            outputs: list = self.generate([e.prompt for e in examples], request, bench.name, self._stop_table(bench))
         elif isinstance(request, NextTokenLogits):
             flat = [p for e in examples for p in (e.prompt, *e.extra_prompts)]
             logits = self.next_token_logits(flat, request.tokens, bench.name)

@@ -324,6 +324,7 @@ def run_program(source: str, limits: Limits = Limits(), slot: int = 0) -> Outcom
         finally:
             _kill_group(proc)
             proc.wait()
+            proc.stdout.close()
     finally:
         for fd in (read_fd, write_fd):
             if fd >= 0:
