@@ -1,11 +1,13 @@
 """Input-pipeline throughput per host: tokens/s through template + mask + pack + batch.
 
-    python benchmarks/loader.py [--seq-len 2048] [--batch-size 8] [--num-workers 0]
+    python benchmarks/loader.py [--seq-len 2048] [--batch-size 8] [--num-workers 0] [--hosts 1]
 
 Uses the real LLaMA tokenizer and Vicuna conversations from ../shared/assets when present
 (copied to a temp dir; never into the project), else the generated demo sample and tokenizer.
-Prints one JSON line; ``tokens_per_s`` counts real (non-padding) tokens. Target: >= 100K on
-2 cores.
+Prints one JSON line; ``tokens_per_s`` counts the real (non-padding) tokens of the rows this host
+builds. ``--hosts N`` measures host 0 of N: it plans every row of the global batch (``--batch-size``)
+and builds its own B/N rows (data/batches.py). ``table_s`` is the one-time example-table pass
+(lengths of every record; with N hosts each does 1/N of it). Target: >= 100K on 2 cores.
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--packing", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--hosts", type=int, default=1, help="measure host 0 of this many (its share of the rows)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, tok, what = prepare(tmp)
         pipe = make_pipeline(data, tok, seq_len=args.seq_len, batch_size=args.batch_size,
                              epochs=None, packing=bool(args.packing),
                              num_workers=args.num_workers, cache_dir=os.path.join(tmp, "cache"))
-        it = pipe.iterator()
-        next(it)  # warm-up: worker start, first epoch order
+        t0 = time.perf_counter()
+        pipe.table  # the one-time pass over every record (its length), before the first batch
+        table_s = time.perf_counter() - t0
+        it = pipe.iterator(rows=range(args.batch_size // args.hosts))  # host 0's contiguous block of rows
+        next(it)  # warm-up: first epoch order
         tokens = batches = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
@@ -63,7 +69,8 @@ def main() -> None:
             it.close()
     print(json.dumps({"benchmark": "loader", "data": what, "seq_len": args.seq_len,
                       "batch_size": args.batch_size, "num_workers": args.num_workers,
-                      "packing": bool(args.packing), "batches": batches,
+                      "packing": bool(args.packing), "hosts": args.hosts, "batches": batches,
+                      "table_s": round(table_s, 2),
                       "tokens_per_s": round(tokens / dt), "batches_per_s": round(batches / dt, 2),
                       "cpus": os.cpu_count()}))
 

@@ -57,14 +57,15 @@ def measure(cfg, steps: int, warmup: int) -> dict:
 
     from flacuna_jax.optim import make_optimizer
     from flacuna_jax.sharding import make_mesh
-    from flacuna_jax.train import batch_layout, build_model, configured_train_step
+    from flacuna_jax.train import build_model
+    from flacuna_jax.train_compile import batch_layout, configured_train_step
     from flacuna_jax.train_data import DataFeed
     from flacuna_jax.train_state import init_train_state, state_shardings
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    accum, host_rows = batch_layout(cfg, mesh)
+    accum = batch_layout(cfg, mesh)
     model, frozen, trainable, p_shapes, p_shard = build_model(cfg, mesh)
-    feed = DataFeed(cfg, host_rows, mesh)
+    feed = DataFeed(cfg, mesh)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard, donate_argnums=(0,))(trainable)

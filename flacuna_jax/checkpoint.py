@@ -1,11 +1,13 @@
 """Training checkpoints with orbax: async, keep-K, atomic; the frozen base is never written.
 
-Layout: `output_dir/checkpoints/<step>/` with four items
+Layout: `output_dir/checkpoints/<step>/` with five items
 
     params     the trainable tree (LoRA factors; every weight for finetune=full)
     opt_state  its optimizer state
     misc       step, base RNG key, skipped-update counters
-    data       the Grain iterator state (JSON), so the next batch after a resume is the same
+    data       the data-iterator state (JSON, one for the whole job), so the next batch after a resume
+               is the same, under any number of processes and devices
+    spec       what defines these weights (`run_spec.py`: base model, tokenizer, LoRA shape, data stream)
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous step as the latest usable one (temporary leftovers are removed
@@ -13,11 +15,13 @@ when the manager next opens the directory). Saves are asynchronous: the arrays a
 before `save` returns, the files are written in the background; `wait()` blocks until done.
 
 `load_trainable(run_dir)` is the export entry point: the trainable tree as numpy arrays plus the
-run's `Config`, restored on CPU whatever mesh trained it.
+run's `Config` (`config.yaml` with the checkpoint's own spec on top), restored on CPU whatever mesh
+trained it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -28,9 +32,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flacuna_jax.config import Config, load_config
+from flacuna_jax.run_spec import spec_overrides
 from flacuna_jax.train_state import TrainState
 
-ITEMS = ("params", "opt_state", "misc", "data")
+ITEMS = ("params", "opt_state", "misc", "data", "spec")
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -58,15 +63,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, data_state: Any) -> None:
-        """Starts an async save of `state` (after `step` completed steps) and the iterator state."""
+    def save(self, step: int, state: TrainState, data_state: Any, spec: dict | None = None) -> None:
+        """Starts an async save of `state` (after `step` completed steps), the iterator state and the
+        run's spec."""
         items = state.items()
+        extra = {} if spec is None else {"spec": ocp.args.JsonSave(spec)}
         self.manager.save(step, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(items["params"]),
             opt_state=ocp.args.StandardSave(items["opt_state"]),
             misc=ocp.args.StandardSave(items["misc"]),
             data=ocp.args.JsonSave({"iterator": data_state}),
+            **extra,
         ))
+
+    def spec(self, step: int) -> dict | None:
+        """The spec stored with checkpoint `step` (None for a checkpoint saved without one)."""
+        return stored_spec(self.directory, step)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
         """(state placed like `target`'s ShapeDtypeStructs, data-iterator state) at `step`."""
@@ -88,6 +100,19 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_complete_step(run_dir: str | Path) -> int | None:
+    """The latest complete checkpoint's step, read from the directory names alone (orbax renames a
+    step's temporary directory to the bare number when it is complete), without opening a manager."""
+    d = checkpoint_dir(run_dir)
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()] if d.is_dir() else []
+    return max(steps, default=None)
+
+
+def stored_spec(ckpt_dir: Path, step: int) -> dict | None:
+    path = Path(ckpt_dir) / str(step) / "spec" / "metadata"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def restore_params_numpy(manager: ocp.CheckpointManager, step: int) -> Any:
     """The `params` item of `step` as host numpy arrays (no devices or mesh needed)."""
     meta = manager.item_metadata(step)["params"]
@@ -104,13 +129,13 @@ def load_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, A
     """(step, trainable params as numpy arrays, the run's Config) from a training run directory.
 
     `step=None` takes the latest complete checkpoint. The config is `run_dir/config.yaml`, as
-    `python -m flacuna_jax.train` wrote it.
+    `python -m flacuna_jax.train` wrote it, with the checkpoint's spec (model, tokenizer, LoRA shape)
+    on top: what the weights were trained as, whatever a later launch did to config.yaml.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointNotFound(f"{cfg_path} not found (is {run_dir} a training output_dir?)")
-    cfg = load_config(cfg_path)
     ckpt_dir = checkpoint_dir(run_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointNotFound(f"{run_dir}: no checkpoints directory")
@@ -127,6 +152,8 @@ def load_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, A
             step = steps[-1]
         elif step not in steps:
             raise CheckpointNotFound(f"{ckpt_dir}: no checkpoint at step {step} (have {steps})")
+        spec = stored_spec(ckpt_dir, step)
+        cfg = load_config(cfg_path, spec_overrides(spec) if spec else [])
         return int(step), restore_params_numpy(manager, step), cfg
     finally:
         manager.close()

@@ -9,6 +9,7 @@ a value of the wrong type is a `ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # 0: only at the end (when there is held-out data or tasks)
-    max_batches: int = 50  # held-out batches per evaluation (the split's loss: eval_loss)
+    max_batches: int = 50  # held-out rows per evaluation, in global batches (0: all); the split's loss: eval_loss
     # Multiple-choice tasks scored as `python -m flacuna_jax.eval --task` scores them, e.g.
     # [mmlu=data/mmlu_anatomy.jsonl, bbh=data/bbh_navigate.jsonl]; logged as eval/<style>:<stem>/acc.
     # lm-evaluation-harness tasks as lm_eval:<task> (e.g. lm_eval:arc_easy), run by flacuna_jax.lm_eval
@@ -161,7 +162,26 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the model's projections
+_POS = (lambda v: v > 0, "> 0")
+_NONNEG = (lambda v: v >= 0, ">= 0")
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+_AXIS = (lambda v: v > 0 or v == -1, "> 0 or -1 (fills the remaining devices)")
+# Every numeric key and the values it accepts (NaN and infinities never; None where a key is
+# optional means unset). tests/test_config.py checks that every numeric key is listed.
+_RANGES = {
+    "seed": _NONNEG,
+    "data.eval_fraction": _UNIT, "data.split_seed": _NONNEG, "data.num_workers": _NONNEG,
+    "train.steps": _POS, "train.seq_len": (lambda v: v >= 2, ">= 2"), "train.global_batch_size": _POS,
+    "train.per_device_batch_size": _POS, "train.epochs": _POS, "train.max_nonfinite_steps": _POS,
+    "train.loss_chunk": _NONNEG,
+    "optim.lr": _POS, "optim.warmup_steps": _NONNEG, "optim.weight_decay": _NONNEG, "optim.clip_norm": _NONNEG,
+    "optim.b1": _UNIT, "optim.b2": _UNIT, "optim.eps": _POS, "optim.momentum": _UNIT,
+    "lora.rank": _POS, "lora.alpha": _POS, "lora.dropout": _UNIT,
+    "mesh.data": _AXIS, "mesh.fsdp": _AXIS, "mesh.tensor": _AXIS,
+    "checkpoint.every": _POS, "checkpoint.keep": _POS, "log.every": _POS,
+    "eval.every": _NONNEG, "eval.max_batches": _NONNEG, "eval.k": _NONNEG, "eval.max_examples": _POS,
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -237,11 +257,16 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _get(flat: dict, key: str) -> Any:
+    for part in key.split("."):
+        flat = flat[part]
+    return flat
+
+
 def _validate(cfg: Config) -> None:
     flat = to_dict(cfg)
     for key, allowed in _CHOICES.items():
-        section, _, leaf = key.rpartition(".")
-        value = flat[section][leaf] if section else flat[leaf]
+        value = _get(flat, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
     if cfg.model.base_quant != "none" and cfg.finetune != "lora":
@@ -252,32 +277,15 @@ def _validate(cfg: Config) -> None:
     for t in cfg.lora.targets:
         if t not in LORA_TARGETS:
             raise ConfigError(f"config key 'lora.targets': unknown target {t!r} (known: {', '.join(LORA_TARGETS)})")
-    positive = {
-        "train.seq_len": cfg.train.seq_len,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "train.per_device_batch_size": cfg.train.per_device_batch_size,
-        "train.epochs": cfg.train.epochs,
-        "lora.rank": cfg.lora.rank,
-        "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "log.every": cfg.log.every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': must be positive, got {value}")
-    if cfg.train.steps is not None and cfg.train.steps <= 0:
-        raise ConfigError(f"config key 'train.steps': must be positive, got {cfg.train.steps}")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        raise ConfigError(f"config key 'lora.dropout': must be in [0, 1), got {cfg.lora.dropout}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {cfg.data.eval_fraction}")
+    for key, (ok, text) in _RANGES.items():
+        value = _get(flat, key)
+        if value is None:  # an optional key left unset
+            continue
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"config key '{key}': must be {text}, got {value!r}")
     for i, s in enumerate(cfg.data.sources):
-        if s.weight < 0:
-            raise ConfigError(f"config key 'data.sources[{i}].weight': must be >= 0, got {s.weight}")
-    for axis in ("data", "fsdp", "tensor"):
-        v = getattr(cfg.mesh, axis)
-        if v == 0 or v < -1:
-            raise ConfigError(f"config key 'mesh.{axis}': must be positive or -1, got {v}")
+        if not (math.isfinite(s.weight) and s.weight >= 0):
+            raise ConfigError(f"config key 'data.sources[{i}].weight': must be a finite number >= 0, got {s.weight}")
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -151,6 +151,14 @@ def _lora_a_init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def row_dropout(x_btd: Array, rate: float, key: Array, rows_b: Array | None) -> Array:
+    """Dropout whose mask for row i is drawn from fold_in(key, rows_b[i]): with global row ids, the
+    masks do not depend on how the batch is split over devices or micro-batches."""
+    rows_b = jnp.arange(x_btd.shape[0]) if rows_b is None else rows_b
+    keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), 1.0 - rate, x_btd.shape[1:]))(rows_b)
+    return jnp.where(keep, x_btd / (1.0 - rate), 0).astype(x_btd.dtype)
+
+
 class Linear(nn.Module):
     """y = x W (+ scale * dropout(x) A B when this projection carries LoRA)."""
 
@@ -162,7 +170,7 @@ class Linear(nn.Module):
     quantizable: bool = False  # runtime.base_quant applies (the decoder layers' projections, not lm_head)
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rows_b: Array | None = None) -> Array:
         rt = self.runtime
         if self.quantizable and rt.base_quant != "none":
             kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
@@ -179,7 +187,8 @@ class Linear(nn.Module):
                        (x.shape[-1], self.lora.rank), jnp.float32)
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                        (self.lora.rank, self.features), jnp.float32)
-        x = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+        if not self.deterministic and self.lora.dropout > 0:
+            x = row_dropout(x, self.lora.dropout, self.make_rng("dropout"), rows_b)
         return y + ((x @ a.astype(rt.compute_dtype)) @ b.astype(rt.compute_dtype)) * self.lora.scale
 
 
@@ -209,12 +218,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
-                 write_index: Array | None = None) -> tuple[Array, dict | None]:
+                 write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
         c = self.config
         b, t, _ = x_btd.shape
-        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd)
-        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd)
-        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd)
+        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b)
+        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
+        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
         q_bthf = q.reshape(b, t, c.num_heads, c.head_dim)
         k_btkf = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -230,7 +239,7 @@ class Attention(nn.Module):
         else:  # causal unless decoding into a cache
             o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
                                 fallback=self.runtime.attention == "auto")
-        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim))
+        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
         return out, cache
 
 
@@ -261,11 +270,11 @@ class Mlp(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_btd: Array) -> Array:
+    def __call__(self, x_btd: Array, rows_b: Array | None = None) -> Array:
         c = self.config
-        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
-        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd)
-        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up))
+        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
+        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
+        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b)
 
 
 class DecoderLayer(nn.Module):
@@ -275,13 +284,15 @@ class DecoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None):
+    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
+                 rows_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
-        attn_out, cache = Attention(c, rt, self.lora, self.deterministic, name="attn")(x, positions_bt, mask_bts, cache, write_index)
+        attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
+        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
-        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x)
+        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
         return constrain(h_btd, BTD), cache
 
 
@@ -300,7 +311,9 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
-                 *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False):
+                 *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False,
+                 rows_b: Array | None = None):
+        """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1)."""
         c, rt = self.config, self.runtime
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
@@ -328,11 +341,11 @@ class Llama(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, rt, self.lora, deterministic, name="layers")
-        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index)
+        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b)
         h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
         if return_hidden:
             out = h

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -47,22 +46,6 @@ class Plan:
                 "flops_per_step": self.flops_per_step, "compile_s": round(self.compile_s, 1)}
 
 
-def _shard_bytes(tree) -> int:
-    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings."""
-    import jax
-
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def device_memory(compiled, state, frozen, batch) -> dict[str, int]:
-    """Per-device bytes of a compiled train step: its arguments counted from their shard shapes, its
-    temporaries from XLA's memory analysis."""
-    mem = compiled.memory_analysis()
-    use = {"params": _shard_bytes(frozen) + _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
-           "temp": int(mem.temp_size_in_bytes) if mem is not None else 0, "batch": _shard_bytes(batch)}
-    return {**use, "total": sum(use.values())}
-
-
 def plan(cfg, config, devices) -> Plan:
     """Compiles the configured train step for a mesh over `devices` and measures it."""
     import jax
@@ -73,15 +56,17 @@ def plan(cfg, config, devices) -> Plan:
     from flacuna_jax.optim import make_optimizer
     from flacuna_jax.sharding import make_mesh, tree_shardings
     from flacuna_jax.step import abstract_batch
-    from flacuna_jax.train import batch_layout, configured_train_step, model_options
+    from flacuna_jax.train_compile import (batch_layout, configured_train_step, device_memory, master_shapes,
+                                           model_options)
     from flacuna_jax.train_state import abstract_state, state_shardings
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    accum, _ = batch_layout(cfg, mesh)
+    accum = batch_layout(cfg, mesh)
     model = Llama(config, *model_options(cfg))
     shapes, names = abstract_params(model)
     shardings = tree_shardings(mesh, names, shapes)
     trainable_shapes, frozen_shapes = split_params(shapes, cfg.finetune)
+    trainable_shapes = master_shapes(trainable_shapes)
     trainable_sh, frozen_sh = split_params(shardings, cfg.finetune)
     tx, schedule = make_optimizer(cfg.optim, total_steps=max(cfg.train.steps or 1000, 1))
     st_sh = state_shardings(mesh, tx, trainable_shapes, trainable_sh)

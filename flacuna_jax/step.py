@@ -137,8 +137,9 @@ def chunked_cross_entropy(hidden_btd: jax.Array, kernel_dv: jax.Array, targets_b
 
 
 def loss_sum(model: Llama, trainable: Any, frozen: Any, batch: Batch, dropout_rng: jax.Array | None,
-             loss_chunk: int = 0, mesh: Mesh | None = None) -> jax.Array:
-    """Σ over trained tokens of the token cross-entropy (fp32) for one (micro-)batch."""
+             loss_chunk: int = 0, mesh: Mesh | None = None, rows_b: jax.Array | None = None) -> jax.Array:
+    """Σ over trained tokens of the token cross-entropy (fp32) for one (micro-)batch; `rows_b` are the
+    rows' indices in the global batch (their dropout masks' seeds)."""
     params = merge_params(trainable, frozen)
     kernel_dv = model.output_embedding(params)
     if mesh is not None:  # gather the FSDP-sharded output projection once, not once per loss chunk
@@ -149,12 +150,13 @@ def loss_sum(model: Llama, trainable: Any, frozen: Any, batch: Batch, dropout_rn
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
         hidden_btd = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
                                  deterministic=deterministic, rngs=None if deterministic else {"dropout": dropout_rng},
-                                 return_hidden=True)
+                                 return_hidden=True, rows_b=rows_b)
     return chunked_cross_entropy(hidden_btd, kernel_dv, batch["targets"], batch["loss_mask"], loss_chunk)
 
 
 def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
-    """[B, T] -> [accum, B/accum, T] keeping each device's rows on it (row i -> (i % accum, i // accum))."""
+    """[B, T] -> [accum, B/accum, T] keeping each device's rows on it (row i -> (i % accum, i // accum));
+    "rows" [accum, B/accum] holds each row's index in the global batch."""
     def split(x):
         b = x.shape[0]
         if b % accum:
@@ -164,7 +166,10 @@ def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
             spec = PartitionSpec(None, *logical_to_mesh_spec(("batch",) + (None,) * (x.ndim - 2)))
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
         return x
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+    rows = jnp.arange(batch["input_ids"].shape[0], dtype=jnp.int32)
+    if mesh is not None:
+        rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, logical_to_mesh_spec(("batch",))))
+    return {**{k: split(batch[k]) for k in BATCH_KEYS}, "rows": split(rows)}
 
 
 def loss_and_grads(model: Llama, trainable: Any, frozen: Any, batch: Batch, *, accum: int = 1,
@@ -174,29 +179,28 @@ def loss_and_grads(model: Llama, trainable: Any, frozen: Any, batch: Batch, *, a
 
     The batch is split into `accum` micro-batches scanned one after another; each contributes
     grad(Σ its token losses) / N with N counted over the whole batch first, so the result equals the
-    single-batch gradient up to summation order.
+    single-batch gradient up to summation order. Every micro-batch uses the same `dropout_rng`: a row's
+    mask is seeded by its index in the global batch, so it does not depend on `accum` or the mesh.
     """
     n_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
     denom = jnp.maximum(n_tokens, 1.0)
     micro = _micro_batches(batch, accum, mesh)
 
-    def micro_grad(i, mb):
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        f = lambda p: loss_sum(model, p, frozen, mb, rng, loss_chunk, mesh) / denom
+    def micro_grad(mb):
+        f = lambda p: loss_sum(model, p, frozen, mb, dropout_rng, loss_chunk, mesh, mb["rows"]) / denom
         return jax.value_and_grad(f)(trainable)
 
     if accum == 1:
-        loss, grads = micro_grad(0, jax.tree.map(lambda x: x[0], micro))
+        loss, grads = micro_grad(jax.tree.map(lambda x: x[0], micro))
         return loss, grads, n_tokens
 
-    def body(carry, xs):
+    def body(carry, mb):
         loss_acc, grad_acc = carry
-        i, mb = xs
-        loss, grads = micro_grad(i, mb)
+        loss, grads = micro_grad(mb)
         return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32 if p.dtype != jnp.float64 else p.dtype), trainable)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro))
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return loss, grads, n_tokens
 

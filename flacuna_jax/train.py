@@ -4,12 +4,17 @@
     python -m flacuna_jax.train --config configs/flacuna_13b.yaml output_dir=runs/flacuna train.steps=100
 
 Overrides are `key=value` with the value parsed as YAML (`lora.targets='[q_proj, k_proj]'`).
-The resolved config is printed and saved to `output_dir/config.yaml`. Re-running the same command
-with the same output_dir resumes from the latest checkpoint there (step, trainable params,
-optimizer state, RNG and the data iterator), so the result equals an uninterrupted run.
+The resolved config is printed, and saved to `output_dir/config.yaml` once it has been checked
+(model, data, and against the checkpoints already there). Re-running the same command with the same
+output_dir resumes from the latest checkpoint there (step, trainable params, optimizer state, RNG
+and the data iterator), so the result equals an uninterrupted run, also on another number of
+processes or devices (the global batch of a step does not depend on them). A resume whose
+defining keys (base model, tokenizer, finetune, LoRA shape, data stream: `run_spec.py`) differ
+from the checkpoints' is refused.
 
 The loss is the mean token cross-entropy over ALL trained (assistant-answer) tokens of the global
-batch (not a mean of per-example means). Global batch = per_device_batch_size x (mesh.data x
+batch (not a mean of per-example means). What trains is kept in float32 (master weights and
+optimizer state), whatever `model.param_dtype` the frozen base is stored in. Global batch = per_device_batch_size x (mesh.data x
 mesh.fsdp) x gradient-accumulation steps. Non-finite updates are skipped and counted;
 train.max_nonfinite_steps of them in a row stop the run (exit code 3), the last checkpoint intact.
 
@@ -20,56 +25,33 @@ checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax import distributed
-from flacuna_jax.checkpoint import Checkpointer
+from flacuna_jax.checkpoint import Checkpointer, checkpoint_dir, latest_complete_step, stored_spec
 from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
-from flacuna_jax.model import LoraSpec, Runtime, abstract_params
-from flacuna_jax.plan import device_memory
+from flacuna_jax.model import abstract_params
+from flacuna_jax.run_spec import check_resume, run_spec
 from flacuna_jax.sharding import make_mesh, tree_shardings
-from flacuna_jax.step import abstract_batch, make_eval_step, make_train_step
-from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
+from flacuna_jax.step import make_eval_step
+from flacuna_jax.train_compile import (MASTER_DTYPE, batch_layout, compile_train_step, configured_train_step,
+                                       master_shapes, model_options)
 from flacuna_jax.train_data import DataFeed
+from flacuna_jax.train_policy import (NonFiniteError, is_eval_step, is_log_step, is_save_step, nonfinite_error,
+                                      step_record, too_many_nonfinite)
+from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
 
 EXIT_NONFINITE = 3
-# Test hook for the crash/resume tests: sleep this long after every step (never set in real runs).
-_STEP_SLEEP_S = float(os.environ.get("FLACUNA_TEST_STEP_SLEEP_S", "0") or 0)
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def batch_layout(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[int, int]:
-    """(accumulation steps, rows per host per step): global = per_device x (data x fsdp) x accum."""
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.per_device_batch_size * batch_devices
-    if cfg.train.global_batch_size % micro:
-        raise ConfigError(f"config key 'train.global_batch_size': {cfg.train.global_batch_size} is not a multiple of "
-                          f"per_device_batch_size x data x fsdp = {cfg.train.per_device_batch_size} x {batch_devices}")
-    if cfg.train.global_batch_size % jax.process_count():
-        raise ConfigError(f"config key 'train.global_batch_size': not divisible by {jax.process_count()} processes")
-    return cfg.train.global_batch_size // micro, cfg.train.global_batch_size // jax.process_count()
-
-
-def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
-    """(Runtime, LoraSpec or None for finetune=full): how the config runs the model."""
-    runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
-                      cfg.model.attention, cfg.model.base_quant, cfg.model.double_quant)
-    if cfg.finetune != "lora":
-        return runtime, None
-    return runtime, LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+__all__ = ["NonFiniteError", "build_model", "main", "run"]
 
 
 def adapter_params(cfg: Config, model: Any, p_shapes: Any, p_shard: Any) -> Any:
@@ -88,7 +70,8 @@ def adapter_params(cfg: Config, model: Any, p_shapes: Any, p_shard: Any) -> Any:
 
 
 def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
-    """(model, frozen, trainable, trainable shapes, trainable shardings) on the mesh."""
+    """(model, frozen, trainable, trainable shapes, trainable shardings) on the mesh; what trains is
+    float32 (master weights), the frozen base stays in model.param_dtype."""
     from flacuna_jax.hf import load_pretrained
 
     if not cfg.model.path:
@@ -96,37 +79,17 @@ def build_model(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
     runtime, lora = model_options(cfg)
     model, base = load_pretrained(cfg.model.path, runtime, lora, mesh)
     shapes, names = abstract_params(model)
-    p_shapes, p_names = split_params(shapes, cfg.finetune)[0], split_params(names, cfg.finetune)[0]
+    p_shapes, p_names = master_shapes(split_params(shapes, cfg.finetune)[0]), split_params(names, cfg.finetune)[0]
     p_shard = tree_shardings(mesh, p_names, p_shapes)
     if cfg.finetune == "lora" and cfg.lora.init_from:
         trainable, frozen = adapter_params(cfg, model, p_shapes, p_shard), base
     elif cfg.finetune == "lora":
         trainable, frozen = init_lora_params(model, jax.random.PRNGKey(cfg.seed), p_shard), base
     else:
-        trainable, frozen = split_params(base, "full")
+        weights, frozen = split_params(base, "full")
+        trainable = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(MASTER_DTYPE), t), out_shardings=p_shard,
+                            donate_argnums=(0,))(weights)
     return model, frozen, trainable, p_shapes, p_shard
-
-
-def configured_train_step(cfg: Config, model: Any, tx: Any, schedule: Any, mesh: Any, state_sh: Any, frozen_sh: Any,
-                          accum: int) -> Any:
-    """The jitted train step `cfg` asks for (loss chunking, LoRA dropout): training, the planner and
-    the benchmarks all compile this one."""
-    return make_train_step(model, tx, schedule, mesh, state_sh, frozen_sh, accum=accum, loss_chunk=cfg.train.loss_chunk,
-                           dropout=cfg.finetune == "lora" and cfg.lora.dropout > 0)
-
-
-def compile_train_step(cfg: Config, step: Any, state: Any, frozen: Any, mesh: Any, say: Any) -> Any:
-    """The step compiled before the first batch: its exact per-device memory is reported up front, and
-    a batch of another shape, dtype or sharding is an error instead of a silent recompile."""
-    t0 = time.perf_counter()
-    batch = abstract_batch(cfg.train.global_batch_size, cfg.train.seq_len, mesh)
-    compiled = step.lower(state, frozen, batch).compile()
-    m = device_memory(compiled, state, frozen, batch)
-    gib = lambda n: f"{n / 2**30:.3f} GiB"
-    say(f"train step compiled in {time.perf_counter() - t0:.1f}s; per-device memory: params {gib(m['params'])} "
-        f"(frozen base + trainable), optimizer {gib(m['optimizer'])}, temporaries {gib(m['temp'])}, batch "
-        f"{gib(m['batch'])} -> {gib(m['total'])}")
-    return compiled
 
 
 def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
@@ -157,38 +120,58 @@ def eval_suite(cfg: Config, model: Any, tokenizer: Any) -> Any:
     return lambda params: {k: v for suite in suites for k, v in suite(params).items()}
 
 
-def run(cfg: Config) -> dict:
-    """Trains per `cfg`; returns a summary. Raises NonFiniteError after too many skipped updates."""
+@dataclasses.dataclass
+class Session:
+    """Everything a run needs, set up and checked before its first step."""
+    cfg: Config
+    say: Callable[[str], None]
+    feed: DataFeed
+    frozen: Any
+    train_fn: Any
+    ckpt: Checkpointer
+    log: MetricsLogger
+    evaluate: Callable[[Any], dict]  # TrainState -> eval metrics
+    spec: dict
+    start: int
+    total_steps: int
+    mfu_per_s: float | None  # model FLOPs of a step / (peak FLOP/s x devices)
+
+
+def _write_config(out: Path, cfg: Config) -> None:
+    text = dump_config(cfg)
+    cfg_file = out / "config.yaml"
+    if cfg_file.is_file() and cfg_file.read_text() != text:
+        print(f"note: {cfg_file} differs from this config; it is replaced (the checkpoints keep their spec)", flush=True)
+    (out / "config.yaml.tmp").write_text(text)
+    (out / "config.yaml.tmp").replace(cfg_file)
+
+
+def setup(cfg: Config) -> tuple[Session, Any]:
+    """(Session, TrainState): the model, data, compiled step and restored or fresh state, all checked;
+    `output_dir/config.yaml` is written last, when nothing was refused."""
     main = jax.process_index() == 0
     out = Path(cfg.output_dir)
     say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = dump_config(cfg)
-        print("resolved config:\n" + text, flush=True)
-        cfg_file = out / "config.yaml"
-        if cfg_file.is_file() and cfg_file.read_text() != text:
-            print(f"note: {cfg_file} differs from this config; it is replaced (a resume continues with the new values)",
-                  flush=True)
-        (out / "config.yaml.tmp").write_text(text)
-        (out / "config.yaml.tmp").replace(out / "config.yaml")
+        print("resolved config:\n" + dump_config(cfg), flush=True)
+    spec = run_spec(cfg)
+    previous = latest_complete_step(out)
+    if previous is not None:  # before anything is loaded or compiled: refuse at once
+        check_resume(stored_spec(checkpoint_dir(out), previous), cfg, str(out))
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    accum, host_rows = batch_layout(cfg, mesh)
+    accum = batch_layout(cfg, mesh)
     say(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} on "
         f"{jax.device_count()} {jax.devices()[0].device_kind} device(s); global batch {cfg.train.global_batch_size} = "
         f"{cfg.train.per_device_batch_size} per device x {mesh.shape['data'] * mesh.shape['fsdp']} x {accum} accumulation")
-
+    feed = DataFeed(cfg, mesh)  # before the model: bad data stops the run at once
+    say(feed.describe())
     model, frozen, trainable, p_shapes, p_shard = build_model(cfg, mesh)
     n_train, n_total = count_params(model, cfg.finetune)
     say(f"parameters: trainable {n_train:,} / total {n_total:,} ({100 * n_train / n_total:.4f}%)")
 
-    feed = DataFeed(cfg, host_rows, mesh)
-    total_steps = feed.total_steps
-    say(feed.describe())
-
     from flacuna_jax.optim import make_optimizer
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    tx, schedule = make_optimizer(cfg.optim, feed.total_steps)
     s_shard = state_shardings(mesh, tx, p_shapes, p_shard)
     target = abstract_state(tx, p_shapes, s_shard)
     f_shard = jax.tree.map(lambda x: x.sharding, frozen)
@@ -199,23 +182,20 @@ def run(cfg: Config) -> dict:
     if latest is not None:
         del trainable  # replaced by the checkpoint's
         state, data_state = ckpt.restore(latest, target)
-        feed.set_host_states(data_state)
+        feed.set_state(data_state)
         say(f"resuming from checkpoint step {latest} in {ckpt.directory}")
     else:
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=s_shard,
                         donate_argnums=(0,))(trainable)
         del trainable
     start = int(jax.device_get(state.step))
+    if main:
+        _write_config(out, cfg)
 
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
-    peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
-    step_flops = flops_per_token(model.config, cfg.train.seq_len, cfg.finetune) * cfg.train.global_batch_size * cfg.train.seq_len
-    log = MetricsLogger(out, total_steps, start, enabled=main, tensorboard=cfg.log.tensorboard)
-    if start >= total_steps:
-        say(f"already at step {start} of {total_steps}: nothing to train")
 
-    def evaluate() -> dict:
+    def evaluate(state: Any) -> dict:
         metrics = {}
         if eval_fn is not None:
             total = count = 0.0
@@ -227,61 +207,61 @@ def run(cfg: Config) -> dict:
             metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
         return metrics
 
-    last = {}
-    saved = latest or 0
+    peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
+    step_flops = flops_per_token(model.config, cfg.train.seq_len, cfg.finetune) * cfg.train.global_batch_size * \
+        cfg.train.seq_len
+    log = MetricsLogger(out, feed.total_steps, start, enabled=main, tensorboard=cfg.log.tensorboard)
+    session = Session(cfg, say, feed, frozen, train_fn, ckpt, log, evaluate if eval_fn or suite else None, spec,
+                      start, feed.total_steps, step_flops / (peak * jax.device_count()) if peak else None)
+    return session, state
+
+
+def train_loop(s: Session, state: Any) -> tuple[int, dict]:
+    """The recipe: for each step, batch -> step -> log -> maybe eval -> maybe save. (last step, last line)"""
+    cfg, step, last = s.cfg, s.start, {}
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    batch = s.feed.next_batch() if step < s.total_steps else None
     t_prev = time.perf_counter()
-    step = start
+    while step < s.total_steps:
+        if batch is None:  # the plan is exact and the same on every process: a bug, not a data condition
+            raise RuntimeError(f"the data ended after {step} of {s.total_steps} planned steps")
+        data_state = s.feed.get_state()  # after exactly step + 1 batches
+        state, m = s.train_fn(state, s.frozen, batch)
+        step += 1
+        batch = s.feed.next_batch() if step < s.total_steps else None  # read while the device runs the step
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        if too_many_nonfinite(m, cfg.train.max_nonfinite_steps):
+            raise nonfinite_error(m, cfg.train.max_nonfinite_steps, step, s.ckpt.directory, s.ckpt.latest_step())
+        s.log.step(step, float(m["loss"]), tokens_per_step / dt)
+        evaluating = is_eval_step(step, cfg.eval.every, s.total_steps, s.evaluate is not None)
+        if is_log_step(step, cfg.log.every, s.total_steps, evaluating):
+            rec = step_record(step, m, dt, tokens_per_step, s.mfu_per_s)
+            if evaluating:
+                rec.update(s.evaluate(state))
+                t_prev = time.perf_counter()
+            rec.update(s.feed.counters(data_state))
+            s.log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line
+            last = rec
+        if is_save_step(step, cfg.checkpoint.every, s.total_steps):
+            s.ckpt.save(step, state, data_state, s.spec)
+    return step, last
+
+
+def run(cfg: Config) -> dict:
+    """Trains per `cfg`; returns a summary. Raises NonFiniteError after too many skipped updates."""
+    session, state = setup(cfg)
+    if session.start >= session.total_steps:
+        session.say(f"already at step {session.start} of {session.total_steps}: nothing to train")
     try:
-        batch = feed.next_batch() if start < total_steps else None
-        for step in range(start, total_steps):
-            if batch is None:
-                say(f"data exhausted after {step} steps (end of the training split)")
-                break
-            save = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total_steps
-            data_state = feed.get_state()  # after exactly step + 1 batches
-            state, m = train_fn(state, frozen, batch)
-            # The next batch is read while the device runs this step (dispatch is asynchronous).
-            batch = feed.next_batch() if step + 1 < total_steps else None
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            if int(m["nonfinite_run"]) >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"stopping: {int(m['nonfinite_run'])} consecutive steps (up to step {step + 1}) had a non-finite "
-                    f"loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); their updates were "
-                    f"skipped. The last good checkpoint is in {ckpt.directory} (step {ckpt.latest_step()}). Lower "
-                    f"optim.lr, check the data, or use model.compute_dtype=float32.")
-            tps = cfg.train.global_batch_size * cfg.train.seq_len / dt
-            log.step(step + 1, float(m["loss"]), tps)
-            do_eval = (eval_fn is not None or suite is not None) and (
-                (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total_steps)
-            if (step + 1) % cfg.log.every == 0 or step + 1 in (1, total_steps) or do_eval:
-                rec = {"step": step + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                       "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"]), "tokens_per_s": tps,
-                       "step_time_s": dt, "skipped_steps": int(m["skipped_steps"])}
-                if peak:
-                    rec["mfu"] = step_flops / dt / (peak * jax.device_count())
-                if do_eval:
-                    rec.update(evaluate())
-                    t_prev = time.perf_counter()
-                rec.update(feed.counters(data_state))
-                log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line
-                last = rec
-            if save:
-                ckpt.save(step + 1, state, feed.all_host_states(data_state))
-                saved = step + 1
-            if _STEP_SLEEP_S:
-                time.sleep(_STEP_SLEEP_S)
-        else:
-            step = total_steps
-        if step > saved:  # the data ran out before train.steps
-            ckpt.save(step, state, feed.all_host_states(feed.get_state()))
+        step, last = train_loop(session, state)
     finally:
-        ckpt.close()  # waits for the async saves in flight: never exit before they are complete
-        log.close()
+        session.ckpt.close()  # waits for the async saves in flight: never exit before they are complete
+        session.log.close()
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
-    say(f"done: {step} steps{'; ' + summary if summary else ''}; checkpoints in {ckpt.directory}")
-    return {"steps": step, "last": last, "total_steps": total_steps}
+    session.say(f"done: {step} steps{'; ' + summary if summary else ''}; checkpoints in {session.ckpt.directory}")
+    return {"steps": step, "last": last, "total_steps": session.total_steps}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,3 +78,11 @@ def write_train_assets(d: Path) -> dict:
     for f in Path(paths["tokenizer"]).iterdir():
         shutil.copy(f, model / f.name)
     return {"model": str(model), "sample": paths["sample"], "jax_cache": str(d / "jax_cache")}
+
+
+def slow_steps_path() -> str:
+    """PYTHONPATH for a training subprocess whose steps SLOW_STEP_S paces (tests/slow_steps)."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    return os.pathsep.join([str(root / "tests" / "slow_steps"), str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)

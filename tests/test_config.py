@@ -40,3 +40,34 @@ def test_missing_file_and_malformed_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["justakey"])
+
+
+@pytest.mark.parametrize("override", [
+    "train.max_nonfinite_steps=0", "lora.alpha=0", "lora.alpha=-16", "optim.lr=.nan", "optim.lr=nan",
+    "optim.warmup_steps=-1", "optim.eps=0", "optim.b2=1.0", "train.loss_chunk=-1", "eval.every=-1",
+    "data.num_workers=-2", "seed=-1", "train.epochs=0", "optim.clip_norm=.inf",
+])
+def test_every_numeric_key_has_a_range(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"config key '{key}': must be "):
+        load_config(None, [override])
+
+
+def test_range_table_covers_every_numeric_key():
+    import dataclasses
+    import typing
+
+    from flacuna_jax import config
+
+    def numeric_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if dataclasses.is_dataclass(inner[0]) and inner[0] is not config.DataSource:
+                yield from numeric_keys(inner[0], f"{prefix}{f.name}.")
+            elif inner[0] in (int, float):
+                yield prefix + f.name
+
+    keys = set(numeric_keys(config.Config))
+    assert keys and keys == set(config._RANGES), keys ^ set(config._RANGES)
+    load_config(None)  # the defaults pass

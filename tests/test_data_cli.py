@@ -49,3 +49,20 @@ def test_stats(cfg, capsys, sample_path):
 def test_bad_source_is_a_clear_error(cfg, capsys, tmp_path):
     assert main(["stats", "--config", cfg, f"data.sources=[{tmp_path / 'missing.json'}]"]) == 2
     assert "missing.json: no such file or directory" in capsys.readouterr().err
+
+
+def test_no_eval_record_is_zero_and_nothing_trainable_is_one_line(cfg, capsys, tmp_path, sample_records):
+    from tests.conftest_data import write_jsonl
+
+    few = write_jsonl(tmp_path / "few.jsonl", sample_records[:20])
+    assert main(["stats", "--config", cfg, f"data.sources=[{few}]", "data.eval_fraction=0.02"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["eval_examples"] == 0 and s["examples"] == 20
+    long = write_jsonl(tmp_path / "long.jsonl", [
+        {"id": str(i), "conversations": [{"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "ok"}]}
+        for i in range(200)])
+    for cmd in ("stats", "preview"):
+        assert main([cmd, "--config", cfg, f"data.sources=[{long}]", "train.seq_len=64"]) == 2
+        out, err = capsys.readouterr()
+        assert not out and len(err.strip().splitlines()) == 1, err
+        assert str(long) in err and "199 records, 0 kept, 199 dropped_no_target" in err, err

@@ -1,64 +1,66 @@
-"""Packer on synthetic examples: no token lost or duplicated, rows <= seq_len, exact resume."""
+"""The first-fit packer on synthetic lengths: every example in exactly one row, rows <= seq_len, the
+first-fit rule, exact resume from its state; and the row builder's contract."""
 
 import collections
 import json
 
-import grain
 import numpy as np
 import pytest
 
-from flacuna_jax.data.packing import PackIterDataset, build_row
+from flacuna_jax.data.packing import FirstFit, build_row, count_rows
 
 
-def synthetic(n, seq_len, seed=0):
+def synthetic_lengths(n, seq_len, seed=0):
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        size = int(rng.choice([seq_len, seq_len // 2, rng.integers(2, seq_len + 1)]))
-        ids = (np.arange(size, dtype=np.int32) + 1000 * i) % 50000 + 3
-        trained = (rng.random(size) < 0.5).astype(np.int8)
-        drop = "no_target" if i % 17 == 5 else None
-        out.append({"id": str(i), "ids": ids, "trained": trained, "drop": drop,
-                    "truncated": 0, "skipped_leading": 0})
-    return out
+    return [int(rng.choice([seq_len, seq_len // 2, rng.integers(2, seq_len + 1)])) for _ in range(n)]
 
 
-def rows_to_segments(rows):
-    segs = []
-    for r in rows:
-        for s in range(1, r["segment_ids"].max() + 1):
-            segs.append(tuple(r["input_ids"][r["segment_ids"] == s]))
-    return segs
+def pack(lengths, seq_len, packing=True, num_bins=8, packer=None, start=0):
+    packer = packer or FirstFit(seq_len, packing, num_bins)
+    rows = [row for k in range(start, len(lengths)) if (row := packer.add(k, lengths[k])) is not None]
+    while (row := packer.flush()) is not None:
+        rows.append(row)
+    return rows
 
 
 @pytest.mark.parametrize("packing,num_bins", [(True, 1), (True, 4), (True, 16), (False, 8)])
-def test_no_token_lost_or_duplicated(packing, num_bins):
+def test_every_example_in_exactly_one_row(packing, num_bins):
     seq_len = 64
-    ex = synthetic(300, seq_len)
-    rows = list(PackIterDataset(grain.MapDataset.source(ex), seq_len, packing, num_bins))
-    assert all(r["input_ids"].shape == (seq_len,) for r in rows)
-    want = [tuple(e["ids"]) for e in ex if e["drop"] is None]
-    assert collections.Counter(rows_to_segments(rows)) == collections.Counter(want)
+    lengths = synthetic_lengths(300, seq_len)
+    rows = pack(lengths, seq_len, packing, num_bins)
+    assert collections.Counter(k for row in rows for k in row) == collections.Counter(range(len(lengths)))
+    assert all(sum(lengths[k] for k in row) <= seq_len for row in rows)
+    assert len(rows) == count_rows(lengths, seq_len, packing, num_bins)
     if not packing:
-        assert len(rows) == len(want)
+        assert rows == [[k] for k in range(len(lengths))]
+    elif num_bins > 1:
+        assert len(rows) < 0.8 * len(lengths)
+
+
+def test_first_fit_rule():
+    p = FirstFit(10, True, 2)
+    assert p.add(0, 6) is None and p.add(1, 7) is None  # two open rows: [6], [7]
+    assert p.add(2, 3) is None  # fits the first: [6, 3]
+    assert p.add(3, 3) == [1, 3]  # [7, 3] is exactly full: it leaves at once
+    assert p.add(4, 5) is None  # fits no open row, a bin is free: a new row [5]
+    assert p.add(5, 4) is None  # first fit: [6, 3] is too full, [5] takes it: [5, 4]
+    assert p.add(6, 8) == [0, 2]  # fits no row, both bins open: the fullest ([6, 3], 9 tokens) leaves
+    assert p.flush() == [4, 5] and p.flush() == [6] and p.flush() is None
+    with pytest.raises(ValueError, match="does not fit"):
+        p.add(5, 11)
 
 
 def test_resume_every_position():
     seq_len = 48
-    ds = PackIterDataset(grain.MapDataset.source(synthetic(80, seq_len, seed=1)), seq_len, True, 4)
-    full = list(ds)
-    for k in range(0, len(full) + 1, 3):
-        it = iter(ds)
-        for _ in range(k):
-            next(it)
-        state = json.loads(json.dumps(it.get_state()))
-        it2 = iter(ds)
-        it2.set_state(state)
-        rest = list(it2)
-        assert len(rest) == len(full) - k
-        for a, b in zip(rest, full[k:]):
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key])
+    lengths = synthetic_lengths(80, seq_len, seed=1)
+    full = pack(lengths, seq_len, num_bins=4)
+    for k in range(0, len(lengths) + 1, 3):
+        p = FirstFit(seq_len, True, 4)
+        before = [row for i in range(k) if (row := p.add(i, lengths[i])) is not None]
+        state = json.loads(json.dumps(p.get_state()))
+        resumed = FirstFit(seq_len, True, 4)
+        resumed.set_state(state, lambda i: lengths[i])
+        assert before + pack(lengths, seq_len, packer=resumed, start=k) == full
 
 
 def test_build_row_contract():

@@ -129,17 +129,62 @@ def test_resume_exact(small, tokenizer_dir, k):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_two_hosts_disjoint_union_is_epoch(small, tokenizer_dir):
+def test_hosts_build_their_rows_of_one_global_plan(small, tokenizer_dir):
+    """Two hosts share the example-table pass (each encodes half the records, then all-gather) and
+    build disjoint rows of the same global batches: together, exactly one host's batches."""
+    from flacuna_jax.data.batches import build_table
+
     one = build(small, tokenizer_dir)
-    epoch_ids = [one.examples[i]["id"] for i in range(len(one.examples))]
-    hosts = [build(small, tokenizer_dir, process_index=h, process_count=2) for h in (0, 1)]
-    ids = [[p.examples[i]["id"] for i in range(len(p.examples))] for p in hosts]
-    assert not set(ids[0]) & set(ids[1])
-    assert sorted(ids[0] + ids[1]) == sorted(epoch_ids) and len(set(epoch_ids)) == len(epoch_ids)
-    for p in hosts:  # each host's batches hold exactly its share
-        got = segments(list(build(small, tokenizer_dir, process_index=hosts.index(p),
-                                  process_count=2, drop_remainder=False).iterator()))
-        assert collections.Counter(got) == collections.Counter(expected_examples(p)[0])
+    halves = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(h):
+        def gather(part):
+            halves[h] = part
+            raise Captured
+        return gather
+
+    for h in (0, 1):
+        with pytest.raises(Captured):
+            build_table(one.encoder, one.gids, process_index=h, process_count=2, gather=capture(h))
+    assert len(halves[0]) + len(halves[1]) == len(one.gids) and abs(len(halves[0]) - len(halves[1])) <= 1
+    table = build_table(one.encoder, one.gids, process_index=0, process_count=2,
+                        gather=lambda part: [halves[0], halves[1]])
+    np.testing.assert_array_equal(table, one.table[one.gids])
+
+    full = list(one.iterator())
+    mine = [list(one.iterator(rows=rows)) for rows in ([0, 1], [2, 3])]
+    assert len(full) == len(mine[0]) == len(mine[1]) > 5
+    for f, a, b in zip(full, *mine):
+        for key in f:
+            np.testing.assert_array_equal(a[key][:2], f[key][:2])
+            np.testing.assert_array_equal(b[key][2:], f[key][2:])
+            assert not a[key][2:].any() and not b[key][:2].any()  # the other host's rows: padding
+
+
+def test_nothing_trainable_is_one_line_with_the_counts(tmp_path, small, tokenizer_dir, sample_records):
+    from flacuna_jax.data import DataError, EmptySplit
+
+    long = [{"id": f"x{i}", "conversations": [{"from": "human", "value": "word " * 300},
+                                              {"from": "gpt", "value": "ok"}]} for i in range(20)]
+    path = write_jsonl(tmp_path / "long.jsonl", long)
+    pipe = build(small, tokenizer_dir, sources=path, seq_len=64, eval_fraction=0.0)
+    with pytest.raises(DataError) as e:
+        pipe.iterator()
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg and "20 records, 0 kept, 20 dropped_no_target" in msg, msg
+    with pytest.raises(DataError, match="0 kept, 0 dropped_no_target .no answer token left., 20 dropped_overlong"):
+        build(small, tokenizer_dir, sources=path, seq_len=64, overlong="drop", eval_fraction=0.0).count_batches()
+    with pytest.raises(EmptySplit, match="the eval split has no records"):
+        build(small, tokenizer_dir, sources=path, eval_fraction=0.02, split="eval")
+
+
+def test_count_batches_is_exact(small, tokenizer_dir):
+    for kw in (dict(epochs=1), dict(epochs=2, packing=False)):
+        pipe = build(small, tokenizer_dir, **kw)
+        assert pipe.count_batches() == sum(1 for _ in pipe.iterator()) > 0
 
 
 def test_shuffle_is_seeded_and_changes_per_epoch(small, tokenizer_dir):
@@ -175,17 +220,8 @@ def test_weighted_mixing(small, tokenizer_dir):
     assert sum(ids[i] for i in other_ids) == 180 and all(ids[i] == 3 for i in other_ids)
 
 
-def test_workers_resume(small, tokenizer_dir):
-    kw = dict(num_workers=2)
-    full = list(build(small, tokenizer_dir, **kw).iterator())
-    it = build(small, tokenizer_dir, **kw).iterator()
-    for _ in range(5):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    it.close()
-    resumed = build(small, tokenizer_dir, **kw).iterator()
-    resumed.set_state(state)
-    rest = list(resumed)
-    assert len(rest) == len(full) - 5
-    for a, b in zip(rest, full[5:]):
+def test_workers_only_speed_up_the_table(small, tokenizer_dir):
+    serial, workers = build(small, tokenizer_dir), build(small, tokenizer_dir, num_workers=2)
+    np.testing.assert_array_equal(workers.table, serial.table)
+    for a, b in zip(serial.iterator(), workers.iterator()):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])

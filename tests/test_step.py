@@ -38,8 +38,8 @@ def make_batch(rows=8, seq=24, vocab=256, seed=0):
     return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
 
 
-def setup(model_dir, mesh, dtype=jnp.float32):
-    model, frozen = load_pretrained(model_dir, Runtime(dtype, dtype), LORA, mesh)
+def setup(model_dir, mesh, dtype=jnp.float32, lora=LORA):
+    model, frozen = load_pretrained(model_dir, Runtime(dtype, dtype), lora, mesh)
     shapes, names = abstract_params(model)
     p_shapes, p_names = split_params(shapes)[0], split_params(names)[0]
     p_shard = sharding.tree_shardings(mesh, p_names, p_shapes)
@@ -79,10 +79,11 @@ def test_loss_is_mean_over_trained_tokens_of_global_batch(tiny_model_dir):
     assert rel_err(total / n, expect) <= 1e-5  # unchunked
 
 
-def grads_on(mesh, model_dir, batch, accum=1):
-    model, frozen, trainable, p_shapes, p_names, p_shard, f_shard = setup(model_dir, mesh)
+def grads_on(mesh, model_dir, batch, accum=1, lora=LORA, dropout_rng=None):
+    model, frozen, trainable, p_shapes, p_names, p_shard, f_shard = setup(model_dir, mesh, lora=lora)
     b_sh = {k: sharding.batch_sharding(mesh) for k in step.BATCH_KEYS}
-    fn = jax.jit(lambda t, f, b: step.loss_and_grads(model, t, f, b, accum=accum, loss_chunk=8, mesh=mesh)[:2],
+    fn = jax.jit(lambda t, f, b: step.loss_and_grads(model, t, f, b, accum=accum, loss_chunk=8, mesh=mesh,
+                                                     dropout_rng=dropout_rng)[:2],
                  in_shardings=(p_shard, f_shard, b_sh), out_shardings=(None, p_shard))
     loss, grads = fn(trainable, frozen, batch)
     return loss, grads, (model, frozen, trainable, p_shapes, p_names, p_shard, f_shard)
@@ -147,6 +148,24 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir):
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
         assert np.abs(b).max() > 0
         assert rel_err(a, b) <= 1e-5
+
+
+def test_dropout_masks_do_not_depend_on_the_mesh_or_accumulation(tiny_model_dir):
+    """LoRA dropout on: a row's mask is seeded by its global row index, so 1 device x 8 accumulation
+    steps and 2 x 2 devices x 2 compute the same loss and gradients (summation order aside), and the
+    dropout does change them."""
+    import dataclasses
+
+    batch, lora, key = make_batch(), dataclasses.replace(LORA, dropout=0.3), jax.random.PRNGKey(7)
+    layouts = [(single_mesh(), 8), (sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4]), 2)]
+    results = [grads_on(mesh, tiny_model_dir("mha"), batch, accum, lora, key)[:2] for mesh, accum in layouts]
+    (loss0, g0), (_, plain) = results[0], grads_on(single_mesh(), tiny_model_dir("mha"), batch, 8, lora)[:2]
+    g0, plain = jax.device_get(g0), jax.device_get(plain)
+    assert min(rel_err(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(plain))) > 1e-2  # masks applied
+    for loss, grads in results[1:]:
+        assert rel_err(loss, loss0) <= 1e-6
+        for a, b in zip(jax.tree.leaves(jax.device_get(grads)), jax.tree.leaves(jax.device_get(g0))):
+            assert rel_err(a, b) <= 1e-5
 
 
 def test_nonfinite_update_is_skipped_and_counted(tiny_model_dir):

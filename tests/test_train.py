@@ -19,7 +19,7 @@ from flacuna_jax.lora import count_params
 from flacuna_jax.metrics import read_jsonl
 from flacuna_jax.model import Llama, LoraSpec
 from flacuna_jax.tiny import PRESETS
-from tests.helpers import write_train_assets
+from tests.helpers import slow_steps_path, write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def overrides(assets, out, **extra):
 def launch(assets, out, sleep=0.0, **extra):
     # Launches share a persistent compilation cache: the same program, compiled once.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               FLACUNA_TEST_STEP_SLEEP_S=str(sleep), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
+               SLOW_STEP_S=str(sleep), PYTHONPATH=slow_steps_path(), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", str(ROOT / "configs/demo.yaml"),
            *overrides(assets, out, **extra)]
@@ -177,20 +177,17 @@ def test_metrics_resume_truncation_and_flops(tmp_path):
     assert 4 * n < f_lora < 4.6 * n and f_full - f_lora == 2 * n
 
 
-def test_one_epoch_step_count_exact_and_estimated(assets, tmp_path, monkeypatch):
+def test_one_epoch_step_count_is_exact(assets, tmp_path):
+    """train.steps unset: the epoch's steps are counted from the packing plan, exactly the batches the
+    loader then yields (the schedule's real length; every process counts the same)."""
     from flacuna_jax import train_data
+    from flacuna_jax.data import count_rows
     from flacuna_jax.sharding import make_mesh
 
     cfg = load_config(ROOT / "configs/demo.yaml", overrides(assets, tmp_path, **{"train.steps": "null"}))
-    mesh = make_mesh(1, -1, 1)
-    feed = train_data.DataFeed(cfg, 4, mesh)
+    feed = train_data.DataFeed(cfg, make_mesh(1, -1, 1, jax.devices()[:4]))
     batches = sum(1 for _ in feed.train.iterator())
-    assert feed.total_steps == batches and not feed.estimated and feed.has_eval
-    # The estimate packs example lengths with the packer's own first-fit rule.
-    examples = feed.train.examples
-    lengths = [len(examples[i]["ids"]) for i in range(len(examples)) if examples[i]["drop"] is None]
-    rows = train_data.first_fit_rows(lengths, cfg.train.seq_len)
-    assert rows // 4 == batches
-    monkeypatch.setattr(train_data, "EXACT_COUNT_LIMIT", 10)
-    estimated = train_data.DataFeed(cfg, 4, mesh)
-    assert estimated.estimated and abs(estimated.total_steps - batches) <= 0.05 * batches + 1
+    assert feed.total_steps == batches > 0 and feed.has_eval
+    ex = feed.train.examples
+    lengths = [len(ex[i]["ids"]) for i in range(feed.train.report["epoch_examples"]) if ex[i]["drop"] is None]
+    assert count_rows(lengths, cfg.train.seq_len) // cfg.train.global_batch_size == batches

@@ -1,5 +1,6 @@
 """train_data.DataFeed across processes: the in-training held-out evaluation scores every example
-exactly once, whichever host holds it (two processes x two CPU devices, gloo collectives)."""
+exactly once (two processes x two CPU devices, gloo collectives): both hosts plan the same global
+eval batches and each builds the rows its devices hold."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Counts, over all hosts, the examples (segment starts) and trained tokens the eval batches hold, and
-# the trained tokens of this host's own share of the eval split.
+# the trained tokens of the whole eval split as this host's loader plans it (every row built).
 WORKER = """
 import json, sys
 import jax, jax.numpy as jnp
@@ -26,7 +27,7 @@ from flacuna_jax.train_data import DataFeed
 distributed.initialize()
 cfg = load_config("configs/demo.yaml", sys.argv[1:])
 mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-feed = DataFeed(cfg, cfg.train.global_batch_size // jax.process_count(), mesh)
+feed = DataFeed(cfg, mesh)
 count = jax.jit(lambda b: (jnp.sum((b["positions"] == 0) & (b["segment_ids"] > 0)), jnp.sum(b["loss_mask"])))
 examples = tokens = steps = 0
 for batch in feed.eval_batches():
@@ -34,7 +35,7 @@ for batch in feed.eval_batches():
     examples, tokens, steps = examples + int(e), tokens + float(t), steps + 1
 own = sum(float(b["loss_mask"].sum()) for b in feed.eval.iterator())
 print("RESULT " + json.dumps({"examples": examples, "tokens": tokens, "steps": steps, "own_tokens": own,
-                              "own_examples": feed.eval.report["host_examples"]}), flush=True)
+                              "own_examples": feed.eval.report["split_kept"]}), flush=True)
 """
 
 
@@ -48,8 +49,8 @@ def sample(tmp_path_factory):
 
 
 def _run(sample, tokenizer, out, processes, devices_per_process):
-    # 400 records x 0.0125 = 5 held-out examples: 3 and 2 on two hosts of 2 rows per eval batch,
-    # i.e. 2 batches and 1; one row per example (no packing) makes examples countable by segment.
+    # 400 records x 0.0125 = 5 held-out examples: 2 global eval batches of 4 rows (one per device), the
+    # second padded; one row per example (no packing) makes examples countable by segment.
     args = [f"output_dir={out}", f"model.path={tokenizer}", f"tokenizer.path={tokenizer}", f"data.sources=[{sample}]",
             "data.packing=false", "data.eval_fraction=0.0125", "train.seq_len=2048", "train.global_batch_size=4",
             "train.per_device_batch_size=1", "train.steps=1", "eval.max_batches=0", "mesh.fsdp=-1",
@@ -75,7 +76,6 @@ def _run(sample, tokenizer, out, processes, devices_per_process):
 
 def test_multi_host_eval_scores_every_example_once(sample, char_tokenizer_dir, tmp_path):
     hosts = _run(sample, char_tokenizer_dir, tmp_path, 2, 2)
-    assert sorted(h["own_examples"] for h in hosts) == [2, 3]  # shares of 1 and 2 batches of 2 rows
-    tokens = sum(h["own_tokens"] for h in hosts)
     for h in hosts:  # global sums: every host sees the same totals, after the same number of steps
-        assert (h["examples"], h["tokens"], h["steps"]) == (5, tokens, 2)
+        assert h["own_examples"] == 5 and h["own_tokens"] > 0
+        assert (h["examples"], h["tokens"], h["steps"]) == (5, h["own_tokens"], 2)

@@ -19,8 +19,7 @@ import sys
 from typing import Any
 
 from flacuna_jax import templates
-from flacuna_jax.data.packing import PackIterDataset
-from flacuna_jax.data.pipeline import counts_from_state, pipeline_from_config
+from flacuna_jax.data.pipeline import EmptySplit, counts_from_state, pipeline_from_config
 from flacuna_jax.data.records import DataError
 
 
@@ -54,11 +53,10 @@ def preview(args, stdout=None) -> None:
     cfg, tok_path = _load(args)
     pipe = _pipeline(cfg, tok_path)
     tok = templates.SegmentTokenizer.load(tok_path)
-    shown = 0
-    for k in range(len(pipe.examples)):
-        if shown >= args.num:
-            break
-        ex = pipe.examples[k]
+    shown = [pipe.examples[k] for k in range(min(args.num, len(pipe.examples)))]
+    if all(ex["drop"] is not None for ex in shown):
+        pipe.table  # all shown examples are dropped: raises (one line, with the counts) if nothing trains
+    for ex in shown:
         ids, mask = [int(x) for x in ex["ids"]], [int(x) for x in ex["trained"]]
         if args.jsonl:
             stdout.write(json.dumps({"id": ex["id"], "input_ids": ids, "loss_mask": mask}) + "\n")
@@ -67,7 +65,6 @@ def preview(args, stdout=None) -> None:
             flags += " truncated" if ex["truncated"] else ""
             stdout.write(f"=== {ex['id']}: {len(ids)} tokens, {sum(mask)} trained{flags} ===\n")
             stdout.write(render_masked(ids, mask, tok) + "\n\n")
-        shown += 1
 
 
 def stats(args, stdout=None) -> None:
@@ -75,12 +72,14 @@ def stats(args, stdout=None) -> None:
     cfg, tok_path = _load(args)
     pipe = _pipeline(cfg, tok_path)
     seq_len = cfg.train.seq_len
-    it = iter(PackIterDataset(pipe.examples, seq_len, cfg.data.packing))
-    for _ in it:
+    it = pipe.iterator(rows=())  # the packing plan alone: every counter, nothing built
+    while it.plan_batch() is not None:
         pass
     c = counts_from_state(it.get_state())
-    ev = _pipeline(cfg, tok_path, split="eval").report["epoch_examples"] \
-        if cfg.data.eval_fraction > 0 else 0
+    try:
+        ev = _pipeline(cfg, tok_path, split="eval").report["epoch_examples"]
+    except EmptySplit:  # data.eval_fraction rounds to no held-out record
+        ev = 0
     out = {
         "records": sum(s["records"] for s in pipe.report["sources"]),
         "skipped_bad_records": pipe.report["skipped_bad_records"],

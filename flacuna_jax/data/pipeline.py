@@ -1,7 +1,7 @@
-"""Grain input pipeline: FLAN-Mini records -> template + loss mask -> packed per-host batches.
+"""Grain input pipeline: FLAN-Mini records -> template + loss mask -> packed global batches.
 
 Batch contract: each element is a dict of numpy arrays of shape ``[batch_size, seq_len]``
-(``batch_size`` is the per-host batch):
+(``batch_size`` is the GLOBAL batch; a host builds only its own rows, see ``batches.py``):
 
 - ``input_ids`` int32; ``targets`` int32 = ``input_ids`` shifted left within the segment
   (0 at a segment's last token and in padding); ``loss_mask`` float32, 1.0 where ``targets``
@@ -9,38 +9,34 @@ Batch contract: each element is a dict of numpy arrays of shape ``[batch_size, s
   example, 0 = padding); ``positions`` int32 (position inside the segment, 0 in padding).
 - With ``packing=False`` each row holds one example (segment id 1) and padding.
 
-Stages (all deterministic given the arguments)::
+Stages (all deterministic given the arguments, none depends on the number of hosts)::
 
     record stores (sources.py) -> train/eval split (seeded, per source)
     -> epoch order: weighted mix + seeded global shuffle, a fresh permutation per epoch
-    -> [process_index::process_count]: each host reads only its share
-    -> Encoder (template ids + mask, truncate/drop overlong)      -- grain MapDataset
-    -> PackIterDataset (pack or pad, counters)                   -- grain IterDataset
-    -> batch(batch_size, drop_remainder) -> mp_prefetch(num_workers) if num_workers > 0
+    -> Encoder (template ids + mask, truncate/drop overlong)          -- grain MapDataset
+    -> example table: lengths and drop reasons, one pass, shared by the hosts (batches.py)
+    -> BatchIterator: first-fit plan on lengths, this host's rows encoded and built
 
 Mixing: source ``i`` with weight ``w_i`` makes up ``w_i / sum(w)`` of each epoch, and an
 epoch has as many examples as all train records together (a source is subsampled or
 repeated to reach its share). With one source the weight has no effect.
 
 Resuming: ``it = pipeline.iterator(); state = it.get_state()`` gives a JSON-serialisable
-dict; ``pipeline.iterator().set_state(state)`` continues exactly where ``it`` was.
-With ``num_workers > 0`` each worker packs its own slice, so rows differ from
-``num_workers=0`` (still deterministic; keep ``num_workers`` fixed across a resume).
-
-Hosts: with packing, hosts may produce slightly different numbers of rows from their
-shares; a multi-host training loop should run for a fixed number of steps.
+dict; ``pipeline.iterator().set_state(state)`` continues exactly where ``it`` was, whatever
+the number of hosts and devices of either run. ``num_workers`` only speeds up the table pass.
 """
-
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
 from flacuna_jax import templates
-from flacuna_jax.data.packing import COUNTERS, PackIterDataset
+from flacuna_jax.data.batches import BatchIterator, build_table, split_summary
+from flacuna_jax.data.packing import COUNTERS
 from flacuna_jax.data.records import DataError
 from flacuna_jax.data.sources import RecordStore, open_source, parse_sources
 
@@ -153,30 +149,73 @@ class Encoder:
         return self.encode_record(self.records[gid])
 
 
+class EmptySplit(DataError):
+    """The split has no records at all (e.g. ``eval_fraction`` rounds to 0 held-out records)."""
+
+
 @dataclasses.dataclass
 class Pipeline:
-    """A built pipeline for one host and one split."""
-    dataset: grain.IterDataset  # batches
-    examples: grain.MapDataset  # this host's encoded examples, in iteration order
+    """A built pipeline for one split: the global stream, its example table and batch iterators."""
+    order: EpochOrder
+    encoder: Encoder
+    examples: grain.MapDataset  # stream position -> encoded example
+    gids: np.ndarray  # the split's records (global ids)
     report: dict[str, Any]  # sources, record counts, bad records skipped
+    seq_len: int
+    batch_size: int
+    packing: bool = True
+    num_bins: int = 8
+    drop_remainder: bool = True
+    table_options: dict = dataclasses.field(default_factory=dict)  # build_table's process/gather/workers
 
-    def iterator(self) -> grain.DatasetIterator:
-        """A fresh iterator; ``get_state()``/``set_state()`` are JSON-serialisable dicts."""
-        return iter(self.dataset)
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """[records, 5] example stats by global record id (rows outside the split are unused).
+
+        Raises DataError, in one line with the counts, when the split yields nothing trainable."""
+        part = build_table(self.encoder, self.gids, **self.table_options)
+        s = split_summary(part)
+        self.report.update({f"split_{k}": v for k, v in s.items()})
+        if s["kept"] == 0:
+            names = ", ".join(src["path"] for src in self.report["sources"])
+            raise DataError(
+                f"data.sources ({names}): the {self.report['split']} split yields nothing trainable at "
+                f"train.seq_len={self.seq_len}: {s['records']} records, 0 kept, {s['dropped_no_target']} "
+                f"dropped_no_target (no answer token left), {s['dropped_overlong']} dropped_overlong, "
+                f"{s['truncated']} truncated, {self.report['skipped_bad_records']} bad records skipped")
+        full = np.zeros((len(self.encoder.records), part.shape[1]), np.int32)
+        full[self.gids] = part
+        return full
+
+    def iterator(self, rows: Sequence[int] | None = None) -> BatchIterator:
+        """A fresh iterator over global batches, building only the row positions `rows` (None: all);
+        ``get_state()``/``set_state()`` are JSON-serialisable dicts."""
+        table = self.table
+        return BatchIterator(self.order, table.__getitem__, self.examples.__getitem__, self.seq_len,
+                             self.batch_size, packing=self.packing, num_bins=self.num_bins, rows=rows,
+                             drop_remainder=self.drop_remainder)
 
     def __iter__(self):
         return self.iterator()
+
+    def count_batches(self) -> int:
+        """Batches in the whole stream (all epochs), from lengths alone: exact, nothing encoded."""
+        it, n = self.iterator(rows=()), 0
+        while it.plan_batch() is not None:
+            n += 1
+        return n
 
 
 def make_pipeline(sources: Any, tokenizer: Any, *, seq_len: int, batch_size: int, seed: int = 0,
                   split: str = "train", epochs: int | None = 1, packing: bool = True,
                   num_bins: int = 8, shuffle: bool = True, eval_fraction: float = 0.005,
                   split_seed: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0, drop_remainder: bool = True,
+                  gather: Callable | None = None, num_workers: int = 0, drop_remainder: bool = True,
                   on_bad_record: str = "error", overlong: str = "truncate",
                   cache_dir: str | None = None, allow_hub: bool = False,
                   system: str | None = None) -> Pipeline:
-    """Builds the per-host pipeline. ``epochs=None`` repeats forever."""
+    """Builds the global pipeline of one split. ``epochs=None`` repeats forever. ``batch_size`` is
+    the GLOBAL batch; process_index/process_count/gather share the example-table pass over hosts."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if not 0 <= process_index < process_count:
@@ -191,30 +230,28 @@ def make_pipeline(sources: Any, tokenizer: Any, *, seq_len: int, batch_size: int
     for store, offset in zip(stores, records.offsets):
         train, held_out = split_indices(len(store), eval_fraction, split_seed)
         ids.append((train if split == "train" else held_out) + offset)
+    if not sum(len(x) for x in ids):
+        raise EmptySplit(f"data.sources ({', '.join(s.path for s in specs)}): the {split} split has no records "
+                         f"({len(records)} records, data.eval_fraction={eval_fraction})")
     order = EpochOrder(ids, [s.weight for s in specs], seed, shuffle,
                        FOREVER_EPOCHS if epochs is None else epochs)
     encoder = Encoder(records, tokenizer, seq_len, overlong, system)
-    examples = grain.MapDataset.source(order)[process_index::process_count].map(encoder)
-    ds = PackIterDataset(examples, seq_len, packing, num_bins).batch(
-        batch_size, drop_remainder=drop_remainder)
-    if num_workers > 0:
-        from absl import flags  # grain's workers read absl flags; a plain script never parses them
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    examples = grain.MapDataset.source(order).map(encoder)
     report = {
-        "split": split, "epoch_examples": order.epoch_len, "host_examples": len(examples),
+        "split": split, "epoch_examples": order.epoch_len,
         "sources": [{"path": s.path, "weight": s.weight, "records": len(st),
                      "skipped_bad_records": st.meta["skipped"], "per_epoch": int(c)}
                     for s, st, c in zip(specs, stores, order.counts)],
         "skipped_bad_records": sum(st.meta["skipped"] for st in stores),
     }
-    return Pipeline(ds, examples, report)
+    return Pipeline(order, encoder, examples, np.concatenate(ids), report, seq_len, batch_size, packing,
+                    num_bins, drop_remainder, dict(process_index=process_index, process_count=process_count,
+                                                   gather=gather, num_workers=num_workers))
 
 
 def pipeline_from_config(data: Any, tokenizer: Any, *, seq_len: int, batch_size: int,
                          seed: int, split: str = "train", epochs: int | None = 1,
-                         process_index: int = 0, process_count: int = 1,
+                         process_index: int = 0, process_count: int = 1, gather: Callable | None = None,
                          drop_remainder: bool = True) -> Pipeline:
     """``make_pipeline`` from a ``config.DataConfig`` (eval: no shuffle, one epoch)."""
     is_eval = split == "eval"
@@ -222,7 +259,7 @@ def pipeline_from_config(data: Any, tokenizer: Any, *, seq_len: int, batch_size:
         data.sources, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
         split=split, epochs=1 if is_eval else epochs, packing=data.packing,
         shuffle=data.shuffle and not is_eval, eval_fraction=data.eval_fraction, split_seed=data.split_seed,
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, gather=gather,
         num_workers=data.num_workers, drop_remainder=drop_remainder,
         on_bad_record=data.on_bad_record, overlong=data.overlong, cache_dir=data.cache_dir)
 
