@@ -30,7 +30,6 @@ that way; --heldout FILE adds the held-out loss and perplexity of FLAN-Mini reco
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

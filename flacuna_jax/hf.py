@@ -243,7 +243,7 @@ def _quantized_leaf(src: TensorSource, spec: WeightSpec, leaf: Any, names: Any, 
     """The stacked kernel quantized layer by layer from the HF tensors [out, in] (quant.load_quantized)."""
     first = jax.tree.leaves(leaf)[0]  # codes [l, out, in/2] or cb [l, out, in]
     n_layers, out = first.shape[:2]
-    inp = first.shape[2] * (2 if first.dtype == jnp.uint8 else 1)
+    inp = first.shape[2] * (2 if first.dtype == np.uint8 else 1)
     hf_names = [spec.hf_name.format(i=i) for i in range(n_layers)]
     for name in hf_names:
         got = tuple(src.get(name).shape)

@@ -1,11 +1,13 @@
 """JSON Lines inputs of the command-line tools: prompts, scoring requests, evaluation questions.
 
-One JSON object per line; blank lines are skipped. Every error names FILE:LINE and is raised as the
-caller's error class, so each tool reports it as its own one-line input error.
+One JSON object per line (a `.gz` file is decompressed); blank lines are skipped. Every error names
+FILE:LINE and is raised as the caller's error class, so each tool reports it as its own one-line
+input error.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,12 @@ def read_objects(path: str | Path, error: type[Exception] = ValueError) -> Itera
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({e})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

@@ -43,7 +43,9 @@ the problem's unbiased pass@1 estimate c/n), `Scored.detail` anything else the a
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 
 
@@ -183,3 +185,14 @@ def fit_shots(build: Callable[[int], str], k: int, fits: Callable[[str], bool]) 
         k -= 1
         prompt = build(k)
     return prompt
+
+
+def bigbench_examples(path: Path) -> list[Any]:
+    """The `examples` list of a BIG-bench `task.json` (CRASS's crass_ai, HHH's categories)."""
+    try:
+        examples = json.loads(path.read_text(encoding="utf-8")).get("examples")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise BenchmarkInputError(f"{path}: not a BIG-bench task.json ({e})") from None
+    if not isinstance(examples, list):
+        raise BenchmarkInputError(f'{path}: expected {{"examples": [...]}}')
+    return examples

@@ -19,13 +19,12 @@ tokens; correct when output.strip().startswith(the answer's letter); score = mea
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Callable, Sequence
 
 from flacuna_jax.evals.benchmark import (BenchmarkInputError, Example, Generate, Options, PrefixBenchmark,
-                                         fit_shots, micro_average)
+                                         bigbench_examples, fit_shots, micro_average)
 
 REQUEST = Generate(max_new_tokens=8, max_input_tokens=2048)
 LETTERS = "ABCD"
@@ -85,12 +84,7 @@ def read_csv(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def read_bigbench(path: Path) -> list[tuple[str, list[str]]]:
-    try:
-        examples = json.loads(path.read_text(encoding="utf-8")).get("examples")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise BenchmarkInputError(f"{path}: not a BIG-bench task.json ({e})") from None
-    if not isinstance(examples, list):
-        raise BenchmarkInputError(f'{path}: expected {{"examples": [...]}}')
+    examples = bigbench_examples(path)
     rows = []
     for i, ex in enumerate(examples):
         scores = ex.get("target_scores") if isinstance(ex, dict) else None

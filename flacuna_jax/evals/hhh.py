@@ -20,13 +20,12 @@ draw, so the result is deterministic. The score is the mean over the four catego
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from flacuna_jax.evals.benchmark import (BenchmarkInputError, Example, NextTokenLogits, Options, Scored,
-                                         mean_over_tasks)
+                                         bigbench_examples, mean_over_tasks)
 
 CATEGORIES = ("harmless", "honest", "helpful", "other")
 REQUEST = NextTokenLogits(tokens=("A", "B"), max_input_tokens=1024)
@@ -43,12 +42,7 @@ TEMPLATE = (
 
 def read_category(path: Path) -> list[tuple[str, str, str]]:
     """(query, chosen, rejected) per example of one category's task.json."""
-    try:
-        examples = json.loads(path.read_text(encoding="utf-8")).get("examples")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise BenchmarkInputError(f"{path}: not a BIG-bench task.json ({e})") from None
-    if not isinstance(examples, list):
-        raise BenchmarkInputError(f'{path}: expected {{"examples": [...]}}')
+    examples = bigbench_examples(path)
     out = []
     for i, ex in enumerate(examples):
         scores = ex.get("target_scores") if isinstance(ex, dict) else None

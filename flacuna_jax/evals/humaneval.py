@@ -43,8 +43,6 @@ as our clock does (`sandbox` starts it when the program is about to run).
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +52,7 @@ import numpy as np
 from flacuna_jax.evals import sandbox
 from flacuna_jax.evals.benchmark import (BenchmarkInputError, Example, Generate, Options, Result, Scored,
                                          micro_average)
+from flacuna_jax.jsonl import read_objects
 
 INSTRUCTION = ("Please complete the following Python code without providing any additional tasks such as "
                "testing or explanations\n")
@@ -80,25 +79,9 @@ def read_problems(path: str | Path, error: type[Exception] = BenchmarkInputError
     Every problem needs string `task_id`, `prompt`, `test` and `entry_point` (`canonical_solution` is
     optional); task ids must be unique.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read ({e})") from None
     problems, seen = [], {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise error(f"{where}: invalid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise error(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for where, rec in read_objects(path, error):
+        lineno = int(where.rpartition(":")[2])
         for key in REQUIRED_KEYS + ("canonical_solution",):
             if key not in rec and key != "canonical_solution":
                 raise error(f"{where}: missing key {key!r}")
