@@ -150,13 +150,14 @@ class Config:
         return self.tokenizer.path or self.model.path
 
 
+BASE_QUANTS = ("none", "int8", "nf4")  # model.base_quant and the inference CLIs' --base-quant
 _CHOICES = {
     "finetune": ("lora", "full"),
     "model.compute_dtype": tuple(FLOAT_DTYPES),
     "model.param_dtype": tuple(FLOAT_DTYPES),
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "dot_product", "auto"),
-    "model.base_quant": ("none", "int8", "nf4"),
+    "model.base_quant": BASE_QUANTS,
     "data.on_bad_record": ("error", "skip"),
     "data.overlong": ("truncate", "drop"),
     "optim.name": ("adamw", "sgd"),

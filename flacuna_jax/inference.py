@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
 
@@ -28,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model")
     src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model")
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
-    p.add_argument("--base-quant", choices=("none", "int8", "nf4"), default="none",
+    p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (LoRA applied on top, unfolded)")
 
 

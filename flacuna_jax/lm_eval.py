@@ -1,6 +1,6 @@
 """lm-evaluation-harness backend: any lm-eval task on our JAX model, with a PEFT adapter or a training run.
 
-    python -m flacuna_jax.lm_eval --model_args model=HF_DIR[,adapter=PEFT_DIR|run=RUN_DIR][,dtype=float32] \\
+    python -m flacuna_jax.lm_eval --model_args model=HF_DIR[,adapter=PEFT_DIR|run=RUN_DIR][,dtype=float32][,base_quant=nf4] \\
         --tasks hellaswag [--include_path TASK_DIR] [--num_fewshot K] [--limit N] [--batch_size 8] \\
         --output_path OUT
 
@@ -12,7 +12,9 @@ Every other flag is lm-eval's own (`lm-eval run --help`): this CLI registers the
     lm_eval.simple_evaluate(model=FlacunaLM(model=HF_DIR, batch_size=8), tasks=["hellaswag"])
 
 `model_args`: model (HF LLaMA dir), adapter | run, tokenizer (default: model), dtype (float32 |
-bfloat16), batch_size, max_gen_toks (default 256), seed (sampling).
+bfloat16), base_quant (none | int8 | nf4: the base quantized as bitsandbytes does, the LoRA factors
+applied on top, as `--base-quant` of the other CLIs), batch_size, max_gen_toks (default 256), seed
+(sampling).
 
 Requests are tokenized as lm-eval's HF backend (`--model hf`) tokenizes them: `TemplateLM` (lm-eval's
 own code) splits context and continuation (trailing context spaces move to the continuation; ctx =
@@ -43,6 +45,7 @@ import numpy as np
 from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
+from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES as DTYPES
 from flacuna_jax.generate import Generator
 from flacuna_jax.inference import load_for_inference
@@ -61,11 +64,12 @@ def generation_eos_ids(model_dir: str | Path, config_eos: int | None) -> tuple[i
 
 
 class FlacunaLM(TemplateLM):
-    """lm-eval's `LM` on our scorer and decoder; the LoRA of an adapter or run is folded into the base."""
+    """lm-eval's `LM` on our scorer and decoder; the LoRA of an adapter or run is folded into the base
+    (kept beside it on a quantized base)."""
 
     def __init__(self, model: str, adapter: str | None = None, run: str | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_gen_toks: int = 256, seed: int = 1234,
-                 max_batch_size: int | None = None, device: str | None = None):
+                 base_quant: str = "none", max_batch_size: int | None = None, device: str | None = None):
         # max_batch_size, device: lm-eval passes them to every backend; JAX places the model itself.
         super().__init__()
         from flacuna_jax.tokenizer import load_tokenizer
@@ -74,10 +78,12 @@ class FlacunaLM(TemplateLM):
             raise ValueError("model_args: give adapter or run, not both")
         if dtype not in DTYPES:
             raise ValueError(f"model_args: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if base_quant not in BASE_QUANTS:
+            raise ValueError(f"model_args: base_quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}")
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by flacuna_jax: give a number")
         self.model_dir, self.adapter, self.run, self.dtype = str(model), adapter, run, dtype
-        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype])
+        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant)
         self._use(net, params, load_tokenizer(tokenizer or model),
                   generation_eos_ids(model, net.config.eos_token_id), batch_size, max_gen_toks, seed)
 

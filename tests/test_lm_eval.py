@@ -176,6 +176,17 @@ def test_registered_and_bad_arguments_are_refused(model_dir):
         FlacunaLM(model=str(model_dir), batch_size="auto")
 
 
+def test_base_quant_loads_the_quantized_base(model_dir):
+    from flacuna_jax import quant
+    from flacuna_jax.lm_eval import FlacunaLM
+
+    lm = FlacunaLM(model=str(model_dir), base_quant="nf4")
+    assert isinstance(lm.params["layers"]["attn"]["q_proj"]["kernel"], quant.NF4Weight)
+    assert lm.get_model_info()["model_path"] == str(model_dir)
+    with pytest.raises(ValueError, match="base_quant must be one of none, int8, nf4"):
+        FlacunaLM(model=str(model_dir), base_quant="int4")
+
+
 def test_generation_kwargs_we_cannot_honour_are_refused(model_dir):
     from flacuna_jax.lm_eval import FlacunaLM
 
