@@ -109,3 +109,18 @@ def all_trained_batch(ids, mesh) -> dict:
             "segment_ids": np.ones((b, t), np.int32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))}
     return {k: jax.device_put(host[k], batch_sharding(mesh)) for k in BATCH_KEYS}
+
+
+def best_seconds(fn, args: tuple, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of jitted `fn(*args)`, after one call that compiles and warms up."""
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -14,25 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import best_seconds
 from flacuna_jax import hf, tiny
 from flacuna_jax.generate import Generator, bucket_width, left_pad
 
 
 def best_time(decode, params, ids, seg, repeats: int) -> float:
     args = (params, jnp.asarray(ids), jnp.asarray(seg), jax.random.key(0), jnp.float32(0), jnp.float32(1))
-    jax.block_until_ready(decode(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(decode(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_seconds(decode, args, repeats)
 
 
 def main(argv=None) -> dict:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import best_seconds
 from flacuna_jax import hf, tiny
 from flacuna_jax.lora import init_lora_params, merge_params
 from flacuna_jax.model import LlamaConfig, LoraSpec, Runtime
@@ -29,16 +29,6 @@ from flacuna_jax.step import loss_sum
 SYNTHETIC = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                         num_kv_heads=4, head_dim=64)
 LORA = LoraSpec(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
-
-
-def _best(fn, args, steps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(model_dir: str, base_quant: str, compute: str, seq: int, batch: int, steps: int) -> dict:
@@ -52,8 +42,8 @@ def measure(model_dir: str, base_quant: str, compute: str, seq: int, batch: int,
                "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
     train = jax.jit(jax.value_and_grad(lambda t, f, b: loss_sum(model, t, f, b, None, loss_chunk=128)))
     score = jax.jit(lambda t, f, i: model.apply({"params": merge_params(t, f)}, i, return_hidden=True))
-    t_train = _best(train, (lora, frozen, batch_d), steps)
-    t_score = _best(score, (lora, frozen, ids), steps)
+    t_train = best_seconds(train, (lora, frozen, batch_d), steps)
+    t_score = best_seconds(score, (lora, frozen, ids), steps)
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
     return {"train_tokens_per_s": round(batch * seq / t_train, 1), "score_tokens_per_s": round(batch * seq / t_score, 1),
             "frozen_bytes": frozen_bytes}
