@@ -22,12 +22,12 @@ from flacuna_jax.dtypes import FLOAT_DTYPES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --tokenizer, --adapter | --run, --dtype."""
+    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant."""
     p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model")
-    src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model")
+    src.add_argument("--adapter", help="PEFT LoRA adapter directory, folded into --model (kept beside a --base-quant base)")
+    src.add_argument("--run", help="training run directory: its latest checkpoint, folded into --model (kept beside a --base-quant base)")
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (LoRA applied on top, unfolded)")
