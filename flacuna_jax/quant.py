@@ -9,10 +9,10 @@ operation by operation, so the dequantized weights equal bitsandbytes' bit for b
   between midpoints (a value on a midpoint takes the lower code); two codes a byte, the first in the
   high nibble. Dequantized: `code[q] * absmax` in fp32, then cast to the weight's dtype.
 - Double quantization (`compress_statistics=True`): the absmax minus their mean, quantized in blocks
-  of 256 with bitsandbytes' signed 8-bit dynamic map (nearest code); dequantized
-  `dynamic[q2] * absmax2 + offset`. The dequantization is bitsandbytes' exactly; the quantization
-  picks the nearest code where bitsandbytes' CPU kernel (an approximate binary search) sometimes picks
-  a neighbour, and the offset is a correctly rounded mean, where torch's may differ in the last bit.
+  of 256 with bitsandbytes' signed 8-bit dynamic map through its CPU kernel's 65536-point lookup
+  table (`nested_quantize`); dequantized `dynamic[q2] * absmax2 + offset`. Given the same offset the
+  codes and absmax2 are bitsandbytes' bit for bit; our offset is the correctly rounded mean, where
+  torch's fp32 mean may differ in the last bit.
 - int8 (`nn.Int8Params`): the weight cast to fp16, `CB = round(W * ((1 / max|W_row|) * 127))` (half
   to even; torch's `127 / x` is a reciprocal times 127), `SCB = max|W_row|` (fp32); dequantized `CB * SCB * (1/127)` (`int8_vectorwise_dequant`).
 
@@ -95,17 +95,37 @@ def nf4_quantize_flat(w: np.ndarray, block: int = NF4_BLOCK) -> tuple[np.ndarray
     return (q[0::2] << 4) | q[1::2], absmax
 
 
-def nested_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """(codes uint8 like absmax, absmax2 fp32 [ceil(n/256)], offset): absmax - mean in dynamic 8 bit."""
+def _lookup_table(code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU `build_quantize_lut`: for each of 65536 evenly spaced points of [-1, 1], the
+    index of the code whose midpoints bracket it (a point on a midpoint takes the lower code)."""
+    midpoints = (np.float32(0.5) * (code[:-1] + code[1:])).astype(np.float32)
+    grid = (np.float32(-1.0) + (np.float32(2.0) * np.arange(_LUT_SIZE, dtype=np.float32)) / np.float32(_LUT_SIZE - 1))
+    return np.searchsorted(midpoints, grid.astype(np.float32), side="left").astype(np.uint8)
+
+
+_LUT_SIZE = 65536
+_DYNAMIC_LUT = _lookup_table(DYNAMIC_CODE)
+
+
+def nested_quantize(absmax: np.ndarray, offset: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """(codes uint8 like absmax, absmax2 fp32 [ceil(n/256)], offset): absmax - mean in dynamic 8 bit.
+
+    bitsandbytes' CPU `quantize_blockwise`: each value times the block's reciprocal absmax, clipped,
+    mapped to one of 65536 grid points, `uint16((x + 1) * 0.5 * 65535 + 0.5)`, and the grid point to
+    its code (`_lookup_table`). `offset` defaults to the correctly rounded mean; bitsandbytes takes
+    torch's fp32 mean, whose summation order (its vector width) can move the last bit.
+    """
     flat = np.asarray(absmax, np.float32).reshape(-1)
-    offset = np.float32(flat.astype(np.float64).mean())
-    shifted = (flat - offset).astype(np.float32)
+    if offset is None:
+        offset = np.float32(flat.astype(np.float64).mean())
+    shifted = (flat - np.float32(offset)).astype(np.float32)
     padded, absmax2 = _blocks(shifted, NESTED_BLOCK)
-    normed = (padded / absmax2[:, None]).reshape(-1)[:flat.size].astype(np.float32)
-    right = np.clip(np.searchsorted(DYNAMIC_CODE, normed, side="left"), 1, DYNAMIC_CODE.size - 1)
-    left = right - 1
-    pick_right = np.abs(DYNAMIC_CODE[right] - normed) < np.abs(normed - DYNAMIC_CODE[left])
-    return np.where(pick_right, right, left).astype(np.uint8).reshape(np.shape(absmax)), absmax2, offset
+    inv = (np.float32(1.0) / np.maximum(absmax2, np.float32(1e-38))).astype(np.float32)
+    normed = np.clip((padded * inv[:, None]).astype(np.float32), -1.0, 1.0).reshape(-1)[:flat.size]
+    half = ((normed + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+    grid = ((half * np.float32(_LUT_SIZE - 1)).astype(np.float32) + np.float32(0.5)).astype(np.uint16)
+    codes = np.where(np.repeat(absmax2, NESTED_BLOCK)[:flat.size] == 0, 0, _DYNAMIC_LUT[grid])
+    return codes.astype(np.uint8).reshape(np.shape(absmax)), absmax2, np.float32(offset)
 
 
 def int8_quantize(w_oi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
