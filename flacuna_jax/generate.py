@@ -14,6 +14,13 @@ whole token loop as one `lax.while_loop` over a cache of width + max_new_tokens 
 stops when every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python
 between tokens.
 
+Shared prefixes. Few-shot evaluation prompts of one task start with the same header and shots (MMLU:
+~90% of each prompt), and sampled rows repeat one prompt. `plan_batches` orders prompts so that such
+prompts batch together; a batch whose rows share at least `MIN_SHARED` leading tokens prefills that
+prefix once, as one row, copies its keys/values into every row's cache, and prefills only each row's
+rest (left-padded after the prefix, positions continuing from it). The attention is the same
+computation over the same keys, so the tokens are those of the full prefill (tests compare both).
+
 Streaming (--prompt/--chat) uses an ordered `jax.debug.callback` inside the loop, compiled in only
 when a sink is given: each step hands the new token ids to the host, which decodes row 0
 incrementally and prints the new text. On an accelerator this costs a host round trip per token,
@@ -93,6 +100,44 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, batch: int, pad_id: i
     return ids_bt, seg_bt
 
 
+MIN_SHARED = 32  # shorter common prefixes are not worth a second prefill call
+
+
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Number of leading ids every prompt shares."""
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED) -> int:
+    """The prefix a batch prefills once: the common prefix, less the last id of the shortest prompt
+    (every row needs one id of its own to predict from); 0 when under `minimum` or a single row."""
+    if len(prompts) < 2:
+        return 0
+    n = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    return n if n >= minimum else 0
+
+
+def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int, minimum: int = MIN_SHARED) -> list[list[int]]:
+    """Prompt indices in batches of <= batch_size: prompts sharing >= `minimum` leading ids together
+    (sorted order puts them next to each other), each such run then sorted by length (similar widths)."""
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and common_prefix_len([prompts[runs[-1][-1]], prompts[i]]) >= minimum:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    singles = sorted((r[0] for r in runs if len(r) == 1), key=lambda i: len(prompts[i]))
+    groups = [sorted(r, key=lambda i: len(prompts[i])) for r in runs if len(r) > 1] + [singles]
+    return [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
+
+
 # ------------------------------------------------------------------------------ the compiled loop
 
 @dataclass(frozen=True)
@@ -107,9 +152,11 @@ class DecodeSpec:
 
 
 def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
-    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None) -> dict.
+    """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None,
+    prefix_ids_1p=None, prefix_segment_ids_1p=None) -> dict.
 
-    Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
+    A prefix [1, p] (left-padded) is prefilled once and its cache shared by every row; ids_bt is then
+    each row's rest, its positions continuing after the prefix's real tokens. Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
     and "logits": [b, max_new, vocab] when collect_logits}. A traced `max_steps` (<= max_new) stops
     the loop earlier: one compiled decoder serves every shorter limit (evaluation's 2, 8 and 32).
     `stop_table` [vocab, S] is a token-level automaton per row (state 0 at the start, state =
@@ -121,12 +168,23 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     n_new = spec.max_new_tokens
     eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
 
-    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None):
+    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None,
+               prefix_ids_1p=None, prefix_segment_ids_1p=None):
         limit = n_new if max_steps is None else jnp.minimum(max_steps, n_new)
         b, width = ids_bt.shape
         variables = {"params": params}
+        dtype = model.runtime.compute_dtype
         positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
-        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype)
+        if prefix_ids_1p is None:
+            cache = init_cache(model.config, b, width + n_new, dtype)
+        else:
+            p = prefix_ids_1p.shape[1]
+            prefix_positions_1p = jnp.maximum(jnp.cumsum(prefix_segment_ids_1p, axis=1) - 1, 0).astype(jnp.int32)
+            _, one = model.apply(variables, prefix_ids_1p, prefix_positions_1p, prefix_segment_ids_1p,
+                                 cache=init_cache(model.config, 1, p + width + n_new, dtype))
+            cache = {**{k: jnp.broadcast_to(v, v.shape[:1] + (b,) + v.shape[2:]) for k, v in one.items() if k in ("k", "v")},
+                     "segment_ids": jnp.broadcast_to(one["segment_ids"], (b, p + width + n_new)), "index": one["index"]}
+            positions_bt = positions_bt + jnp.sum(prefix_segment_ids_1p)
         logits_btv, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache)
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -227,18 +285,23 @@ class Generator:
                      capacity: int | None = None, stop_table: np.ndarray | None = None) -> list[list[int]]:
         """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
 
-        Prompts are sorted by length and decoded `batch_size` at a time; a sink streams batch 0.
+        Prompts are batched by `plan_batches` and decoded `batch_size` at a time, a shared prefix
+        prefilled once per batch (module docstring); a sink streams batch 0.
         `capacity` (>= max_new_tokens) compiles the decoder for that many new tokens and stops it at
         max_new_tokens, so calls with different limits share one compiled loop. `stop_table`: see
         `make_decoder` (a row may end before EOS; its ids end there).
         """
         table = None if stop_table is None else jnp.asarray(stop_table)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
         rng = jax.random.key(seed)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in plan_batches(prompts, self.batch_size):
             batch = [prompts[i] for i in idx]
+            shared = shared_prefix_len(batch)
+            prefix = ()
+            if shared:
+                ids_1p, seg_1p = left_pad([batch[0][:shared]], bucket_width(shared), 1, self.pad_id)
+                prefix = (jnp.asarray(ids_1p), jnp.asarray(seg_1p))
+                batch = [p[shared:] for p in batch]
             width = bucket_width(max(len(p) for p in batch))
             ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
             self._sink = sink
@@ -246,7 +309,7 @@ class Generator:
                 decode = self.decoder(max(max_new_tokens, capacity or 0), stream=sink is not None)
                 rng, key = jax.random.split(rng)
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
-                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table)
+                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table, *prefix)
                 tokens_bn = np.asarray(jax.device_get(result["tokens"]))[:, :max_new_tokens]
                 if sink is not None:
                     jax.effects_barrier()  # every streamed token has reached the sink

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from flacuna_jax import hf, tiny
-from flacuna_jax.generate import Codec, Generator, bucket_width, chat, left_pad, main, sample_next
+from flacuna_jax.generate import (MIN_SHARED, Codec, Generator, bucket_width, chat, left_pad, main, plan_batches,
+                                  sample_next, shared_prefix_len)
 from flacuna_jax.lora import merge_params
 from flacuna_jax.model import LoraSpec
 from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
@@ -76,6 +77,50 @@ def test_greedy_matches_transformers(decisive_dir, loaded, lengths):
     assert ours == theirs
     assert ours[0][-1] == eos and len(ours[0]) < 16  # stopping at EOS was exercised
     assert len({len(x) for x in ours}) > 1 or len(ours) == 1
+
+
+def _shared_prompts(prefix_len, rest_lengths, seed=1):
+    """Prompts of one shared prefix (a few-shot header) and rests of their own."""
+    prefix = _prompts([prefix_len], seed)[0]
+    rng = np.random.default_rng(seed + 1)
+    return [prefix + rng.integers(3, CHAR_VOCAB, n).tolist() for n in rest_lengths]
+
+
+def test_plan_batches_groups_shared_prefixes():
+    shared = _shared_prompts(MIN_SHARED + 8, [9, 2, 5, 7, 3])
+    other = _prompts([50, 4, 30])
+    prompts = [other[0], shared[0], other[1], shared[1], shared[2], other[2], shared[3], shared[4]]
+    batches = plan_batches(prompts, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(prompts)))  # each prompt once
+    assert batches[:2] == [[3, 7, 4, 6], [1]]  # the shared run, shortest first
+    assert batches[2] == [2, 5, 0]  # the rest by length
+    assert shared_prefix_len([prompts[i] for i in batches[0]]) == MIN_SHARED + 8
+    assert shared_prefix_len([shared[1], shared[1]]) == len(shared[1]) - 1  # a repeated prompt: all but its last id
+    assert shared_prefix_len([other[0], other[2]]) == 0 and shared_prefix_len([shared[0]]) == 0
+
+
+def test_shared_prefix_matches_transformers(decisive_dir, loaded):
+    """Rows sharing a prefix prefill it once; the tokens are transformers' on the whole prompts."""
+    model, params = loaded
+    prompts = _shared_prompts(MIN_SHARED + 13, [3, 11, 6])  # rests of three widths, padded after the prefix
+    assert shared_prefix_len(prompts) == MIN_SHARED + 13
+    gen = Generator(model, params, eos_ids=(), batch_size=4)
+    ours = gen.generate_ids(prompts, 12)
+    assert ours == _hf_generate(hf_reference(decisive_dir), prompts, 12, eos=-1)
+
+
+def test_shared_prefix_logits_equal_full_prefill(loaded):
+    model, params = loaded
+    prompts = _shared_prompts(MIN_SHARED + 5, [2, 9, 5])
+    shared = shared_prefix_len(prompts)
+    decode = Generator(model, params, eos_ids=()).decoder(8, collect_logits=True)
+    args = (jax.random.key(0), jnp.float32(0), jnp.float32(1))
+    full = decode(params, *left_pad(prompts, bucket_width(max(map(len, prompts))), 3), *args)
+    ids_1p, seg_1p = left_pad([prompts[0][:shared]], bucket_width(shared), 1)
+    rests = [p[shared:] for p in prompts]
+    split = decode(params, *left_pad(rests, bucket_width(max(map(len, rests))), 3), *args, None, None, ids_1p, seg_1p)
+    np.testing.assert_array_equal(np.asarray(split["tokens"]), np.asarray(full["tokens"]))
+    assert np.abs(np.asarray(split["logits"]) - np.asarray(full["logits"])).max() <= LOGIT_TOL
 
 
 def _random_lora(model, params, spec, seed=0):

@@ -2,7 +2,8 @@
 
 Generate requests go through our KV-cache decoder (`generate.Generator`, one compiled while-loop per
 batch shape): prompts are tokenized raw by the tokenizer's own rules (BOS only where it adds one),
-sorted by length so a batch shares a padded width, decoded `batch_size` at a time, and each
+batched by `generate.plan_batches` (a task's prompts, which share their header and shots, together,
+that prefix prefilled once per batch; then by length), decoded `batch_size` at a time, and each
 completion is decoded with `skip_special_tokens=True` (what InstructEval's `tokenizer.decode` of the
 new tokens gives). `samples > 1` repeats each prompt that many times in the batch, each row drawing
 its own tokens. NextTokenLogits requests run one forward pass per prompt (right-padded batches,
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax.evals.benchmark import Benchmark, Example, Generate, NextTokenLogits, Result, Scored
+from flacuna_jax.generate import plan_batches
 
 
 class Progress:
@@ -117,13 +119,11 @@ class Runner:
             if not x:
                 raise ValueError(f"{label}: a prompt tokenizes to nothing: {p[:60]!r}")
         rows = [i for i in range(len(ids)) for _ in range(request.samples)]
-        order = sorted(range(len(rows)), key=lambda r: len(ids[rows[r]]))  # similar widths batch together
         texts: list[str] = [""] * len(rows)
         bar = Progress(label, len(rows), self.progress_out)
-        for n, start in enumerate(range(0, len(order), self.batch_size)):
-            chunk = order[start:start + self.batch_size]
+        for n, chunk in enumerate(plan_batches([ids[r] for r in rows], self.batch_size)):
             batch = [ids[rows[r]] for r in chunk]
-            if len(batch) == 1 and len(order) > 1:
+            if len(batch) == 1 and len(rows) > 1:
                 batch = batch * 2  # keep the batch shape compiled for the others (a single prompt runs unpadded)
             completions = self.generator.generate_ids(batch, request.max_new_tokens, request.temperature,
                                                       seed=self.seed + n, capacity=capacity(request.max_new_tokens),
