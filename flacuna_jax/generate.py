@@ -16,9 +16,10 @@ between tokens.
 
 Shared prefixes. Few-shot evaluation prompts of one task start with the same header and shots (MMLU:
 ~90% of each prompt), and sampled rows repeat one prompt. `plan_batches` orders prompts so that such
-prompts batch together; a batch whose rows share at least `MIN_SHARED` leading tokens prefills that
-prefix once, as one row, copies its keys/values into every row's cache, and prefills only each row's
-rest (left-padded after the prefix, positions continuing from it). The attention is the same
+prompts batch together; when a run of prompts shares at least `MIN_SHARED` leading tokens, that
+prefix is prefilled once, as one row, for all the run's batches, its keys/values are copied into
+every row's cache, and each row prefills only its rest (left-padded after the prefix, positions
+continuing from it). The attention is the same
 computation over the same keys, so the tokens are those of the full prefill (tests compare both).
 
 Streaming (--prompt/--chat) uses an ordered `jax.debug.callback` inside the loop, compiled in only
@@ -123,9 +124,18 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARE
     return n if n >= minimum else 0
 
 
-def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int, minimum: int = MIN_SHARED) -> list[list[int]]:
-    """Prompt indices in batches of <= batch_size: prompts sharing >= `minimum` leading ids together
-    (sorted order puts them next to each other), each such run then sorted by length (similar widths)."""
+@dataclass(frozen=True)
+class Batch:
+    """Prompt indices decoded together, and how many leading ids they all share and prefill once."""
+
+    indices: list[int]
+    shared: int = 0
+
+
+def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int, minimum: int = MIN_SHARED) -> list[Batch]:
+    """Batches of <= batch_size prompts. Prompts sharing >= `minimum` leading ids form a run (sorted
+    order puts them next to each other); a run's batches all share the run's prefix, so it is prefilled
+    once for the whole run (`Generator`), and within a run prompts go by length (similar widths)."""
     order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
     runs: list[list[int]] = []
     for i in order:
@@ -133,9 +143,13 @@ def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int, minimum: int
             runs[-1].append(i)
         else:
             runs.append([i])
+    batches = []
+    for run in (r for r in runs if len(r) > 1):
+        shared = shared_prefix_len([prompts[i] for i in run], minimum)
+        run = sorted(run, key=lambda i: len(prompts[i]))
+        batches += [Batch(run[s:s + batch_size], shared) for s in range(0, len(run), batch_size)]
     singles = sorted((r[0] for r in runs if len(r) == 1), key=lambda i: len(prompts[i]))
-    groups = [sorted(r, key=lambda i: len(prompts[i])) for r in runs if len(r) > 1] + [singles]
-    return [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
+    return batches + [Batch(singles[s:s + batch_size]) for s in range(0, len(singles), batch_size)]
 
 
 # ------------------------------------------------------------------------------ the compiled loop
@@ -151,13 +165,26 @@ class DecodeSpec:
     collect_logits: bool = False  # also return the logits each token was chosen from (tests)
 
 
+def make_prefill(model: Any):
+    """jit fn(params, ids_1p, segment_ids_1p) -> the [1, p] (left-padded) prefix's KV cache, for
+    `make_decoder`'s `prefix`."""
+
+    def prefill(params, ids_1p, segment_ids_1p):
+        positions_1p = jnp.maximum(jnp.cumsum(segment_ids_1p, axis=1) - 1, 0).astype(jnp.int32)
+        cache = init_cache(model.config, 1, ids_1p.shape[1], model.runtime.compute_dtype)
+        return model.apply({"params": params}, ids_1p, positions_1p, segment_ids_1p, cache=cache)[1]
+
+    return jax.jit(prefill)
+
+
 def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     """jit fn(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None,
-    prefix_ids_1p=None, prefix_segment_ids_1p=None) -> dict.
+    prefix=None) -> dict.
 
-    A prefix [1, p] (left-padded) is prefilled once and its cache shared by every row; ids_bt is then
-    each row's rest, its positions continuing after the prefix's real tokens. Returns {"tokens": [b, max_new] (pad_id after EOS), "steps": number of loop iterations,
-    and "logits": [b, max_new, vocab] when collect_logits}. A traced `max_steps` (<= max_new) stops
+    `prefix`: a prefilled prefix's cache (`make_prefill`), shared by every row: ids_bt is then each
+    row's rest, its positions continuing after the prefix's real tokens. Returns {"tokens": [b, max_new]
+    (pad_id after EOS), "steps": number of loop iterations, and "logits": [b, max_new, vocab] when
+    collect_logits}. A traced `max_steps` (<= max_new) stops
     the loop earlier: one compiled decoder serves every shorter limit (evaluation's 2, 8 and 32).
     `stop_table` [vocab, S] is a token-level automaton per row (state 0 at the start, state =
     stop_table[token, state]): a row also ends, like at EOS, once it reaches the last state S - 1
@@ -168,23 +195,17 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     n_new = spec.max_new_tokens
     eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
 
-    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None,
-               prefix_ids_1p=None, prefix_segment_ids_1p=None):
+    def decode(params, ids_bt, segment_ids_bt, rng, temperature, top_p, max_steps=None, stop_table=None, prefix=None):
         limit = n_new if max_steps is None else jnp.minimum(max_steps, n_new)
         b, width = ids_bt.shape
         variables = {"params": params}
-        dtype = model.runtime.compute_dtype
         positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
-        if prefix_ids_1p is None:
-            cache = init_cache(model.config, b, width + n_new, dtype)
-        else:
-            p = prefix_ids_1p.shape[1]
-            prefix_positions_1p = jnp.maximum(jnp.cumsum(prefix_segment_ids_1p, axis=1) - 1, 0).astype(jnp.int32)
-            _, one = model.apply(variables, prefix_ids_1p, prefix_positions_1p, prefix_segment_ids_1p,
-                                 cache=init_cache(model.config, 1, p + width + n_new, dtype))
-            cache = {**{k: jnp.broadcast_to(v, v.shape[:1] + (b,) + v.shape[2:]) for k, v in one.items() if k in ("k", "v")},
-                     "segment_ids": jnp.broadcast_to(one["segment_ids"], (b, p + width + n_new)), "index": one["index"]}
-            positions_bt = positions_bt + jnp.sum(prefix_segment_ids_1p)
+        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype)
+        if prefix is not None:  # the prefix's slots first, then the rows' own
+            cache = {name: jnp.concatenate([jnp.broadcast_to(prefix[name], prefix[name].shape[:axis] + (b,)
+                                                             + prefix[name].shape[axis + 1:]), cache[name]], axis=axis + 1)
+                     for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": prefix["index"]}
+            positions_bt = positions_bt + jnp.sum(prefix["segment_ids"])
         logits_btv, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache)
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -230,6 +251,11 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     return jax.jit(decode)
 
 
+@functools.lru_cache(maxsize=8)
+def shared_prefill(model: Any):
+    return make_prefill(model)
+
+
 @functools.lru_cache(maxsize=16)
 def shared_decoder(model: Any, spec: DecodeSpec):
     """A non-streaming decoder shared by every Generator of an equal model (linen modules hash by
@@ -269,6 +295,7 @@ class Generator:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self._decoders: dict[tuple, Any] = {}
         self._sink: TokenSink | None = None
+        self._prefix: tuple[tuple[int, ...], Any] | None = None  # the last prefix prefilled, and its cache
 
     def _route(self, step, tokens_b, done_b):  # the one callback compiled in; forwards to the current sink
         if self._sink is not None:
@@ -280,13 +307,24 @@ class Generator:
             self._decoders[spec] = make_decoder(self.model, spec, self._route) if stream else shared_decoder(self.model, spec)
         return self._decoders[spec]
 
+    def prefix_cache(self, ids: Sequence[int]) -> Any:
+        """The KV cache of `ids` as a shared prefix; the last one is kept, so the batches of one run
+        (`plan_batches`) prefill their prefix once."""
+        key = tuple(int(i) for i in ids)
+        if self._prefix is None or self._prefix[0] != key:
+            ids_1p, seg_1p = left_pad([key], bucket_width(len(key)), 1, self.pad_id)
+            self._prefix = key, shared_prefill(self.model)(self.params, jnp.asarray(ids_1p), jnp.asarray(seg_1p))
+        return self._prefix[1]
+
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, sink: TokenSink | None = None,
-                     capacity: int | None = None, stop_table: np.ndarray | None = None) -> list[list[int]]:
+                     capacity: int | None = None, stop_table: np.ndarray | None = None,
+                     shared: int | None = None) -> list[list[int]]:
         """Completion ids per prompt (in input order), each ending at its EOS if one was produced.
 
         Prompts are batched by `plan_batches` and decoded `batch_size` at a time, a shared prefix
-        prefilled once per batch (module docstring); a sink streams batch 0.
+        prefilled once (module docstring); `shared` (one batch of prompts) gives that prefix's
+        length, as the caller's own plan decided it. A sink streams batch 0.
         `capacity` (>= max_new_tokens) compiles the decoder for that many new tokens and stops it at
         max_new_tokens, so calls with different limits share one compiled loop. `stop_table`: see
         `make_decoder` (a row may end before EOS; its ids end there).
@@ -294,14 +332,14 @@ class Generator:
         table = None if stop_table is None else jnp.asarray(stop_table)
         out: list[list[int]] = [[] for _ in prompts]
         rng = jax.random.key(seed)
-        for idx in plan_batches(prompts, self.batch_size):
+        plan = plan_batches(prompts, self.batch_size) if shared is None else [Batch(list(range(len(prompts))), shared)]
+        for planned in plan:
+            idx = planned.indices
             batch = [prompts[i] for i in idx]
-            shared = shared_prefix_len(batch)
-            prefix = ()
-            if shared:
-                ids_1p, seg_1p = left_pad([batch[0][:shared]], bucket_width(shared), 1, self.pad_id)
-                prefix = (jnp.asarray(ids_1p), jnp.asarray(seg_1p))
-                batch = [p[shared:] for p in batch]
+            prefix = None
+            if planned.shared and len(prompts) > 1:
+                prefix = self.prefix_cache(batch[0][:planned.shared])
+                batch = [p[planned.shared:] for p in batch]
             width = bucket_width(max(len(p) for p in batch))
             ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
             self._sink = sink
@@ -309,7 +347,7 @@ class Generator:
                 decode = self.decoder(max(max_new_tokens, capacity or 0), stream=sink is not None)
                 rng, key = jax.random.split(rng)
                 result = decode(self.params, jnp.asarray(ids_bt), jnp.asarray(seg_bt), key,
-                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table, *prefix)
+                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), table, prefix)
                 tokens_bn = np.asarray(jax.device_get(result["tokens"]))[:, :max_new_tokens]
                 if sink is not None:
                     jax.effects_barrier()  # every streamed token has reached the sink

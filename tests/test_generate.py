@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from flacuna_jax import hf, tiny
-from flacuna_jax.generate import (MIN_SHARED, Codec, Generator, bucket_width, chat, left_pad, main, plan_batches,
-                                  sample_next, shared_prefix_len)
+from flacuna_jax.generate import (MIN_SHARED, Codec, Generator, bucket_width, chat, left_pad, main, make_prefill,
+                                  plan_batches, sample_next, shared_prefix_len)
 from flacuna_jax.lora import merge_params
 from flacuna_jax.model import LoraSpec
 from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
@@ -91,21 +91,27 @@ def test_plan_batches_groups_shared_prefixes():
     other = _prompts([50, 4, 30])
     prompts = [other[0], shared[0], other[1], shared[1], shared[2], other[2], shared[3], shared[4]]
     batches = plan_batches(prompts, 4)
-    assert sorted(i for b in batches for i in b) == list(range(len(prompts)))  # each prompt once
-    assert batches[:2] == [[3, 7, 4, 6], [1]]  # the shared run, shortest first
-    assert batches[2] == [2, 5, 0]  # the rest by length
-    assert shared_prefix_len([prompts[i] for i in batches[0]]) == MIN_SHARED + 8
+    assert sorted(i for b in batches for i in b.indices) == list(range(len(prompts)))  # each prompt once
+    assert [b.indices for b in batches] == [[3, 7, 4, 6], [1], [2, 5, 0]]  # the shared run shortest first, then the rest by length
+    assert [b.shared for b in batches] == [MIN_SHARED + 8, MIN_SHARED + 8, 0]  # the run's prefix, in each of its batches
     assert shared_prefix_len([shared[1], shared[1]]) == len(shared[1]) - 1  # a repeated prompt: all but its last id
     assert shared_prefix_len([other[0], other[2]]) == 0 and shared_prefix_len([shared[0]]) == 0
 
 
-def test_shared_prefix_matches_transformers(decisive_dir, loaded):
-    """Rows sharing a prefix prefill it once; the tokens are transformers' on the whole prompts."""
+def test_shared_prefix_matches_transformers(decisive_dir, loaded, monkeypatch):
+    """A run of prompts sharing a prefix prefills it once for all its batches; the tokens are
+    transformers' on the whole prompts."""
     model, params = loaded
-    prompts = _shared_prompts(MIN_SHARED + 13, [3, 11, 6])  # rests of three widths, padded after the prefix
+    prompts = _shared_prompts(MIN_SHARED + 13, [3, 11, 6, 8, 1])  # rests of several widths, padded after the prefix
     assert shared_prefix_len(prompts) == MIN_SHARED + 13
-    gen = Generator(model, params, eos_ids=(), batch_size=4)
+    gen = Generator(model, params, eos_ids=(), batch_size=2)  # three batches of one run
+    import flacuna_jax.generate as generate
+
+    prefilled = []
+    real = generate.shared_prefill(model)
+    monkeypatch.setattr(generate, "shared_prefill", lambda m: lambda p, ids, seg: prefilled.append(ids.shape) or real(p, ids, seg))
     ours = gen.generate_ids(prompts, 12)
+    assert prefilled == [(1, 64)]  # once for the run: its 45 ids in a 64-wide bucket
     assert ours == _hf_generate(hf_reference(decisive_dir), prompts, 12, eos=-1)
 
 
@@ -117,8 +123,9 @@ def test_shared_prefix_logits_equal_full_prefill(loaded):
     args = (jax.random.key(0), jnp.float32(0), jnp.float32(1))
     full = decode(params, *left_pad(prompts, bucket_width(max(map(len, prompts))), 3), *args)
     ids_1p, seg_1p = left_pad([prompts[0][:shared]], bucket_width(shared), 1)
+    prefix = make_prefill(model)(params, ids_1p, seg_1p)
     rests = [p[shared:] for p in prompts]
-    split = decode(params, *left_pad(rests, bucket_width(max(map(len, rests))), 3), *args, None, None, ids_1p, seg_1p)
+    split = decode(params, *left_pad(rests, bucket_width(max(map(len, rests))), 3), *args, None, None, prefix)
     np.testing.assert_array_equal(np.asarray(split["tokens"]), np.asarray(full["tokens"]))
     assert np.abs(np.asarray(split["logits"]) - np.asarray(full["logits"])).max() <= LOGIT_TOL
 

@@ -121,13 +121,14 @@ class Runner:
         rows = [i for i in range(len(ids)) for _ in range(request.samples)]
         texts: list[str] = [""] * len(rows)
         bar = Progress(label, len(rows), self.progress_out)
-        for n, chunk in enumerate(plan_batches([ids[r] for r in rows], self.batch_size)):
+        for n, planned in enumerate(plan_batches([ids[r] for r in rows], self.batch_size)):
+            chunk = planned.indices
             batch = [ids[rows[r]] for r in chunk]
             if len(batch) == 1 and len(rows) > 1:
                 batch = batch * 2  # keep the batch shape compiled for the others (a single prompt runs unpadded)
             completions = self.generator.generate_ids(batch, request.max_new_tokens, request.temperature,
                                                       seed=self.seed + n, capacity=capacity(request.max_new_tokens),
-                                                      stop_table=stop_table)
+                                                      stop_table=stop_table, shared=planned.shared)
             for r, c in zip(chunk, completions):
                 texts[r] = self.tokenizer.decode(c, skip_special_tokens=True)
             bar.update(len(chunk))
