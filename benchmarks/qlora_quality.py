@@ -6,9 +6,9 @@ and after the same short LoRA fine-tune.
 Prints one JSON line. Model: SmolLM2-135M-Instruct (benchmarks/smollm2.py; its tokenizer adds no
 BOS). Data: the embedded FLAN-Mini-style demo sample (`flacuna_jax.demo_assets`, `--records`
 records), 10% held out by the training run's own split (seed 0): the same held-out rows for every
-base. Each base is trained by `flacuna_jax.train` twice with the same config: once with lr 0 (one
-step that changes nothing: LoRA's B = 0, so its eval_loss is the base's own) and once for `--steps`
-steps; eval_loss is the token-mean cross-entropy over the held-out assistant tokens. The bases hold
+base. Each base is trained by `flacuna_jax.train` twice with the same config: once for one step at
+lr 1e-30 (the config refuses lr 0; Adam moves LoRA's B, which starts at 0, by ~1e-30, far below
+fp32's resolution of the loss, so its eval_loss is the base's own) and once for `--steps` steps; eval_loss is the token-mean cross-entropy over the held-out assistant tokens. The bases hold
 the weights in bf16 (param_dtype) and compute in fp32.
 """
 
@@ -21,6 +21,9 @@ from pathlib import Path
 
 from flacuna_jax.config import load_config
 from flacuna_jax.demo_assets import write_demo_assets
+
+
+BASE_LR = 1e-30  # "no update": see the module docstring
 
 
 def eval_loss(model: str, sample: str, out: Path, base_quant: str, steps: int, lr: float, seq: int) -> float:
@@ -57,7 +60,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qlora_quality_") as tmp:
         sample = write_demo_assets(tmp, a.records)["sample"]
         for base in ("none", "nf4", "int8"):
-            before = eval_loss(model, sample, Path(tmp) / f"{base}_0", base, 1, 0.0, a.seq)
+            before = eval_loss(model, sample, Path(tmp) / f"{base}_0", base, 1, BASE_LR, a.seq)
             row = {"eval_loss_base": round(before, 4)}
             if not a.bases_only:
                 row["eval_loss_after_lora"] = round(eval_loss(model, sample, Path(tmp) / f"{base}_lora", base, a.steps,
