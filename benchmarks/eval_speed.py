@@ -7,9 +7,9 @@ SmolLM2-135M-Instruct, `benchmarks/smollm2.py`), CPU, fp32, in this one process,
 an MMLU-format subject (5-shot prompts, 2 new tokens) and a BBH-format task (3-shot, 32 new tokens),
 written to a temporary dir from fixed synthetic questions. The reference is what InstructEval's model
 class does per example: `tokenizer(prompt)`, `model.generate(max_new_tokens, greedy)`, decode the new
-tokens. Ours is `flacuna_jax.evals.runner.Runner` (prompts sorted by length, left-padded batches through
-the KV-cache decoder). examples/s for ours is reported cold (including XLA compiles) and warm (a second
-pass on the same shapes); the ratio (target >= 3x) is warm ours / reference, and `agree` counts the
+tokens. Ours is `flacuna_jax.evals.runner.Runner` (a task's prompts batched together, their shared
+header and shots prefilled once, the rest left-padded through the KV-cache decoder). examples/s for
+ours is reported cold (including XLA compiles) and warm (a second pass on the same shapes); the ratio (target >= 3x) is warm ours / reference, and `agree` counts the
 examples whose outputs are identical.
 """
 
