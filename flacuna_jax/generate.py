@@ -19,8 +19,8 @@ Shared prefixes. Few-shot evaluation prompts of one task start with the same hea
 prompts batch together; when a run of prompts shares at least `MIN_SHARED` leading tokens, that
 prefix is prefilled once, as one row, for all the run's batches, its keys/values are copied into
 every row's cache, and each row prefills only its rest (left-padded after the prefix, positions
-continuing from it). The attention is the same
-computation over the same keys, so the tokens are those of the full prefill (tests compare both).
+continuing from it). The attention is the same computation over the same keys, so the tokens are
+those of the full prefill (tests compare both).
 
 Streaming (--prompt/--chat) uses an ordered `jax.debug.callback` inside the loop, compiled in only
 when a sink is given: each step hands the new token ids to the host, which decodes row 0
@@ -184,8 +184,8 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
     `prefix`: a prefilled prefix's cache (`make_prefill`), shared by every row: ids_bt is then each
     row's rest, its positions continuing after the prefix's real tokens. Returns {"tokens": [b, max_new]
     (pad_id after EOS), "steps": number of loop iterations, and "logits": [b, max_new, vocab] when
-    collect_logits}. A traced `max_steps` (<= max_new) stops
-    the loop earlier: one compiled decoder serves every shorter limit (evaluation's 2, 8 and 32).
+    collect_logits}. A traced `max_steps` (<= max_new) stops the loop earlier: one compiled decoder
+    serves every shorter limit (evaluation's 2, 8 and 32).
     `stop_table` [vocab, S] is a token-level automaton per row (state 0 at the start, state =
     stop_table[token, state]): a row also ends, like at EOS, once it reaches the last state S - 1
     (HumanEval's "a blank line after the code", `evals.humaneval.stop_table`).

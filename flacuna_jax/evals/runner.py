@@ -3,7 +3,7 @@
 Generate requests go through our KV-cache decoder (`generate.Generator`, one compiled while-loop per
 batch shape): prompts are tokenized raw by the tokenizer's own rules (BOS only where it adds one),
 batched by `generate.plan_batches` (a task's prompts, which share their header and shots, together,
-that prefix prefilled once per batch; then by length), decoded `batch_size` at a time, and each
+that prefix prefilled once for the task; then by length), decoded `batch_size` at a time, and each
 completion is decoded with `skip_special_tokens=True` (what InstructEval's `tokenizer.decode` of the
 new tokens gives). `samples > 1` repeats each prompt that many times in the batch, each row drawing
 its own tokens. NextTokenLogits requests run one forward pass per prompt (right-padded batches,
