@@ -14,6 +14,12 @@ the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` spl
 trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
 quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul.
 
+Serving several adapters on one base (`AdapterBank`): every adapter's factors are stacked beside the
+kernel (`bank_a` [n, in, r], `bank_b` [n, r, out], `bank_scale` [n]; index 0 the all-zero adapter,
+the base) and each row of the batch applies the adapter its index `adapter_b` names. The KV cache's
+write index is one for the whole batch (`generate`: left-padded rows written in step) or one per row
+(the server's decode slots, each at its own length).
+
 Array names carry their shapes: b batch, t query length, s key length, d model, h query heads,
 k kv heads, g query heads per kv head, f head dim, l layers.
 """
@@ -82,6 +88,18 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class AdapterBank:
+    """LoRA adapters stacked for per-row selection (the server's multi-adapter batches, Punica's BGMV
+    idea as one einsum over gathered factors). Index 0 is the all-zero adapter (the base); an adapter
+    of a smaller rank, or one that does not target a projection, is zero-padded there (zero rank
+    columns add exactly nothing)."""
+
+    count: int  # stacked adapters, the zero adapter included
+    rank: int  # the largest rank of any adapter
+    targets: tuple[str, ...] = ()  # projections any adapter targets
 
 
 @dataclass(frozen=True)
@@ -168,9 +186,10 @@ class Linear(nn.Module):
     lora: LoraSpec | None = None
     deterministic: bool = True
     quantizable: bool = False  # runtime.base_quant applies (the decoder layers' projections, not lm_head)
+    bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x: Array, rows_b: Array | None = None) -> Array:
+    def __call__(self, x: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
         rt = self.runtime
         if self.quantizable and rt.base_quant != "none":
             kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
@@ -181,6 +200,8 @@ class Linear(nn.Module):
                 (x.shape[-1], self.features), rt.param_dtype,
             )
             y = x @ kernel.astype(rt.compute_dtype)
+        if self.bank is not None:
+            y = y + self._bank_delta(x, adapter_b)
         if self.lora is None:
             return y
         a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
@@ -190,6 +211,20 @@ class Linear(nn.Module):
         if not self.deterministic and self.lora.dropout > 0:
             x = row_dropout(x, self.lora.dropout, self.make_rng("dropout"), rows_b)
         return y + ((x @ a.astype(rt.compute_dtype)) @ b.astype(rt.compute_dtype)) * self.lora.scale
+
+    def _bank_delta(self, x_bti: Array, adapter_b: Array | None) -> Array:
+        """Row b's (x A_i) B_i * scale_i with i = adapter_b[b]: PEFT's order of operations, per row."""
+        n, r, cd = self.bank.count, self.bank.rank, self.runtime.compute_dtype
+        a = self.param("bank_a", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters", self.axes[0], "lora_rank")),
+                       (n, x_bti.shape[-1], r), jnp.float32)
+        b = self.param("bank_b", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters", "lora_rank", self.axes[1])),
+                       (n, r, self.features), jnp.float32)
+        scale = self.param("bank_scale", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters",)), (n,), jnp.float32)
+        if adapter_b is None:
+            adapter_b = jnp.zeros((x_bti.shape[0],), jnp.int32)
+        x_btr = jnp.einsum("bti,bir->btr", x_bti, jnp.take(a, adapter_b, axis=0).astype(cd))
+        y_bto = jnp.einsum("btr,bro->bto", x_btr, jnp.take(b, adapter_b, axis=0).astype(cd))
+        return y_bto * jnp.take(scale, adapter_b).astype(cd)[:, None, None]
 
 
 class RMSNorm(nn.Module):
@@ -207,7 +242,8 @@ class RMSNorm(nn.Module):
 
 def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = module.lora if module.lora is not None and name in module.lora.targets else None
-    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, name=name)
+    bank = module.bank if module.bank is not None and name in module.bank.targets else None
+    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, bank=bank, name=name)
 
 
 class Attention(nn.Module):
@@ -215,23 +251,25 @@ class Attention(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
-                 write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
+                 write_index: Array | None = None, rows_b: Array | None = None,
+                 adapter_b: Array | None = None) -> tuple[Array, dict | None]:
         c = self.config
         b, t, _ = x_btd.shape
-        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b)
-        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
-        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
+        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b, adapter_b)
+        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
+        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
         q_bthf = q.reshape(b, t, c.num_heads, c.head_dim)
         k_btkf = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inv_freq(c)
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
         if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
-            k_btkf = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkf.astype(cache["k"].dtype), write_index, axis=1)
-            v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
+            k_btkf = write_at(cache["k"], k_btkf.astype(cache["k"].dtype), write_index)
+            v_btkf = write_at(cache["v"], v_btkf.astype(cache["v"].dtype), write_index)
             cache = {"k": k_btkf, "v": v_btkf}
         k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
         if self.runtime.attention == "xla":
@@ -239,8 +277,16 @@ class Attention(nn.Module):
         else:  # causal unless decoding into a cache
             o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
                                 fallback=self.runtime.attention == "auto")
-        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
+        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim),
+                                                                          rows_b, adapter_b)
         return out, cache
+
+
+def write_at(cache_bs: Array, new_bt: Array, index: Array) -> Array:
+    """`new_bt` written into the cache along axis 1 at `index`: one scalar for every row, or one per row [b]."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bs, new_bt, index, axis=1)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache_bs, new_bt, index)
 
 
 @jax.custom_vjp
@@ -268,13 +314,14 @@ class Mlp(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x_btd: Array, rows_b: Array | None = None) -> Array:
+    def __call__(self, x_btd: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
         c = self.config
-        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
-        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
-        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b)
+        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
+        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
+        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b, adapter_b)
 
 
 class DecoderLayer(nn.Module):
@@ -282,17 +329,18 @@ class DecoderLayer(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
-                 rows_b: Array | None = None):
+                 rows_b: Array | None = None, adapter_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
-        attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b)
+        attn = Attention(c, rt, self.lora, self.deterministic, self.bank, name="attn")
+        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b, adapter_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
-        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
+        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, self.bank, name="mlp")(x, rows_b, adapter_b)
         return constrain(h_btd, BTD), cache
 
 
@@ -308,12 +356,15 @@ class Llama(nn.Module):
     config: LlamaConfig
     runtime: Runtime = Runtime()
     lora: LoraSpec | None = None
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
                  *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False,
-                 rows_b: Array | None = None):
-        """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1)."""
+                 rows_b: Array | None = None, adapter_b: Array | None = None):
+        """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1).
+        `adapter_b`: each row's adapter in `bank` (default 0, the base). `cache["index"]`: where this
+        call's keys/values are written, a scalar or one index per row."""
         c, rt = self.config, self.runtime
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
@@ -326,8 +377,9 @@ class Llama(nn.Module):
             layer_cache = None
         else:
             write_index = cache["index"]
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_bt, write_index, axis=1)
-            mask = attention_mask(segment_ids_bt, write_index + jnp.broadcast_to(jnp.arange(t), (b, t)), kv_segments)
+            kv_segments = write_at(cache["segment_ids"], segment_ids_bt, write_index)
+            q_index_bt = jnp.broadcast_to(jnp.reshape(write_index, (-1, 1)) + jnp.arange(t), (b, t))
+            mask = attention_mask(segment_ids_bt, q_index_bt, kv_segments)
             layer_cache = {"k": cache["k"], "v": cache["v"]}
 
         embedding = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -341,11 +393,11 @@ class Llama(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, rt, self.lora, deterministic, name="layers")
-        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b)
+        )(c, rt, self.lora, deterministic, self.bank, name="layers")
+        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b, adapter_b)
         h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
         if return_hidden:
             out = h
