@@ -1,8 +1,11 @@
 """The serving engine: continuous (in-flight) batching over a fixed number of decode slots. No HTTP.
 
-State on the device: one KV cache of `max_batch` slots x `max_model_len` columns (the model's cache
-layout, with one write index per slot), and per slot on the host: its last token, adapter, sampling
-parameters, stop strings and token budget. Three jitted functions, compiled once per shape:
+State on the device: one KV cache of `max_batch` slots (the model's cache layout, with one write
+index per slot), and per slot on the host: its last token, adapter, sampling parameters, stop
+strings and token budget. The cache is as wide as the longest sequence in flight needs (a bucket:
+powers of two up to `max_model_len`), grown by a copy when a sequence reaches its edge and shrunk
+when the long ones are gone: a decode step reads every column of every slot, so a step over short
+sequences must not pay for the window. Three jitted functions, compiled once per shape:
 
 - prefill(ids [1, P]): a new prompt, right-padded to a bucket P (powers of two, capped at the
   window), through the model into a fresh [1, P] cache; the logits of its last real token. A prompt
@@ -107,11 +110,9 @@ class Engine:
         self.max_queue, self.pad_id, self.min_bucket = int(max_queue), int(pad_id), int(min_bucket)
         self.has_bank = model.bank is not None
         self.num_adapters = model.bank.count if self.has_bank else 1
-        b, s = self.max_batch, self.max_model_len
-        cache = init_cache(model.config, b, s, model.runtime.compute_dtype) | {"index": jnp.zeros((b,), jnp.int32)}
-        if cache_sharding is not None:
-            cache = {k: jax.device_put(v, cache_sharding(k, v)) for k, v in cache.items()}
-        self.cache = cache
+        self.cache_sharding = cache_sharding
+        self.cache = self._empty_cache(self._bucket(1))
+        b = self.max_batch
         self.slots: list[_Slot | None] = [None] * b
         self.tokens = np.zeros((b,), np.int32)
         self.adapters = np.zeros((b,), np.int32)
@@ -119,7 +120,8 @@ class Engine:
         self.counters = np.zeros((b,), np.int32)
         self.temperatures = np.zeros((b,), np.float32)
         self.top_ps = np.ones((b,), np.float32)
-        self._prefill, self._insert, self._step, self._first = self._compile()
+        self._index = np.zeros((b,), np.int64)  # each slot's next write column (host copy of cache["index"])
+        self._prefill, self._insert, self._step, self._first, self._resize = self._compile()
         self._prefixes: list[tuple[int, ...]] = []
         self._prefix_cache: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._waiting: collections.deque[Request] = collections.deque()
@@ -183,8 +185,53 @@ class Engine:
             cache["index"] = jnp.where(active_b, cache["index"], slots["index"])  # a free slot stays where it is
             return cache, sample_rows(logits_b1v[:, 0], keys(seeds_b, counters_b), temperature_b, top_p_b)
 
+        def resize(slots, width):
+            old = slots["segment_ids"].shape[1]
+            keep = min(old, width)
+            out = {}
+            for name, axis in (("k", 2), ("v", 2), ("segment_ids", 1)):
+                x = jax.lax.slice_in_dim(slots[name], 0, keep, axis=axis)
+                if width > keep:
+                    pad = [(0, 0)] * x.ndim
+                    pad[axis] = (0, width - keep)
+                    x = jnp.pad(x, pad)
+                out[name] = x
+            out["index"] = slots["index"]
+            return out
+
         return (jax.jit(prefill), jax.jit(insert, donate_argnums=0), jax.jit(step, donate_argnums=1),
-                jax.jit(first_tokens))
+                jax.jit(first_tokens), jax.jit(resize, static_argnums=1))  # resize: the old buffer cannot hold the new shape
+
+    # ------------------------------------------------------------------ the cache's width
+
+    def _bucket(self, n: int) -> int:
+        return min(bucket_width(n, self.min_bucket), self.max_model_len)
+
+    def _empty_cache(self, width: int) -> dict:
+        b = self.max_batch
+        cache = init_cache(self.model.config, b, width, self.model.runtime.compute_dtype) | {"index": jnp.zeros((b,), jnp.int32)}
+        if self.cache_sharding is not None:
+            cache = {k: jax.device_put(v, self.cache_sharding(k, v)) for k, v in cache.items()}
+        return cache
+
+    @property
+    def width(self) -> int:
+        return int(self.cache["segment_ids"].shape[1])
+
+    def _fit_width(self, need: int) -> None:
+        """Grows the cache to hold `need` columns, or shrinks it when the sequences in flight need a quarter of it."""
+        width = self.width
+        if need > width:
+            self.cache = self._resize(self.cache, self._bucket(need))
+        elif need <= width // 4 and width > self._bucket(1):
+            target = max(self._bucket(need) * 2, self._bucket(1))
+            if target < width:
+                self.cache = self._resize(self.cache, min(target, self.max_model_len))
+
+    def _columns_needed(self, extra: int = 0) -> int:
+        """Columns the active slots write up to in the next step (their next write index + 1)."""
+        used = [int(self._index[i]) + 1 for i, s in enumerate(self.slots) if s is not None]
+        return max(used + [extra, 1])
 
     # ------------------------------------------------------------------ submitting (any thread)
 
@@ -234,10 +281,12 @@ class Engine:
         if not any(s is not None for s in self.slots):
             return admitted
         active = np.array([s is not None for s in self.slots])
+        self._fit_width(self._columns_needed())
         self.cache, next_b = self._step(self.params, self.cache, self.tokens, active, self.adapters, self.seeds,
                                         self.counters, self.temperatures, self.top_ps)
         next_b = np.asarray(jax.device_get(next_b))
         self.stats["decode_steps"] += 1
+        self._index[active] += 1
         for i in np.flatnonzero(active):
             self._accept(int(i), int(next_b[i]))
         return True
@@ -309,8 +358,10 @@ class Engine:
             seeds[j], temps[j], top_ps[j] = c.seed, c.temperature, c.top_p
         first = np.asarray(jax.device_get(self._first(logits_v, seeds, temps, top_ps)))
         self.stats["prompt_tokens"] += len(request.prompt_ids)
+        self._fit_width(self._columns_needed(int(cache_1w["segment_ids"].shape[1])))
         for j, (slot, sampling) in enumerate(zip(free[:n], request.choices)):
             self.cache = self._insert(self.cache, cache_1w, np.int32(slot))
+            self._index[slot] = len(request.prompt_ids)
             self.slots[slot] = _Slot(request, j, sampling, TextStream(request.decode, sampling.stop))
             self.adapters[slot], self.seeds[slot] = request.adapter, sampling.seed
             self.temperatures[slot], self.top_ps[slot] = sampling.temperature, sampling.top_p

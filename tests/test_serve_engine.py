@@ -1,0 +1,231 @@
+"""serve/engine.py and serve/adapters.py with plain calls (no HTTP): per-row adapters against PEFT,
+continuous batching against transformers' generate one request at a time, cancellation, the queue
+bound, seeded sampling, the shared-prefix prefill and tensor parallelism.
+
+The model is the decisive tiny GQA model (tests.helpers.write_decisive_model): its top logit wins by
+a wide margin, so greedy tokens compare exactly between implementations.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from flacuna_jax.serve.engine import Engine, Event, QueueFull, Sampling
+from tests.helpers import hf_logits, hf_reference
+from tests.serve_fixtures import ADAPTERS, random_prompts, serve_args, write_served_model
+
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return write_served_model(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def loaded(served):
+    from flacuna_jax.serve.__main__ import load_engine
+
+    engine, prompts, models = load_engine(serve_args(served["model"], served["adapters"]))
+    engine.min_bucket = 64  # the test prompts share one prefill bucket: fewer compiles
+    engine.cache = engine._empty_cache(engine._bucket(1))
+    return engine, prompts, models
+
+
+@pytest.fixture(scope="module")
+def references(served):
+    """Model id -> the transformers model it must equal: the base, and PeftModel for each adapter."""
+    from peft import PeftModel
+
+    refs = {"base": hf_reference(served["model"])}
+    for name, path in served["adapters"].items():
+        refs[name] = PeftModel.from_pretrained(hf_reference(served["model"]), str(path)).eval()
+    return refs
+
+
+def hf_greedy(ref, prompt, max_new, eos):
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    row = out[0, len(prompt):].tolist()
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+def run_until_done(engine, results, steps=10_000):
+    for _ in range(steps):
+        if all(c["finish_reason"] is not None for r in results.values() for c in r):
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish")
+
+
+def collector(results, key, n=1):
+    """results[key][choice] = {"ids", "text", "finish_reason"}, filled by the engine's events."""
+    results[key] = [{"ids": [], "text": "", "finish_reason": None} for _ in range(n)]
+
+    def on_event(e: Event):
+        c = results[key][e.choice]
+        c["ids"] += e.token_ids
+        c["text"] += e.text
+        if e.finish_reason is not None:
+            c["finish_reason"] = e.finish_reason
+
+    return on_event
+
+
+def submit(engine, results, key, prompt, choices, adapter=0):
+    return engine.submit(prompt, choices, collector(results, key, len(choices)), lambda ids: "", adapter)
+
+
+def test_bank_rows_equal_each_adapter_served_alone(loaded, references):
+    """One batch, rows on the base and on adapters of different ranks and targets: each row's logits
+    are that adapter's alone (PeftModel), the base rows the base's."""
+    engine, _, models = loaded
+    index = {m.id: m.adapter for m in models}
+    names = ["base", "alpha", "beta", "alpha"]
+    adapter_b = np.array([0 if n == "base" else index[n] for n in names], np.int32)
+    ids = np.array(random_prompts([12] * 4, seed=5))
+    ours = np.asarray(engine.model.apply({"params": engine.params}, ids, adapter_b=adapter_b))
+    for row, name in enumerate(names):
+        theirs = hf_logits(references[name], ids[row:row + 1])[0]
+        assert np.abs(ours[row] - theirs).max() <= LOGIT_TOL, name
+    assert np.abs(ours[1] - ours[0]).max() > 1.0 and np.abs(ours[2] - ours[0]).max() > 1.0  # the adapters matter
+    assert engine.model.bank.rank == max(r for r, _, _ in ADAPTERS.values())  # ranks 4 and 2 padded to 4
+
+
+def test_continuous_batching_equals_transformers_one_request_at_a_time(loaded, references):
+    """8 requests of different lengths and adapters through 4 slots: four start, the rest are
+    admitted as slots free up while the others keep decoding; an EOS that some rows reach early
+    frees their slots. Every request's tokens are transformers' (or PEFT's) for it alone."""
+    engine, _, models = loaded
+    names = ["base", "alpha", "beta", "base", "beta", "alpha", "alpha", "base"]
+    prompts = random_prompts([5, 13, 8, 30, 2, 17, 9, 40], seed=1)
+    free_run = [hf_greedy(references[n], p, 16, eos=-1) for n, p in zip(names, prompts)]
+    eos = free_run[1][5]  # a token request 1 emits midway: rows end at different steps
+    expected = [x[:x.index(eos) + 1] if eos in x else x for x in free_run]  # greedy: generate stops at the first EOS
+    assert len({len(x) for x in expected}) > 1
+    index = {m.id: m.adapter for m in models} | {"base": 0}
+    saved_eos, engine.eos_ids = engine.eos_ids, frozenset({eos})
+    try:
+        results = {}
+        for k in range(3):  # three start together...
+            submit(engine, results, k, prompts[k], [Sampling(16)], index[names[k]])
+        for _ in range(3):
+            engine.step()
+        running = engine.counts()["running"]
+        for k in range(3, 8):  # ...the rest arrive while they decode
+            submit(engine, results, k, prompts[k], [Sampling(16)], index[names[k]])
+        run_until_done(engine, results)
+    finally:
+        engine.eos_ids = saved_eos
+    assert running == 3
+    assert [results[k][0]["ids"] for k in range(8)] == expected
+    assert [results[k][0]["finish_reason"] for k in range(8)] == ["stop" if x[-1] == eos else "length" for x in expected]
+    assert engine.counts() == {"queued": 0, "running": 0, "slots": 4}
+
+
+def test_cancel_frees_the_slot_and_the_queue_is_bounded(loaded):
+    engine, _, _ = loaded
+    saved = engine.max_queue
+    engine.max_queue = 2
+    try:
+        results = {}
+        a = submit(engine, results, "a", random_prompts([6])[0], [Sampling(50), Sampling(50)])
+        b = submit(engine, results, "b", random_prompts([7])[0], [Sampling(50)])
+        with pytest.raises(QueueFull):
+            submit(engine, results, "c", [1, 2, 3], [Sampling(5)])
+        engine.step()
+        assert engine.counts() == {"queued": 0, "running": 3, "slots": 4}
+        cancelled = engine.stats["requests_cancelled"]
+        engine.cancel(a)
+        seen = [len(c["ids"]) for c in results["a"]]
+        engine.step()
+        assert engine.counts()["running"] == 1  # a's two slots are free at once
+        engine.cancel(b)
+        engine.step()
+        assert engine.counts()["running"] == 0 and [len(c["ids"]) for c in results["a"]] == seen  # nothing more for a
+        assert engine.stats["requests_cancelled"] == cancelled + 2
+    finally:
+        engine.max_queue = saved
+
+
+def test_seeded_choices_are_reproducible_whatever_shares_the_batch(loaded):
+    """n choices: equal seeds give equal tokens, another seed others; the same request beside other
+    requests (greedy and sampled, other adapters) gives the same tokens again."""
+    engine, _, _ = loaded
+    prompt = random_prompts([9], seed=7)[0]
+    sampled = [Sampling(12, 1.0, 0.9, seed=11), Sampling(12, 1.0, 0.9, seed=11), Sampling(12, 1.0, 0.9, seed=12)]
+    results = {}
+    submit(engine, results, "alone", prompt, sampled)
+    run_until_done(engine, results)
+    submit(engine, results, "n1", random_prompts([20])[0], [Sampling(30)], 1)
+    engine.step()
+    submit(engine, results, "crowd", prompt, sampled)
+    submit(engine, results, "n2", random_prompts([4])[0], [Sampling(30, 0.7)], 2)
+    run_until_done(engine, results)
+    alone = [c["ids"] for c in results["alone"]]
+    assert alone[0] == alone[1] and alone[0] != alone[2] and len(alone[0]) == 12
+    assert [c["ids"] for c in results["crowd"]] == alone
+
+
+def test_registered_prefix_gives_the_full_prefill_tokens(loaded, references):
+    engine, _, _ = loaded
+    prefix = random_prompts([45], seed=9)[0]
+    prompts = [prefix + rest for rest in random_prompts([3, 11, 1], seed=10)]
+    expected = [hf_greedy(references["alpha"], p, 10, eos=-1) for p in prompts]
+    engine.register_prefix(prefix)
+    try:
+        results = {}
+        for k, p in enumerate(prompts):
+            submit(engine, results, k, p, [Sampling(10)], 1)
+        run_until_done(engine, results)
+    finally:
+        engine._prefixes.remove(tuple(prefix))
+    assert list(engine._prefix_cache) == [(1, tuple(prefix))]  # prefilled once, for the adapter
+    assert [results[k][0]["ids"] for k in range(3)] == expected
+
+
+def test_tensor_parallel_engine_equals_one_device(served, loaded):
+    """--tensor 2: weights, adapters and the slots' cache split over two devices; same tokens."""
+    from flacuna_jax.serve.__main__ import load_engine
+
+    engine, _, _ = loaded
+    sharded, _, _ = load_engine(serve_args(served["model"], served["adapters"], tensor=2))
+    sharded.min_bucket = 64
+    sharded.cache = sharded._empty_cache(sharded._bucket(1))
+    kernel = sharded.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert len(kernel.sharding.device_set) == 2 and len(sharded.cache["k"].sharding.device_set) == 2
+    prompts = random_prompts([6, 21], seed=4)
+    out = {}
+    for name, eng in (("one", engine), ("two", sharded)):
+        results = {}
+        for k, p in enumerate(prompts):
+            submit(eng, results, k, p, [Sampling(10)], k + 1)
+        run_until_done(eng, results)
+        out[name] = [results[k][0]["ids"] for k in range(2)]
+    assert out["one"] == out["two"]
+
+
+def test_engine_thread_generate_and_stop(loaded):
+    engine, _, _ = loaded
+    engine.start()
+    try:
+        [choice] = engine.generate(random_prompts([5])[0], [Sampling(4)])
+        assert len(choice["token_ids"]) == 4 and choice["finish_reason"] == "length"
+    finally:
+        engine.stop()
+    assert not engine.alive
+
+
+def test_bad_adapter_arguments_name_the_flag(served, tmp_path):
+    from flacuna_jax.hf import load_hf_config
+    from flacuna_jax.serve.adapters import AdapterLoadError, load_adapters
+
+    config = load_hf_config(served["model"])
+    alpha = served["adapters"]["alpha"]
+    with pytest.raises(AdapterLoadError, match="expected NAME=DIR"):
+        load_adapters([str(alpha)], [], config, "base")
+    with pytest.raises(AdapterLoadError, match="already taken"):
+        load_adapters([f"base={alpha}"], [], config, "base")
+    with pytest.raises(AdapterLoadError, match="not a directory"):
+        load_adapters([f"x={tmp_path / 'missing'}"], [], config, "base")
