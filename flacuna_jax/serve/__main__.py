@@ -64,13 +64,14 @@ def load_engine(a: argparse.Namespace):
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lm_eval import generation_eos_ids
     from flacuna_jax.model import Runtime
-    from flacuna_jax.serve.adapters import build_bank, load_adapters, place_bank
+    from flacuna_jax.serve.adapters import build_bank, load_adapters, parse_named, place_bank
     from flacuna_jax.serve.api import ServedModel
     from flacuna_jax.serve.engine import Engine, slot_cache_sharding
     from flacuna_jax.serve.prompts import Prompts
     from flacuna_jax.sharding import make_mesh
     from flacuna_jax.tokenizer import load_tokenizer
 
+    parse_named(a.adapter, "--adapter"), parse_named(a.run, "--run")  # bad syntax fails before the model loads
     devices = jax.local_devices()
     tensor = len(devices) if a.tensor == -1 else a.tensor
     if not 1 <= tensor <= len(devices):
