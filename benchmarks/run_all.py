@@ -76,6 +76,12 @@ BENCHES = [
     Bench("qlora", (), ("--seq", "128", "--steps", "1"), "NF4 / bf16 base LoRA train tokens/s (CPU fp32)",
           "(reported)", lambda r: (f"{r['nf4_train_ratio']:.2f}x ({r['nf4']['train_tokens_per_s']:,.0f} vs "
                                    f"{r['bf16']['train_tokens_per_s']:,.0f})", "-")),
+    Bench("serve", (), ("--requests", "4", "--requests-at-1", "2", "--clients", "1", "4", "--max-batch", "4",
+                         "--prompt-range", "16", "64", "--max-tokens-range", "8", "16", "--out", ""),
+          "server output tokens/s at 32 clients: ours / transformers serve --continuous-batching; / static; 4 adapters / base",
+          ">= 3x; >= 1.5x; >= 0.8x",
+          lambda r: (f"{r['ours_vs_transformers']}x; {r['continuous_vs_static']}x; {r['adapters_vs_base']}x",
+                     _met(all(v for v in r["meets_target"].values())))),
     Bench("mfu", (), ("--layers", "2", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--vocab", "1024",
                       "--seq", "256", "--batch", "2", "--warmup", "1", "--steps", "2", "--repeats", "1"),
           "7B LoRA MFU; ours / torch+peft tokens/s", ">= 55%; >= 1.5x (H100)", _mfu_verdict),

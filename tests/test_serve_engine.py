@@ -206,6 +206,24 @@ def test_tensor_parallel_engine_equals_one_device(served, loaded):
     assert out["one"] == out["two"]
 
 
+def test_adapters_on_a_quantized_base_equal_inference_with_the_factors_on_top(served):
+    """--base-quant int8: the bank's factors apply on top of the quantized kernels, as `load_for_inference`
+    keeps one adapter beside them (and PEFT on a bitsandbytes base)."""
+    from flacuna_jax.generate import Generator
+    from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.serve.__main__ import load_engine
+
+    engine, _, _ = load_engine(serve_args(served["model"], served["adapters"], base_quant="int8"))
+    engine.min_bucket = 64
+    engine.cache = engine._empty_cache(engine._bucket(1))
+    prompt = random_prompts([11], seed=6)[0]
+    results = {}
+    submit(engine, results, 0, prompt, [Sampling(8)], 2)  # beta
+    run_until_done(engine, results)
+    model, params = load_for_inference(str(served["model"]), adapter=str(served["adapters"]["beta"]), base_quant="int8")
+    assert results[0][0]["ids"] == Generator(model, params, eos_ids=sorted(engine.eos_ids), batch_size=1).generate_ids([prompt], 8)[0]
+
+
 def test_engine_thread_generate_and_stop(loaded):
     engine, _, _ = loaded
     engine.start()
