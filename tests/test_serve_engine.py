@@ -235,6 +235,38 @@ def test_engine_thread_generate_and_stop(loaded):
     assert not engine.alive
 
 
+def test_a_training_run_is_served_as_an_adapter(served, tmp_path):
+    """--run NAME=RUN_DIR: the run's LoRA factors in the bank give the logits of the run folded into the base."""
+    import jax
+
+    from flacuna_jax import checkpoint, hf, optim, train_state
+    from flacuna_jax.config import Config, LoraConfig, OptimConfig, dump_config
+    from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.lora import lora_shapes, merge_params
+    from flacuna_jax.model import LoraSpec
+    from flacuna_jax.serve.adapters import build_bank, load_adapters
+
+    model, params = hf.load_pretrained(served["model"])
+    spec = LoraSpec(rank=3, alpha=6.0, targets=("v_proj", "up_proj"))
+    leaves, treedef = jax.tree.flatten(lora_shapes(model.clone(lora=spec)))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    factors = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    cfg = Config(output_dir=str(tmp_path), lora=LoraConfig(rank=3, alpha=6.0, targets=spec.targets))
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    ck = checkpoint.Checkpointer(tmp_path)
+    ck.save(2, train_state.init_train_state(factors, optim.make_optimizer(OptimConfig(), 10)[0], 0), {})
+    ck.close()
+    adapters = load_adapters([], [f"trained={tmp_path}"], model.config, "base")
+    assert [a.name for a in adapters] == ["trained"] and "step 2" in adapters[0].source
+    bank, tree = build_bank(adapters, model.config)
+    ids = np.array(random_prompts([10, 10], seed=8))
+    ours = np.asarray(model.clone(bank=bank).apply({"params": merge_params(tree, params)}, ids,
+                                                   adapter_b=np.array([1, 0], np.int32)))
+    folded_model, folded = load_for_inference(str(served["model"]), run=str(tmp_path))
+    assert np.abs(ours[0] - np.asarray(folded_model.apply({"params": folded}, ids[:1]))[0]).max() <= LOGIT_TOL
+    assert np.abs(ours[1] - np.asarray(model.apply({"params": params}, ids[1:]))[0]).max() <= LOGIT_TOL
+
+
 def test_bad_adapter_arguments_name_the_flag(served, tmp_path):
     from flacuna_jax.hf import load_hf_config
     from flacuna_jax.serve.adapters import AdapterLoadError, load_adapters
