@@ -244,6 +244,18 @@ def test_wrong_or_missing_key_is_401(server):
     assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
 
 
+def test_a_full_queue_is_429_and_nothing_is_left_behind(server):
+    engine = server.engine
+    saved, engine.max_queue = engine.max_queue, 0
+    try:
+        r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "model", "prompt": ["a", "b"], "max_tokens": 2})
+    finally:
+        engine.max_queue = saved
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+    assert engine.counts()["queued"] == 0
+
+
 def test_client_gone_mid_stream_frees_its_slot(server):
     """The engine is driven by hand here (its thread paused), so the request is certainly mid-stream
     when the client goes away."""

@@ -120,6 +120,7 @@ def test_continuous_batching_equals_transformers_one_request_at_a_time(loaded, r
         engine.eos_ids = saved_eos
     assert running == 3
     assert [results[k][0]["ids"] for k in range(8)] == expected
+    assert engine._prefill._cache_size() == 1 and engine._step._cache_size() == 1  # compiled once, not per request
     assert [results[k][0]["finish_reason"] for k in range(8)] == ["stop" if x[-1] == eos else "length" for x in expected]
     assert engine.counts() == {"queued": 0, "running": 0, "slots": 4}
 
