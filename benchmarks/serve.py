@@ -161,13 +161,20 @@ def bodies_for(requests: list[dict], model_ids: list[str], extra: dict) -> list[
              **extra} for i, r in enumerate(requests)]
 
 
+def text_of_tokens(tokenizer, n: int) -> str:
+    """A story request whose text is n tokens long."""
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+    ids = tokenizer("Write a long, detailed story that uses these words: " + words, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:n])
+
+
 def warm_up(url: str, model_ids: list[str], extra: dict, tokenizer, prompt_max: int, new_max: int) -> None:
-    """One request per prompt bucket and one long request per model id, so compiles are not measured."""
+    """One request per prompt-length bucket and two long ones per model id, so compiles are not measured."""
     warm, width = [], 16
-    while width <= prompt_max * 2:
-        warm.append({"text": " ".join(WORDS[i % len(WORDS)] for i in range(min(width, prompt_max))), "max_tokens": 4})
+    while width < prompt_max * 2:
+        warm.append({"text": text_of_tokens(tokenizer, min(width, prompt_max)), "max_tokens": 4})
         width *= 2
-    long = [{"text": " ".join(WORDS[i % len(WORDS)] for i in range(prompt_max)), "max_tokens": new_max}]
+    long = [{"text": text_of_tokens(tokenizer, prompt_max), "max_tokens": new_max}]
     for model in model_ids:
         asyncio.run(run_pass(url, bodies_for(warm, [model], extra), 1, tokenizer))
         asyncio.run(run_pass(url, bodies_for(long * 2, [model], extra), 2, tokenizer))
