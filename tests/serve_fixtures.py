@@ -52,7 +52,8 @@ def write_served_model(root: Path) -> dict:
 def serve_args(model_dir, adapters: dict, **overrides) -> argparse.Namespace:
     from flacuna_jax.serve.__main__ import build_parser
 
-    argv = ["--model", str(model_dir), "--tensor", "1", "--max-batch", "4", "--max-model-len", "256"]
+    # one prefill bucket (64) holds every short test prompt: few compiles
+    argv = ["--model", str(model_dir), "--tensor", "1", "--max-batch", "4", "--max-model-len", "256", "--min-prefill-bucket", "64"]
     for name, path in adapters.items():
         argv += ["--adapter", f"{name}={path}"]
     for key, value in overrides.items():

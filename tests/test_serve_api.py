@@ -37,8 +37,6 @@ def server(served):
     from flacuna_jax.serve.__main__ import build_app
 
     app, engine = build_app(serve_args(served["model"], served["adapters"], api_key=KEY, max_body_bytes=65536))
-    engine.min_bucket = 64  # short test prompts share one prefill bucket
-    engine.cache = engine._empty_cache(engine._bucket(1))
     srv = ServerThread(app, engine).start()
     yield srv
     srv.stop()

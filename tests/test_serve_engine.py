@@ -27,8 +27,6 @@ def loaded(served):
     from flacuna_jax.serve.__main__ import load_engine
 
     engine, prompts, models = load_engine(serve_args(served["model"], served["adapters"]))
-    engine.min_bucket = 64  # the test prompts share one prefill bucket: fewer compiles
-    engine.cache = engine._empty_cache(engine._bucket(1))
     return engine, prompts, models
 
 
@@ -120,7 +118,7 @@ def test_continuous_batching_equals_transformers_one_request_at_a_time(loaded, r
         engine.eos_ids = saved_eos
     assert running == 3
     assert [results[k][0]["ids"] for k in range(8)] == expected
-    assert engine._prefill._cache_size() == 1 and engine._step._cache_size() == 1  # compiled once, not per request
+    assert engine.fns.prefill._cache_size() == 1 and engine.fns.step._cache_size() == 1  # compiled once, not per request
     assert [results[k][0]["finish_reason"] for k in range(8)] == ["stop" if x[-1] == eos else "length" for x in expected]
     assert engine.counts() == {"queued": 0, "running": 0, "slots": 4}
 
@@ -195,8 +193,6 @@ def test_tensor_parallel_engine_on_a_quantized_base(served):
     from flacuna_jax.serve.__main__ import load_engine
 
     engine, _, _ = load_engine(serve_args(served["model"], served["adapters"], tensor=2, base_quant="int8"))
-    engine.min_bucket = 64
-    engine.cache = engine._empty_cache(engine._bucket(1))
     assert len(engine.params["embed_tokens"].sharding.device_set) == 2
     assert len(engine.params["layers"]["attn"]["o_proj"]["bank_b"].sharding.device_set) == 2
     assert len(engine.cache["k"].sharding.device_set) == 2

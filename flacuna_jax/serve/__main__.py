@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices per prompt)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--min-prefill-bucket", type=int, default=16,
+                   help="smallest prompt/cache width compiled (widths are powers of two from here up to --max-model-len)")
     p.add_argument("--chat-template", choices=("vicuna", "tokenizer"), default="vicuna",
                    help="chat prompt format: Vicuna v1.1 as in training, or the tokenizer's own template")
     p.add_argument("--tensor", type=int, default=-1,
@@ -66,7 +68,8 @@ def load_engine(a: argparse.Namespace):
     from flacuna_jax.model import Runtime
     from flacuna_jax.serve.adapters import build_bank, load_adapters, parse_named, place_bank
     from flacuna_jax.serve.api import ServedModel
-    from flacuna_jax.serve.engine import Engine, slot_cache_sharding
+    from flacuna_jax.serve.engine import Engine
+    from flacuna_jax.serve.slots import slot_cache_sharding
     from flacuna_jax.serve.prompts import Prompts
     from flacuna_jax.sharding import make_mesh
     from flacuna_jax.tokenizer import load_tokenizer
@@ -96,7 +99,7 @@ def load_engine(a: argparse.Namespace):
     prompts = Prompts(tokenizer, sorted(eos), a.chat_template)
     max_len = a.max_model_len or min(model.config.max_position_embeddings, 2048)
     engine = Engine(model, params, eos_ids=sorted(eos), max_batch=a.max_batch, max_model_len=max_len,
-                    max_queue=a.max_queue, pad_id=tokenizer.pad_token_id or 0,
+                    max_queue=a.max_queue, pad_id=tokenizer.pad_token_id or 0, min_bucket=a.min_prefill_bucket,
                     cache_sharding=slot_cache_sharding(mesh) if mesh is not None else None)
     for ids in prompts.shared_prefixes():
         engine.register_prefix(ids)

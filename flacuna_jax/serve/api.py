@@ -30,7 +30,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flacuna_jax.serve import schemas as S
-from flacuna_jax.serve.engine import TTFT_BUCKETS, Engine, Event, QueueFull, Sampling
+from flacuna_jax.serve.engine import Engine, Event, QueueFull, Sampling
+from flacuna_jax.serve.metrics import prometheus_text
 from flacuna_jax.serve.prompts import PromptError, Prompts
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -387,32 +388,3 @@ async def chat_chunks(run: Run, rid: str, req: S.ChatRequest, created: int) -> A
             yield chunk(index, S.Delta(), e.finish_reason)
     if req.stream_options and req.stream_options.include_usage:
         yield _envelope(S.ChatChunk, rid, created, req.model, [], run.usage())
-
-
-# ------------------------------------------------------------------------------ metrics
-
-def prometheus_text(engine: Engine) -> str:
-    """The engine's gauges and counters in Prometheus' text format (version 0.0.4)."""
-    counts, st = engine.counts(), dict(engine.stats)
-    lines = []
-
-    def metric(name: str, kind: str, help_: str, value: Any, labels: str = "") -> None:
-        lines.extend([f"# HELP flacuna_{name} {help_}", f"# TYPE flacuna_{name} {kind}", f"flacuna_{name}{labels} {value}"])
-
-    metric("requests_queued", "gauge", "Requests waiting for decode slots.", counts["queued"])
-    metric("requests_running", "gauge", "Decode slots generating (one per choice in flight).", counts["running"])
-    metric("decode_slots", "gauge", "Decode slots (--max-batch).", counts["slots"])
-    metric("generated_tokens_total", "counter", "Tokens generated.", st["generated_tokens"])
-    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", st["prompt_tokens"])
-    metric("decode_steps_total", "counter", "Batched decode steps run.", st["decode_steps"])
-    lines += ["# HELP flacuna_requests_total Engine requests that ended, by how.", "# TYPE flacuna_requests_total counter"]
-    for status in ("finished", "cancelled", "failed"):
-        lines.append(f'flacuna_requests_total{{status="{status}"}} {st[f"requests_{status}"]}')
-    lines += ["# HELP flacuna_time_to_first_token_seconds From submission to the first generated token.",
-              "# TYPE flacuna_time_to_first_token_seconds histogram"]
-    for bound, count in zip(TTFT_BUCKETS, engine.ttft_buckets):
-        lines.append(f'flacuna_time_to_first_token_seconds_bucket{{le="{bound}"}} {count}')
-    lines.append(f'flacuna_time_to_first_token_seconds_bucket{{le="+Inf"}} {st["ttft_count"]}')
-    lines.append(f"flacuna_time_to_first_token_seconds_sum {st['ttft_sum']:.6f}")
-    lines.append(f"flacuna_time_to_first_token_seconds_count {st['ttft_count']}")
-    return "\n".join(lines) + "\n"

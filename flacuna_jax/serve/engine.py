@@ -5,16 +5,8 @@ index per slot), and per slot on the host: its last token, adapter, sampling par
 strings and token budget. The cache is as wide as the longest sequence in flight needs (a bucket:
 powers of two up to `max_model_len`), grown by a copy when a sequence reaches its edge and shrunk
 when the long ones are gone: a decode step reads every column of every slot, so a step over short
-sequences must not pay for the window. Three jitted functions, compiled once per shape:
-
-- prefill(ids [1, P]): a new prompt, right-padded to a bucket P (powers of two, capped at the
-  window), through the model into a fresh [1, P] cache; the logits of its last real token. A prompt
-  that starts with a registered prefix (the chat template's system prompt) reuses that prefix's
-  cache, computed once per adapter, and prefills only its rest (`generate`'s shared-prefix idea).
-- insert: that cache copied into a free slot's rows (the slot's old keys are masked off by its
-  segment ids), its write index set to the prompt length. The cache is donated: updated in place.
-- decode step: one token for every slot at its own position, each row with its adapter
-  (`model.AdapterBank`) and sampling (`generate.sample_rows`); free slots compute and are ignored.
+sequences must not pay for the window. The jitted functions that fill and advance the slots
+(prefill, insert, decode step) are `slots.py`'s.
 
 The scheduler (`step`, run in a loop by one thread) admits queued requests into free slots while
 the other slots keep decoding, hands each new token to its request's callback, and frees a slot at
@@ -36,11 +28,10 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flacuna_jax.generate import bucket_width, sample_rows
-from flacuna_jax.model import init_cache
+from flacuna_jax.generate import bucket_width
+from flacuna_jax.serve.slots import compile_slot_functions, empty_cache
 from flacuna_jax.serve.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -121,7 +112,7 @@ class Engine:
         self.temperatures = np.zeros((b,), np.float32)
         self.top_ps = np.ones((b,), np.float32)
         self._index = np.zeros((b,), np.int64)  # each slot's next write column (host copy of cache["index"])
-        self._prefill, self._insert, self._step, self._first, self._resize = self._compile()
+        self.fns = compile_slot_functions(model)
         self._prefixes: list[tuple[int, ...]] = []
         self._prefix_cache: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._waiting: collections.deque[Request] = collections.deque()
@@ -135,84 +126,13 @@ class Engine:
                       "prompt_tokens": 0, "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0}
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)
 
-    # ------------------------------------------------------------------ the jitted functions
-
-    def _compile(self):
-        model = self.model
-        cfg, cd = model.config, model.runtime.compute_dtype
-
-        def adapter_arg(adapter_b):
-            return {"adapter_b": adapter_b} if self.has_bank else {}
-
-        def prefill(params, ids_1r, length, adapter_1, prefix=None):
-            r = ids_1r.shape[1]
-            seg_1r = (jnp.arange(r) < length).astype(jnp.int32)[None]
-            if prefix is None:
-                start, cache = jnp.zeros((), jnp.int32), init_cache(cfg, 1, r, cd)
-            else:  # the prefix's columns first (its padding is overwritten by the rest), then the rest's
-                start = prefix["index"]
-                cache = {name: jnp.concatenate([prefix[name], jnp.zeros(prefix[name].shape[:axis + 1] + (r,) + prefix[name].shape[axis + 2:],
-                                                                       prefix[name].dtype)], axis=axis + 1)
-                         for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": start}
-            positions_1r = (start + jnp.arange(r, dtype=jnp.int32))[None]
-            hidden, cache = model.apply({"params": params}, ids_1r, positions_1r, seg_1r, cache=cache, return_hidden=True,
-                                        **adapter_arg(adapter_1))
-            last_d = jax.lax.dynamic_index_in_dim(hidden[0], length - 1, keepdims=False)
-            logits_v = last_d @ model.output_embedding(params).astype(cd)
-            cache["index"] = start + length  # the prompt's real length (padding columns are masked off)
-            return cache, logits_v.astype(jnp.float32)
-
-        def insert(slots, cache_1w, slot):
-            w = cache_1w["segment_ids"].shape[1]
-            out = {name: jax.lax.dynamic_update_slice(slots[name], cache_1w[name].astype(slots[name].dtype),
-                                                      (0, slot, 0, 0, 0)) for name in ("k", "v")}
-            row = jnp.zeros((1, slots["segment_ids"].shape[1]), jnp.int32).at[:, :w].set(cache_1w["segment_ids"])
-            out["segment_ids"] = jax.lax.dynamic_update_slice(slots["segment_ids"], row, (slot, 0))
-            out["index"] = slots["index"].at[slot].set(cache_1w["index"])
-            return out
-
-        def keys(seeds_b, counters_b):
-            return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_b, counters_b)
-
-        def first_tokens(logits_v, seeds_b, temperature_b, top_p_b):
-            logits_bv = jnp.broadcast_to(logits_v, (seeds_b.shape[0],) + logits_v.shape)
-            return sample_rows(logits_bv, keys(seeds_b, jnp.zeros_like(seeds_b, jnp.int32)), temperature_b, top_p_b)
-
-        def step(params, slots, tokens_b, active_b, adapter_b, seeds_b, counters_b, temperature_b, top_p_b):
-            positions_b1 = slots["index"][:, None]
-            logits_b1v, cache = model.apply({"params": params}, tokens_b[:, None], positions_b1,
-                                            active_b[:, None].astype(jnp.int32), cache=slots, **adapter_arg(adapter_b))
-            cache["index"] = jnp.where(active_b, cache["index"], slots["index"])  # a free slot stays where it is
-            return cache, sample_rows(logits_b1v[:, 0], keys(seeds_b, counters_b), temperature_b, top_p_b)
-
-        def resize(slots, width):
-            old = slots["segment_ids"].shape[1]
-            keep = min(old, width)
-            out = {}
-            for name, axis in (("k", 2), ("v", 2), ("segment_ids", 1)):
-                x = jax.lax.slice_in_dim(slots[name], 0, keep, axis=axis)
-                if width > keep:
-                    pad = [(0, 0)] * x.ndim
-                    pad[axis] = (0, width - keep)
-                    x = jnp.pad(x, pad)
-                out[name] = x
-            out["index"] = slots["index"]
-            return out
-
-        return (jax.jit(prefill), jax.jit(insert, donate_argnums=0), jax.jit(step, donate_argnums=1),
-                jax.jit(first_tokens), jax.jit(resize, static_argnums=1))  # resize: the old buffer cannot hold the new shape
-
     # ------------------------------------------------------------------ the cache's width
 
     def _bucket(self, n: int) -> int:
         return min(bucket_width(n, self.min_bucket), self.max_model_len)
 
     def _empty_cache(self, width: int) -> dict:
-        b = self.max_batch
-        cache = init_cache(self.model.config, b, width, self.model.runtime.compute_dtype) | {"index": jnp.zeros((b,), jnp.int32)}
-        if self.cache_sharding is not None:
-            cache = {k: jax.device_put(v, self.cache_sharding(k, v)) for k, v in cache.items()}
-        return cache
+        return empty_cache(self.model, self.max_batch, width, self.cache_sharding)
 
     @property
     def width(self) -> int:
@@ -222,11 +142,11 @@ class Engine:
         """Grows the cache to hold `need` columns, or shrinks it when the sequences in flight need a quarter of it."""
         width = self.width
         if need > width:
-            self.cache = self._resize(self.cache, self._bucket(need))
+            self.cache = self.fns.resize(self.cache, self._bucket(need))
         elif need <= width // 4 and width > self._bucket(1):
             target = max(self._bucket(need) * 2, self._bucket(1))
             if target < width:
-                self.cache = self._resize(self.cache, min(target, self.max_model_len))
+                self.cache = self.fns.resize(self.cache, min(target, self.max_model_len))
 
     def _columns_needed(self, extra: int = 0) -> int:
         """Columns the active slots write up to in the next step (their next write index + 1)."""
@@ -282,7 +202,7 @@ class Engine:
             return admitted
         active = np.array([s is not None for s in self.slots])
         self._fit_width(self._columns_needed())
-        self.cache, next_b = self._step(self.params, self.cache, self.tokens, active, self.adapters, self.seeds,
+        self.cache, next_b = self.fns.step(self.params, self.cache, self.tokens, active, self.adapters, self.seeds,
                                         self.counters, self.temperatures, self.top_ps)
         next_b = np.asarray(jax.device_get(next_b))
         self.stats["decode_steps"] += 1
@@ -331,16 +251,16 @@ class Engine:
             width = bucket_width(len(rest), self.min_bucket)
             prefix = self._prefix_entry(best, request.adapter)
             if prefix["segment_ids"].shape[1] + width <= s:
-                return self._prefill(self.params, self._pad(rest, width), np.int32(len(rest)),
+                return self.fns.prefill(self.params, self._pad(rest, width), np.int32(len(rest)),
                                      np.array([request.adapter], np.int32), prefix)
         width = min(bucket_width(len(ids), self.min_bucket), s)
-        return self._prefill(self.params, self._pad(ids, width), np.int32(len(ids)), np.array([request.adapter], np.int32))
+        return self.fns.prefill(self.params, self._pad(ids, width), np.int32(len(ids)), np.array([request.adapter], np.int32))
 
     def _prefix_entry(self, ids: tuple[int, ...], adapter: int):
         key = (adapter, ids)
         if key not in self._prefix_cache:
             width = bucket_width(len(ids), self.min_bucket)
-            self._prefix_cache[key] = self._prefill(self.params, self._pad(ids, width), np.int32(len(ids)),
+            self._prefix_cache[key] = self.fns.prefill(self.params, self._pad(ids, width), np.int32(len(ids)),
                                                     np.array([adapter], np.int32))[0]
         return self._prefix_cache[key]
 
@@ -356,11 +276,11 @@ class Engine:
         temps, top_ps = np.zeros((b,), np.float32), np.ones((b,), np.float32)
         for j, c in enumerate(request.choices):
             seeds[j], temps[j], top_ps[j] = c.seed, c.temperature, c.top_p
-        first = np.asarray(jax.device_get(self._first(logits_v, seeds, temps, top_ps)))
+        first = np.asarray(jax.device_get(self.fns.first_tokens(logits_v, seeds, temps, top_ps)))
         self.stats["prompt_tokens"] += len(request.prompt_ids)
         self._fit_width(self._columns_needed(int(cache_1w["segment_ids"].shape[1])))
         for j, (slot, sampling) in enumerate(zip(free[:n], request.choices)):
-            self.cache = self._insert(self.cache, cache_1w, np.int32(slot))
+            self.cache = self.fns.insert(self.cache, cache_1w, np.int32(slot))
             self._index[slot] = len(request.prompt_ids)
             self.slots[slot] = _Slot(request, j, sampling, TextStream(request.decode, sampling.stop))
             self.adapters[slot], self.seeds[slot] = request.adapter, sampling.seed
@@ -479,14 +399,3 @@ class Engine:
             raise TimeoutError(f"no answer within {timeout} s")
         return out
 
-
-def slot_cache_sharding(mesh: Any) -> Callable[[str, Any], Any]:
-    """The slots' cache on a mesh: keys/values split over kv heads like the k/v projections (tensor
-    parallel), segment ids and write indices replicated."""
-    from flacuna_jax.sharding import named_sharding
-
-    def sharding(name: str, value: Any) -> Any:
-        names = ("layers", "batch", "length", "kv_heads", None) if name in ("k", "v") else (None,) * value.ndim
-        return named_sharding(mesh, names, value.shape)
-
-    return sharding
