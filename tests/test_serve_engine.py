@@ -123,6 +123,33 @@ def test_continuous_batching_equals_transformers_one_request_at_a_time(loaded, r
     assert engine.counts() == {"queued": 0, "running": 0, "slots": 4}
 
 
+def test_the_cache_has_the_rows_in_use(loaded):
+    """16 slots: a burst of 9 requests grows the cache to 16 rows; once only slot 0 is busy it shrinks
+    to 8; every request's tokens are those the 4-slot engine gives it."""
+    engine, _, _ = loaded
+    wide = Engine(engine.model, engine.params, eos_ids=(), max_batch=16, max_model_len=256, min_bucket=64)
+    prompts = random_prompts([7, 3, 12, 5, 9, 4, 6, 10, 8], seed=12)
+    budgets = [30] + [3] * 8
+    out, rows = {}, []
+    for name, eng in (("wide", wide), ("narrow", engine)):
+        saved, eng.eos_ids = eng.eos_ids, frozenset()
+        try:
+            results = {}
+            for k, (p, n) in enumerate(zip(prompts, budgets)):
+                submit(eng, results, k, p, [Sampling(n)], k % 3)
+            for _ in range(10_000):
+                if all(c["finish_reason"] for r in results.values() for c in r):
+                    break
+                eng.step()
+                rows.append((name, eng.rows))
+        finally:
+            eng.eos_ids = saved
+        out[name] = [results[k][0]["ids"] for k in range(9)]
+    assert out["wide"] == out["narrow"]
+    wide_rows = [r for name, r in rows if name == "wide"]
+    assert wide_rows[0] == 16 and wide_rows[-1] == 8 and set(wide_rows) == {16, 8}
+
+
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(loaded):
     engine, _, _ = loaded
     saved = engine.max_queue

@@ -1,12 +1,13 @@
 """The serving engine: continuous (in-flight) batching over a fixed number of decode slots. No HTTP.
 
-State on the device: one KV cache of `max_batch` slots (the model's cache layout, with one write
-index per slot), and per slot on the host: its last token, adapter, sampling parameters, stop
-strings and token budget. The cache is as wide as the longest sequence in flight needs (a bucket:
-powers of two up to `max_model_len`), grown by a copy when a sequence reaches its edge and shrunk
-when the long ones are gone: a decode step reads every column of every slot, so a step over short
-sequences must not pay for the window. The jitted functions that fill and advance the slots
-(prefill, insert, decode step) are `slots.py`'s.
+State on the device: one KV cache of up to `max_batch` slots (the model's cache layout, with one
+write index per slot), and per slot on the host: its last token, adapter, sampling parameters, stop
+strings and token budget. A decode step computes every row of the cache and reads every column of
+every row, so the cache has only the rows and columns in use, in buckets (powers of two): rows up to
+the highest busy slot (a new request takes the lowest free slot), columns up to the longest
+sequence in flight. It grows by a copy when a slot or a sequence needs more, and shrinks when three
+quarters of it are idle; each (rows, columns) shape compiles once. The jitted functions that fill
+and advance the slots (prefill, insert, decode step, resize) are `slots.py`'s.
 
 The scheduler (`step`, run in a loop by one thread) admits queued requests into free slots while
 the other slots keep decoding, hands each new token to its request's callback, and frees a slot at
@@ -36,6 +37,7 @@ from flacuna_jax.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 
+MIN_ROWS = 4  # the smallest cache (rows): 1 to 4 sequences cost about the same weight reads
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -102,7 +104,7 @@ class Engine:
         self.has_bank = model.bank is not None
         self.num_adapters = model.bank.count if self.has_bank else 1
         self.cache_sharding = cache_sharding
-        self.cache = self._empty_cache(self._bucket(1))
+        self.cache = empty_cache(model, self._row_bucket(1), self._bucket(1), cache_sharding)
         b = self.max_batch
         self.slots: list[_Slot | None] = [None] * b
         self.tokens = np.zeros((b,), np.int32)
@@ -126,32 +128,30 @@ class Engine:
                       "prompt_tokens": 0, "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0}
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)
 
-    # ------------------------------------------------------------------ the cache's width
+    # ------------------------------------------------------------------ the cache's shape
 
     def _bucket(self, n: int) -> int:
         return min(bucket_width(n, self.min_bucket), self.max_model_len)
 
-    def _empty_cache(self, width: int) -> dict:
-        return empty_cache(self.model, self.max_batch, width, self.cache_sharding)
+    def _row_bucket(self, n: int) -> int:
+        return min(bucket_width(n, min(MIN_ROWS, self.max_batch)), self.max_batch)
+
+    @property
+    def rows(self) -> int:
+        return int(self.cache["segment_ids"].shape[0])
 
     @property
     def width(self) -> int:
         return int(self.cache["segment_ids"].shape[1])
 
-    def _fit_width(self, need: int) -> None:
-        """Grows the cache to hold `need` columns, or shrinks it when the sequences in flight need a quarter of it."""
-        width = self.width
-        if need > width:
-            self.cache = self.fns.resize(self.cache, self._bucket(need))
-        elif need <= width // 4 and width > self._bucket(1):
-            target = max(self._bucket(need) * 2, self._bucket(1))
-            if target < width:
-                self.cache = self.fns.resize(self.cache, min(target, self.max_model_len))
-
-    def _columns_needed(self, extra: int = 0) -> int:
-        """Columns the active slots write up to in the next step (their next write index + 1)."""
-        used = [int(self._index[i]) + 1 for i, s in enumerate(self.slots) if s is not None]
-        return max(used + [extra, 1])
+    def _fit(self, rows: int = 0, columns: int = 0) -> None:
+        """The cache resized, if need be, to hold the busy slots and `rows`, their next columns and `columns`."""
+        busy = [i for i, s in enumerate(self.slots) if s is not None]
+        rows = max([rows, 1] + [i + 1 for i in busy])
+        columns = max([columns, 1] + [int(self._index[i]) + 1 for i in busy])
+        shape = (_fitted(self.rows, rows, self._row_bucket), _fitted(self.width, columns, self._bucket))
+        if shape != (self.rows, self.width):
+            self.cache = self.fns.resize(self.cache, *shape)
 
     # ------------------------------------------------------------------ submitting (any thread)
 
@@ -200,14 +200,16 @@ class Engine:
         admitted = self._admit()
         if not any(s is not None for s in self.slots):
             return admitted
-        active = np.array([s is not None for s in self.slots])
-        self._fit_width(self._columns_needed())
-        self.cache, next_b = self.fns.step(self.params, self.cache, self.tokens, active, self.adapters, self.seeds,
-                                        self.counters, self.temperatures, self.top_ps)
+        self._fit()
+        r = self.rows
+        active = np.array([s is not None for s in self.slots[:r]])
+        self.cache, next_b = self.fns.step(self.params, self.cache, self.tokens[:r], active, self.adapters[:r],
+                                           self.seeds[:r], self.counters[:r], self.temperatures[:r], self.top_ps[:r])
         next_b = np.asarray(jax.device_get(next_b))
         self.stats["decode_steps"] += 1
-        self._index[active] += 1
-        for i in np.flatnonzero(active):
+        busy = np.flatnonzero(active)
+        self._index[busy] += 1
+        for i in busy:
             self._accept(int(i), int(next_b[i]))
         return True
 
@@ -271,14 +273,15 @@ class Engine:
 
     def _start(self, request: Request, free: list[int]) -> None:
         cache_1w, logits_v = self._prefill_cache(request)
-        n, b = len(request.choices), self.max_batch
+        n = len(request.choices)
+        b = self._row_bucket(n)
         seeds = np.zeros((b,), np.uint32)
         temps, top_ps = np.zeros((b,), np.float32), np.ones((b,), np.float32)
         for j, c in enumerate(request.choices):
             seeds[j], temps[j], top_ps[j] = c.seed, c.temperature, c.top_p
         first = np.asarray(jax.device_get(self.fns.first_tokens(logits_v, seeds, temps, top_ps)))
         self.stats["prompt_tokens"] += len(request.prompt_ids)
-        self._fit_width(self._columns_needed(int(cache_1w["segment_ids"].shape[1])))
+        self._fit(rows=free[n - 1] + 1, columns=int(cache_1w["segment_ids"].shape[1]))
         for j, (slot, sampling) in enumerate(zip(free[:n], request.choices)):
             self.cache = self.fns.insert(self.cache, cache_1w, np.int32(slot))
             self._index[slot] = len(request.prompt_ids)
@@ -399,3 +402,12 @@ class Engine:
             raise TimeoutError(f"no answer within {timeout} s")
         return out
 
+
+def _fitted(current: int, need: int, bucket: Callable[[int], int]) -> int:
+    """A cache dimension for `need`: its bucket when it grows; half the current size or less (down to the
+    smallest bucket) when a quarter of it is used, so that a size is not resized back and forth."""
+    if need > current:
+        return bucket(need)
+    if need <= current // 4:
+        return max(min(bucket(need) * 2, current), bucket(1))
+    return current

@@ -14,7 +14,7 @@ dim], segment ids [slots, width]) with one write index per slot. Functions (comp
   (`generate.sample_rows`, token k drawn with fold_in(key(seed), k)); a free slot computes and is
   ignored, its index unchanged.
 - first_tokens(logits, seeds, temperatures, top_ps): a request's choices' first tokens (draw 0).
-- resize(slots, width): the same slots in a wider or narrower cache (the columns in use kept).
+- resize(slots, rows, width): the same slots in a cache of another shape (the rows and columns in use kept).
 """
 
 from __future__ import annotations
@@ -106,20 +106,22 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
         cache["index"] = jnp.where(active_b, cache["index"], slots["index"])  # a free slot stays where it is
         return cache, sample_rows(logits_b1v[:, 0], keys(seeds_b, counters_b), temperature_b, top_p_b)
 
-    def resize(slots, width):
-        old = slots["segment_ids"].shape[1]
-        keep = min(old, width)
+    def resize(slots, rows, width):
         out = {}
-        for name, axis in (("k", 2), ("v", 2), ("segment_ids", 1)):
-            x = jax.lax.slice_in_dim(slots[name], 0, keep, axis=axis)
-            if width > keep:
-                pad = [(0, 0)] * x.ndim
-                pad[axis] = (0, width - keep)
-                x = jnp.pad(x, pad)
+        for name, row_axis in (("k", 1), ("v", 1), ("segment_ids", 0), ("index", 0)):
+            x = slots[name]
+            for axis, size in ((row_axis, rows), (row_axis + 1, width)):
+                if name == "index" and axis > row_axis:
+                    continue
+                keep = min(x.shape[axis], size)
+                x = jax.lax.slice_in_dim(x, 0, keep, axis=axis)
+                if size > keep:
+                    pad = [(0, 0)] * x.ndim
+                    pad[axis] = (0, size - keep)
+                    x = jnp.pad(x, pad)  # new rows are free slots (segment 0), new columns unused
             out[name] = x
-        out["index"] = slots["index"]
         return out
 
     return SlotFunctions(prefill=jax.jit(prefill), insert=jax.jit(insert, donate_argnums=0),
                          step=jax.jit(step, donate_argnums=1), first_tokens=jax.jit(first_tokens),
-                         resize=jax.jit(resize, static_argnums=1))  # resize: the old buffer cannot hold the new shape
+                         resize=jax.jit(resize, static_argnums=(1, 2)))  # resize: the old buffer cannot hold the new shape
