@@ -1,7 +1,7 @@
 """Serving throughput and latency: our server vs `transformers serve --continuous-batching`, continuous
 vs static batching, and four adapters mixed in every batch vs the base alone.
 
-    python -m benchmarks.serve [--model HF_DIR] [--requests 32] [--requests-at-1 8] [--clients 1 8 32] \\
+    python -m benchmarks.serve [--model HF_DIR] [--requests 64] [--requests-at-1 8] [--clients 1 8 32] \\
         [--sides ours transformers static adapters] [--seed 0] [--out benchmarks/results/serve.jsonl]
 
 The workload is seeded: request i asks, through /v1/chat/completions (streamed, temperature 0), for a
@@ -255,7 +255,7 @@ def ours_argv(model_dir: str, port: int, max_batch: int, max_len: int, adapters=
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF LLaMA dir (default: SmolLM2-135M-Instruct, built by benchmarks/smollm2.py)")
-    p.add_argument("--requests", type=int, default=32, help="requests per pass at more than one client")
+    p.add_argument("--requests", type=int, default=64, help="requests per pass at more than one client (twice 32: each slot is refilled)")
     p.add_argument("--requests-at-1", type=int, default=8, help="requests of the one-client pass (the list's first)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--sides", nargs="+", default=["ours", "transformers", "static", "adapters"],
