@@ -128,7 +128,7 @@ def test_greedy_completions_equal_transformers_alone_and_eight_concurrent(client
 
 def test_chat_equals_the_generate_cli_for_the_base_and_each_adapter(client, served, tmp_path):
     """Vicuna-template chat replies equal `python -m flacuna_jax.generate --data` (which folds the
-    adapter into the base), streamed and not."""
+    adapter into the base) token for token, and their text, streamed and not."""
     from flacuna_jax.generate import main as generate_main
 
     texts = ["hi", "what is 2+2?", "tell me a story"]
@@ -140,9 +140,11 @@ def test_chat_equals_the_generate_cli_for_the_base_and_each_adapter(client, serv
         if model != "model":
             argv += ["--adapter", str(served["adapters"][model])]
         generate_main(argv)
-        expected = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
-        replies = [chat(client, model, t).choices[0].message.content for t in texts]
-        assert replies == expected, model
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        replies = [chat(client, model, t, extra_body={"return_token_ids": True}).choices[0] for t in texts]
+        assert [r.token_ids for r in replies] == [row["tokens"] for row in rows], model  # token for token
+        expected = [row["completion"] for row in rows]
+        assert [r.message.content for r in replies] == expected, model
         streamed = [streamed_chat(client, model, [{"role": "user", "content": t}], max_tokens=12, temperature=0)[0][0]
                     for t in texts]
         assert streamed == expected, model
