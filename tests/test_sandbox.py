@@ -199,6 +199,10 @@ def test_run_programs_keeps_input_order_and_checks_arguments():
         run_programs(["pass"], FAST, workers=0)
     with pytest.raises(ValueError, match="slot"):
         run_program("pass", FAST, slot=32)
+    with pytest.raises(ValueError, match=r"Limits.disk_bytes must be > 0, got 0"):
+        Limits(disk_bytes=0)
+    with pytest.raises(ValueError, match=r"Limits.timeout must be > 0, got -1"):
+        Limits(timeout=-1)
 
 
 # ------------------------------------------------------------------------------ as an ordinary user

@@ -93,6 +93,14 @@ class Limits:
     namespaces: bool = True  # mount, network, PID, IPC namespaces if the kernel lets us (else the weak mode)
     drop_privileges: bool = True  # as root: run the program as an unprivileged uid of its own
 
+    def __post_init__(self):
+        # a zero would not mean "nothing": to tmpfs, size=0 is no limit at all
+        for name in ("timeout", "memory_bytes", "processes", "file_bytes", "open_files", "startup_timeout", "disk_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.output_bytes < 0:
+            raise ValueError(f"Limits.output_bytes must be >= 0, got {self.output_bytes!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:

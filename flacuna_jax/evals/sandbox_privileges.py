@@ -118,5 +118,5 @@ def map_own_ids(uid: int, gid: int) -> None:
     they read as the overflow id 65534) map to themselves. An unprivileged process may map only
     those, and must give up setgroups first."""
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
+        with open(f"/proc/self/{name}", "w", encoding="utf-8") as f:
             f.write(text)
