@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from flacuna_jax.evals import sandbox
+from flacuna_jax.evals import sandbox, sandbox_fs
 from flacuna_jax.evals.sandbox import STRONGEST, Limits, run_program, run_programs
 from tests.sandbox_helpers import (PRELUDE, ROOT, attempts, live_processes, make_visible_dir, remove_visible_dir,
                                    sandbox_processes, strongest_available, wait_until_gone)
@@ -171,6 +171,16 @@ def test_weak_mode_refuses_new_processes_in_python_and_in_the_kernel():
     raw = run_program("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                       "pid = libc.fork()\nif pid == 0:\n    os._exit(0)\nprint(pid, ctypes.get_errno())", FALLBACK)
     assert raw.passed and raw.output == "-1 1\n", raw.result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only")
+def test_weak_mode_as_root_still_runs_as_a_uid_of_its_own():
+    out = run_program("import os\nprint(os.getuid())", Limits(timeout=5.0, namespaces=False))
+    assert out.passed and int(out.output) >= sandbox._UID_BASE, out.result
+    # without our file system view, a uid of its own can only read an interpreter others may read;
+    # where it lives behind a closed directory (a pyenv under /root), CAP_DAC_READ_SEARCH is kept: said so
+    closed = any(sandbox_fs.closed_ancestor(p) for p in sandbox_fs.interpreter_paths())
+    assert out.isolation == ("uid+cap_dac_read_search" if closed else "uid+nocaps") + "+seccomp+audit-hook(files,processes)"
 
 
 def test_a_weaker_mode_is_logged_once(caplog):
