@@ -179,7 +179,9 @@ def test_weak_mode_as_root_still_runs_as_a_uid_of_its_own():
     assert out.passed and int(out.output) >= sandbox._UID_BASE, out.result
     # without our file system view, a uid of its own can only read an interpreter others may read;
     # where it lives behind a closed directory (a pyenv under /root), CAP_DAC_READ_SEARCH is kept: said so
-    closed = any(sandbox_fs.closed_ancestor(p) for p in sandbox_fs.interpreter_paths())
+    prefixes = (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
+    child_paths = [os.path.realpath(p) for p in (*prefixes, *(p for p in sys.path if p.startswith(prefixes)))]
+    closed = any(sandbox_fs.closed_ancestor(p) for p in child_paths)  # (the child's paths: no project, no '')
     assert out.isolation == ("uid+cap_dac_read_search" if closed else "uid+nocaps") + "+seccomp+audit-hook(files,processes)"
 
 
