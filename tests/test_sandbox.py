@@ -266,6 +266,7 @@ attempt("socket", lambda: socket.socket())
 attempt("unshare_user", lambda: call(libc.unshare, 0x10000000))
 attempt("raw_fork", lambda: call(libc.fork) and 1 or os._exit(0))  # the child leaves at once
 attempt("kill_us", lambda: os.kill(TEST_PID, 0))
+attempt("kill_parent", lambda: os.kill(os.getppid(), 0))  # of the same uid: the launcher, or its own init
 """
 
 
@@ -292,7 +293,7 @@ def test_as_an_ordinary_user_the_namespaces_come_from_a_user_namespace(user, vis
     assert got["write_outside"] == ("refused", "EROFS")
     assert got["socket"] == got["unshare_user"] == ("refused", "EPERM")
     assert got["raw_fork"] == ("ok", "1")  # new processes are fine: they die with the PID namespace
-    assert got["kill_us"] == ("refused", "ESRCH")
+    assert got["kill_us"] == ("refused", "ESRCH") and got["kill_parent"] == ("ok", "None")  # its init: harmless
     assert hung["status"] == "timed out"  # and its daemon is gone (the `user` fixture checks)
     assert len(report["warnings"]) == 1 and "without uid" in report["warnings"][0]
     assert sorted(p.name for p in visible.iterdir()) == ["home", "owned.txt"]
@@ -312,5 +313,6 @@ def test_as_an_ordinary_user_without_namespaces_the_weak_mode(user, visible):
         assert got["write_outside"][0] == "refused" and "sandbox: writing" in got["write_outside"][1]
         assert got["socket"] == got["unshare_user"] == got["raw_fork"] == ("refused", "EPERM")
         assert got["kill_us"] == ("refused", "EPERM")  # it sees our process (no PID namespace), may not signal it
+        assert got["kill_parent"] == ("refused", "EPERM")  # nor its own uid's (seccomp: itself only)
     assert len(report["warnings"]) == 1 and "without mntns+netns+pidns+ipcns+uid" in report["warnings"][0]
     assert sorted(p.name for p in visible.iterdir()) == ["home", "owned.txt"]

@@ -12,9 +12,11 @@ uid, namespaces or not), bpf, perf_event_open, userfaultfd and io_uring (large k
 surface), modules, kexec, reboot, swap, accounting, quotas, file handles, syslog, clocks, host and
 domain names, and `socket` (every family: no network in any form, AF_UNIX paths included; socketpair,
 which makes an already connected pair, stays). clone3 answers ENOSYS, so the C library falls back to
-clone, whose flags a filter can read (clone3's are behind a pointer). With `processes=False` no new
-process can be made at all (fork, vfork, clone without CLONE_THREAD): the mode without a PID
-namespace, where nothing else would stop a daemon from outliving the program. Another
+clone, whose flags a filter can read (clone3's are behind a pointer). With `processes=False` (the
+mode without a PID namespace) no new process can be made at all (fork, vfork, clone without
+CLONE_THREAD), where nothing else would stop a daemon from outliving the program, and signals may go
+to this process only (kill, tgkill, rt_(tg)sigqueueinfo to our pid, 0 or our group; no tkill, no
+pidfd_open or pidfd_send_signal), where it could otherwise signal every process of its uid. Another
 architecture's system calls (e.g. 32-bit ones on x86_64) kill the process.
 
 Only x86_64 and aarch64 are known (`supported()`); elsewhere the sandbox runs without a filter and
@@ -52,6 +54,11 @@ _DENIED = {
 }
 _CLONE, _CLONE3 = (56, 220), (435, 435)
 _FORKS = (57, 58)  # fork, vfork: x86_64 only (aarch64 has clone alone)
+# Without a PID namespace (processes=False) a signal may go to this process only: its target (the
+# first argument, a pid or thread group id) must be our pid, 0 or -pid (our group: we lead a session)
+_SIGNAL_BY_PID = {"kill": (62, 129), "tgkill": (234, 131), "rt_sigqueueinfo": (129, 138),
+                  "rt_tgsigqueueinfo": (297, 240)}
+_SIGNAL_OTHERWISE = {"tkill": (200, 130), "pidfd_open": (434, 434), "pidfd_send_signal": (424, 424)}  # refused
 _CLONE_THREAD = 0x00010000
 _CLONE_NEW_ANY = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _X32_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused like the rest of another ABI
@@ -73,22 +80,28 @@ def denied_numbers(machine: str) -> dict[str, int]:
     return {name: nrs[column] for name, nrs in _DENIED.items() if nrs[column] is not None}
 
 
-def program(machine: str, processes: bool = True) -> list[tuple[int, int, int, int]]:
-    """The filter for `machine`, as (code, jt, jf, k) instructions."""
+def program(machine: str, processes: bool = True, own_pid: int = 0) -> list[tuple[int, int, int, int]]:
+    """The filter for `machine`, as (code, jt, jf, k) instructions (`own_pid`: see processes=False)."""
     x86 = machine == "x86_64"
     column = 0 if x86 else 1
+    if not processes and own_pid <= 0:
+        raise ValueError("processes=False needs own_pid, the only process signals may go to")
     code: list[tuple] = [(_LD_ABS_W, 0, 0, _ARCH), (_JEQ, 1, 0, _AUDIT_ARCH[machine]), ("ret", "kill"),
                          (_LD_ABS_W, 0, 0, _NR)]
     if x86:
         code.append((_JGE, "kill", None, _X32_BIT))
     code += [(_JEQ, "eperm", None, nr) for nr in denied_numbers(machine).values()]
     code.append((_JEQ, "enosys", None, _CLONE3[column]))
-    if x86 and not processes:
-        code += [(_JEQ, "eperm", None, nr) for nr in _FORKS]
+    if not processes:
+        code += [(_JEQ, "eperm", None, nr) for nr in (_FORKS if x86 else ())]
+        code += [(_JEQ, "eperm", None, nrs[column]) for nrs in _SIGNAL_OTHERWISE.values()]
+        code += [(_JEQ, "signal", None, nrs[column]) for nrs in _SIGNAL_BY_PID.values()]
     code += [(_JEQ, "clone", None, _CLONE[column]), ("ret", "allow")]
     code += [("label", "clone"), (_LD_ABS_W, 0, 0, _ARG0), (_JSET, "eperm", None, _CLONE_NEW_ANY)]
     if not processes:
         code.append((_JSET, "allow", "eperm", _CLONE_THREAD))
+        code += [("label", "signal"), (_LD_ABS_W, 0, 0, _ARG0), (_JEQ, "allow", None, own_pid),
+                 (_JEQ, "allow", None, 0), (_JEQ, "allow", "eperm", -own_pid & 0xFFFFFFFF)]
     code += [("ret", "allow")]
     code += [("label", "allow"), ("ret", "allow"), ("label", "eperm"), ("ret", "eperm"),
              ("label", "enosys"), ("ret", "enosys"), ("label", "kill"), ("ret", "kill")]
@@ -135,7 +148,7 @@ def install(processes: bool = True) -> None:
     machine = os.uname().machine
     if machine not in _AUDIT_ARCH:
         raise OSError(f"seccomp: no system call table for {machine}")
-    instructions = program(machine, processes)
+    instructions = program(machine, processes, os.getpid())
     blob = b"".join(struct.pack("=HBBI", *ins) for ins in instructions)
     buffer = ctypes.create_string_buffer(blob, len(blob))
 
