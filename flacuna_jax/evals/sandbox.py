@@ -29,10 +29,9 @@ else holds depends on what the kernel allows, strongest first (`Outcome.isolatio
   process limit counts the caller's processes too;
 - with no namespaces (a container without CAP_SYS_ADMIN, user namespaces off): no capabilities (as
   root a uid of its own, where the interpreter is readable by others, else root's CAP_DAC_READ_SEARCH
-  is kept and the isolation says so), seccomp refusing sockets, any new process and any signal
-  to another process, and a Python
-  audit hook refusing writes outside its directory. The audit hook binds only Python code: ctypes
-  gets past it, and the program can read whatever its uid can.
+  is kept and the isolation says so), seccomp refusing sockets, any new process and any signal to
+  another process, and a Python audit hook refusing writes outside its directory. The audit hook
+  binds only Python code: ctypes gets past it, and the program can read whatever its uid can.
 A mode weaker than `STRONGEST` is logged once per process (a warning naming what is missing).
 
 The wall clock starts when the child reports that the program is about to run (so a slow start on a
