@@ -47,6 +47,11 @@ def test_plan_covers_tmp_run_home_and_closed_doors_revealing_what_is_needed(tree
     assert covers[str(tree / "home")] == Cover(str(tree / "home"), False, ())
     assert covers["/tmp"].writable and covers["/tmp"].reveals == ()
     assert covers["/run"].writable is False
+    assert covers["/dev"] == Cover("/dev", False, tuple(f"/dev/{d}" for d in sandbox_fs._DEVICES if os.path.exists(
+        f"/dev/{d}")), sandbox_fs._DEV_LINKS + ((("shm", os.readlink("/dev/shm")),) if os.path.islink("/dev/shm") else ()))
+    if os.path.isdir("/dev/shm") and not os.path.islink("/dev/shm"):  # writable, inside the new /dev: after it
+        order = [c.path for c in sandbox_fs.plan_covers(needed, str(tree / "home"), hide_closed=True)]
+        assert order.index("/dev/shm") > order.index("/dev") and covers["/dev/shm"].writable
     assert str(tree / "open") not in covers and str(tree / "open" / "needed") not in covers
     as_user = {c.path for c in sandbox_fs.plan_covers(needed, str(tree / "home"), hide_closed=False)}
     assert str(tree / "closed") not in as_user  # an ordinary user cannot pass that door anyway
@@ -104,12 +109,16 @@ def test_enter_builds_a_read_only_view_with_a_private_tmp(tree):
                 "revealed_write": _probe(os.path.join(needed, "lib.py")),
                 "hidden": sorted(os.listdir(tree / "closed")), "home": sorted(os.listdir(tree / "home")),
                 "tmp": sorted(os.listdir("/tmp")), "tmp_write": _probe("/tmp/new.txt"),
+                "dev": sorted(os.listdir("/dev")), "dev_null": _probe("/dev/null"), "dev_shm": _probe("/dev/shm/x"),
                 "workdir": [os.stat("/tmp/stage/work").st_uid, oct(os.stat("/tmp/stage/work").st_mode & 0o777)]}
 
     got = _in_new_mount_namespace(body)
     assert got == {"open": "Read-only file system", "root_fs": "Read-only file system", "revealed": "x = 1",
                    "revealed_write": "Read-only file system", "hidden": ["inner"], "home": [],
-                   "tmp": ["stage"], "tmp_write": "writable", "workdir": [12345, "0o700"]}
+                   "tmp": ["stage"], "tmp_write": "writable", "workdir": [12345, "0o700"],
+                   "dev": sorted(["fd", "stdin", "stdout", "stderr", "shm"] + [d for d in sandbox_fs._DEVICES
+                                                                               if os.path.exists(f"/dev/{d}")]),
+                   "dev_null": "writable", "dev_shm": "writable"}
     assert not (tree / "open" / "new.txt").exists() and not os.path.exists("/tmp/stage")  # ours is untouched
 
 

@@ -60,6 +60,8 @@ attempt("init_memory", lambda: open("/proc/1/mem", "rb").read(1))
 attempt("home", lambda: sorted(os.listdir({home!r})))
 attempt("processes", lambda: sorted(p for p in os.listdir("/proc") if p.isdigit()))
 attempt("environment", lambda: "canary" in str(os.environ) or "canary" in open("/proc/self/environ").read())
+attempt("devices", lambda: sorted(os.listdir("/dev")))
+attempt("dev_null", lambda: open("/dev/null", "w").write("x") + len(open("/dev/urandom", "rb").read(4)))
 """], QUICK)
     finally:
         del os.environ["FLACUNA_SANDBOX_CANARY"]
@@ -71,6 +73,10 @@ attempt("environment", lambda: "canary" in str(os.environ) or "canary" in open("
     assert got["our_environ"] == ("refused", "ENOENT")  # our PID does not exist in its namespace
     assert got["processes"] == ("ok", "['1', '2']")  # its init and itself
     assert got["environment"] == ("ok", "False")
+    # a /dev of its own: no GPU, fuse, kvm, disk or console device of ours, only what programs use
+    assert eval(got["devices"][1]) == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "tty",
+                                       "urandom", "zero"]
+    assert got["dev_null"] == ("ok", "5")
     # our home shows only the way to the interpreter, bound back; nothing else of it exists there
     way_in = {p[len(home) + 1:].split("/")[0] for p in sandbox_fs.interpreter_paths() if p.startswith(home + "/")}
     seen = eval(got["home"][1]) if got["home"][0] == "ok" else []

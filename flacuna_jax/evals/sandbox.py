@@ -17,7 +17,8 @@ else holds depends on what the kernel allows, strongest first (`Outcome.isolatio
 
 - as root (this repository's CI, most GPU boxes): new mount, network, PID and IPC namespaces. The file
   system is the machine's, read-only, with /run, the caller's home (/root) and any directory others
-  may not enter hidden (only the interpreter's own files are bound back); /tmp and /dev/shm are
+  may not enter hidden (only the interpreter's own files are bound back), a /dev of its own (null,
+  zero, full, random, urandom, tty: no GPU, fuse or kvm device); /tmp and /dev/shm are
   private tmpfs of at most `disk_bytes` each, and the program's directory (cwd, HOME, TMPDIR) is in
   that /tmp, so nothing it writes outlives it. No network at all, loopback included; it sees and can
   signal only its own processes, and when it ends or is killed the kernel kills everything it started.

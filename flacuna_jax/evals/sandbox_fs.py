@@ -11,11 +11,14 @@ What it does, in this order:
    read-only and nosuid, recursively (mount_setattr; a remount per mount point on kernels < 5.12);
 2. some directories are covered by an empty tmpfs: /tmp and /dev/shm (writable, private, at most
    `disk_bytes` each; the program's own directory is in the new /tmp, so nothing it writes outlives
-   it), /run (the machine's sockets), the caller's home, and, as root, the topmost directory on the
-   way to the interpreter that others may not enter (/root for a pyenv Python): the program runs as
-   a uid of its own without capabilities, which could not even import the standard library otherwise;
+   it), /run (the machine's sockets), /dev (a new one holds null, zero, full, random, urandom, tty
+   and the fd links: no GPU, fuse or kvm device), the caller's home, and, as root, the topmost
+   directory on the way to the interpreter that others may not enter (/root for a pyenv Python):
+   the program runs as a uid of its own without capabilities, which could not even import the
+   standard library otherwise;
 3. what the interpreter needs under a covered directory (its prefixes and sys.path, resolved) is
-   bound back, read-only, at the same path: the interpreter is visible, the rest of /root is not;
+   bound back, read-only, at the same path: the interpreter is visible, the rest of /root is not
+   (and likewise the devices of the new /dev);
 4. a fresh /proc of the new PID namespace (only the program's own processes), or an empty /proc
    where the kernel refuses that (a user namespace under a /proc with covered parts).
 """
@@ -74,9 +77,13 @@ class _Record:
 
 class Cover(_Record):
     """A directory covered by an empty tmpfs: `writable` (/tmp, /dev/shm: the program's scratch space)
-    or read-only, with `reveals`, the paths under it bound back read-only."""
+    or read-only, with `reveals`, the paths under it bound back (read-only, device nodes included),
+    and `links`, (name, target) symbolic links made in it."""
 
-    __slots__ = ("path", "writable", "reveals")
+    __slots__ = ("path", "writable", "reveals", "links")
+
+    def __init__(self, path, writable, reveals=(), links=()):
+        super().__init__(path, writable, reveals, links)
 
 
 class Plan(_Record):
@@ -128,15 +135,36 @@ def closed_ancestor(path: str) -> str | None:
     return None
 
 
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # all a program gets of /dev
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"))
+
+
 def plan_covers(needed: list[str], home: str | None, hide_closed: bool) -> tuple[Cover, ...]:
-    """Which directories to cover and what to bind back under each (see the module docstring)."""
-    writable = [os.path.realpath(p) for p in ("/tmp", "/dev/shm") if os.path.isdir(p)]
-    hidden = [os.path.realpath(p) for p in ("/run", home) if p and os.path.isdir(p)]
+    """Which directories to cover and what to bind back under each (see the module docstring): the
+    read-only covers first, outermost only, then the writable ones (which may lie in one of them, as
+    /dev/shm does in the new /dev). Each needed path goes back into the innermost cover above it."""
+    writable = _outermost(os.path.realpath(p) for p in ("/tmp", "/dev/shm") if os.path.isdir(p))
+    hidden = [os.path.realpath(p) for p in ("/run", "/dev", home) if p and os.path.isdir(p)]
     if hide_closed:
         hidden += [a for a in (closed_ancestor(p) for p in needed) if a]
-    outer = _outermost(p for p in writable + hidden if p != "/")
+    hidden = [h for h in _outermost(hidden) if h != "/" and not any(_under(h, w) for w in writable)]
+    order = hidden + writable
+
+    def innermost(path):
+        holders = [c for c in order if _under(path, c)]
+        return max(holders, key=len) if holders else None
+
     needed = _outermost(needed)
-    return tuple(Cover(c, c in writable, tuple(p for p in needed if _under(p, c))) for c in outer)
+    covers = []
+    for c in order:
+        reveals = tuple(p for p in needed if innermost(p) == c)
+        links: tuple = ()
+        if c == "/dev":  # a /dev of its own: the harmless devices, not the GPUs, fuse or kvm of ours
+            reveals += tuple(f"/dev/{d}" for d in _DEVICES if os.path.exists(f"/dev/{d}"))
+            links = _DEV_LINKS + ((("shm", os.readlink("/dev/shm")),) if os.path.islink("/dev/shm") else ())
+        covers.append(Cover(c, c in writable, reveals, links))
+    return tuple(covers)
 
 
 def _make_read_only() -> None:
@@ -198,6 +226,11 @@ def enter(plan: Plan) -> None:
                 else:
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
                 _mount(f"/proc/self/fd/{sources[path]}", path, None, _MS_BIND | _MS_REC)
+            for name, target in cover.links:
+                os.symlink(target, os.path.join(cover.path, name))
+            for later in plan.covers:  # mount points for the writable covers inside this one
+                if later.path != cover.path and _under(later.path, cover.path):
+                    _mkdirs(later.path, 0o755)
             if not cover.writable:
                 _mount(None, cover.path, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, _SMALL_TMPFS)
     finally:
