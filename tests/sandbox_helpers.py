@@ -74,8 +74,10 @@ def live_processes(owned_by) -> list[int]:
 
 
 def sandbox_processes() -> list[int]:
-    """Live processes owned by a sandbox uid (a leftover of some program)."""
-    return live_processes(lambda uid: uid >= sandbox._UID_BASE)
+    """Live processes owned by a sandbox uid of this test process (a leftover of one of its programs;
+    another pytest worker's programs, running meanwhile, have uids of their own)."""
+    first = sandbox._UID_BASE + (os.getpid() % 100_000) * sandbox._MAX_WORKERS
+    return live_processes(lambda uid: first <= uid < first + sandbox._MAX_WORKERS)
 
 
 def wait_until_gone(processes, seconds: float = 10.0) -> list[int]:

@@ -14,9 +14,9 @@ import pytest
 
 from flacuna_jax.evals import sandbox_fs
 from flacuna_jax.evals.sandbox_fs import Cover, Plan
-from tests.sandbox_helpers import make_visible_dir, remove_visible_dir
+from tests.sandbox_helpers import make_visible_dir, remove_visible_dir, strongest_available
 
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace needs root")
+as_root = pytest.mark.skipif(not strongest_available(), reason="needs root and mount namespaces")
 
 
 @pytest.fixture

@@ -100,10 +100,12 @@ def _in_child(filtered: bool, processes: bool = True) -> dict:
 
 def test_the_filter_refuses_what_an_unfiltered_process_may_do():
     free, filtered, no_processes = _in_child(False), _in_child(True), _in_child(True, processes=False)
-    for name in ("socket", "socketpair", "keyctl", "fork", "thread"):
+    # the control: what an unfiltered process may do here (a container's own filter may refuse some
+    # of keyctl, ptrace, clone3 and unshare already; then only the filtered side can be checked)
+    for name in ("socket", "socketpair", "fork", "thread"):
         assert free[name][0] == "ok", (name, free[name])  # so the refusals below are the filter's
-    assert free["ptrace"] == ["refused", 3]  # ESRCH: ptrace looked for the process
-    assert free["clone3"][0] == "refused" and free["clone3"][1] != 38  # EINVAL (size 0), not ENOSYS: it exists
+    if free["ptrace"] != ["refused", 1]:
+        assert free["ptrace"] == ["refused", 3]  # ESRCH: ptrace looked for the process
     for name in ("socket", "keyctl", "ptrace"):
         assert filtered[name] == no_processes[name] == ["refused", 1], name  # EPERM
     assert filtered["clone3"] == no_processes["clone3"] == ["refused", 38]  # ENOSYS: the C library falls back to clone
