@@ -36,7 +36,8 @@ def visible():
     remove_visible_dir(path)
 
 
-def test_verdicts_of_ordinary_programs():
+@pytest.mark.parametrize("limits", [pytest.param(FAST, marks=strongest, id="strongest"), pytest.param(FALLBACK, id="weak")])
+def test_verdicts_of_ordinary_programs(limits):
     programs = {
         "passes": "x = [i * i for i in range(10)]\nassert x[3] == 9\nprint('ok')",
         "asserts": "assert 1 + 1 == 3, 'arithmetic'",
@@ -47,7 +48,7 @@ def test_verdicts_of_ordinary_programs():
         "input": "input()",
         "segfault": "import ctypes\nctypes.string_at(0)",
     }
-    got = dict(zip(programs, run_programs(list(programs.values()), FAST, workers=4)))
+    got = dict(zip(programs, run_programs(list(programs.values()), limits, workers=4)))
     assert got["passes"].status == "passed" and got["passes"].output == "ok\n" and got["passes"].reason == ""
     assert got["asserts"].result == "failed: AssertionError: arithmetic"
     assert got["raises"].result == "failed: ZeroDivisionError: division by zero"
@@ -198,6 +199,7 @@ def test_a_weaker_mode_is_logged_once(caplog):
         assert [r for r in caplog.records if r.name == sandbox.__name__] == []
 
 
+@strongest  # (the weak mode refuses fork)
 def test_a_forked_child_cannot_give_the_verdict():
     # the child runs the rest of the program and succeeds; the program itself then fails
     out = run_program("import os, time\nif os.fork() != 0:\n    time.sleep(0.3)\n    raise ValueError('parent')", FAST)

@@ -135,8 +135,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _exit_reason(code: int) -> str:
-    if code > 128 and code - 128 in signal.valid_signals():
-        name = signal.Signals(code - 128).name
+    """Why the child ended: a signal is -N from the program's own process (no namespaces) or 128 + N
+    from the outer one that waited for it."""
+    signum = -code if code < 0 else code - 128
+    if signum > 0 and signum in signal.valid_signals():
+        name = signal.Signals(signum).name
         why = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)", "SIGKILL": " (killed)"}
         return f"killed by {name}{why.get(name, '')}"
     return f"exited with code {code} before the program finished"
