@@ -120,8 +120,11 @@ def _contain(cfg: dict, mode: str | None, workdir: str, processes: int, mods) ->
     parts.append(privileges.describe())
     _set_limits(cfg, processes)
     if seccomp.supported():
-        seccomp.install(processes=mode is not None)
-        parts.append("seccomp")
+        try:
+            seccomp.install(processes=mode is not None)
+            parts.append("seccomp")
+        except OSError:  # a kernel without seccomp filters, or a container's policy refusing one: said so
+            pass
     if mode is None:
         parts.append(_install_guard(workdir, network="seccomp" not in parts, processes=True))
     return "+".join(parts)
@@ -170,11 +173,10 @@ def _enter_namespaces(cfg: dict, mods) -> tuple[str | None, str]:
         os.path.basename(os.path.dirname(cfg["program_path"])), cfg["uid"] if root and cfg["drop_privileges"] else -1,
         cfg["disk_bytes"], cfg["home"] or None, hide_closed=root)
     try:
-        sandbox_fs.enter(plan)
-    except sandbox_fs.SetupError as e:
-        if e.errno == 1 and not root:  # EPERM at the first mount: a user namespace without the right
-            return None, os.getcwd()  # to mount (e.g. AppArmor's restriction on Ubuntu): nothing changed yet
-        raise
+        sandbox_fs.make_private()
+    except sandbox_fs.SetupError:  # a user namespace without the right to mount (e.g. AppArmor's
+        return None, os.getcwd()  # restriction on Ubuntu): nothing has changed yet, the weak mode can run
+    sandbox_fs.enter(plan)  # a failure from here on is reported: the namespace is half set up
     return ("root" if root else "userns"), plan.workdir
 
 
@@ -208,7 +210,12 @@ def main(argv: list[str]) -> None:
         report("error", f"the sandbox's file system could not be set up: {e}")
         return
     if mode is None:
-        _run(program, report, _contain(cfg, None, workdir, processes, mods))
+        try:
+            isolation = _contain(cfg, None, workdir, processes, mods)
+        except OSError as e:
+            report("error", f"the sandbox could not drop privileges: {e}")
+            return
+        _run(program, report, isolation)
     init = os.fork()  # PID 1 of the new namespace: when it dies the kernel kills everything in it
     if init == 0:  # (should we die before the death signal is armed, the parent's killpg reaches it)
         _libc().prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)

@@ -209,9 +209,15 @@ def _mkdirs(path: str, mode: int) -> None:
         os.chmod(path, mode)  # the umask may have taken bits away
 
 
+def make_private() -> None:
+    """Every mount private: nothing mounted from now on reaches the machine's namespace. The first
+    step, and the one that fails first where mounting is refused."""
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+
+
 def enter(plan: Plan) -> None:
     """Steps 1-3 of the module docstring, in the current (new) mount namespace."""
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    make_private()
     _make_read_only()
     sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for c in plan.covers for p in c.reveals}
     try:
