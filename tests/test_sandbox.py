@@ -318,3 +318,17 @@ def test_as_an_ordinary_user_without_namespaces_the_weak_mode(user, visible):
         assert got["kill_parent"] == ("refused", "EPERM")  # nor its own uid's (seccomp: itself only)
     assert len(report["warnings"]) == 1 and "without mntns+netns+pidns+ipcns+uid" in report["warnings"][0]
     assert sorted(p.name for p in visible.iterdir()) == ["home", "owned.txt"]
+
+
+def test_speed_benchmark_measures_both_modes_on_the_same_programs():
+    """benchmarks/sandbox_speed.py on a few programs: its figures are what it says they are."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sandbox_speed", "--programs", "2", "--rounds", "1",
+                           "--problems", "3", "--workers", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["problems"] == 3 and result["isolation"]["weak"].endswith("audit-hook(files,processes)")
+    assert result["isolation"]["strongest"] == (STRONGEST if strongest_available() else result["isolation"]["weak"])
+    for key in ("one_program", "humaneval"):
+        times = result[f"{key}_s"]
+        assert times["strongest"] > 0 and times["weak"] > 0
+        assert result[f"{key}_ratio"] == pytest.approx(times["strongest"] / times["weak"], abs=0.006)  # 2 decimals
