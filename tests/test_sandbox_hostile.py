@@ -83,9 +83,22 @@ attempt("dev_null", lambda: open("/dev/null", "w").write("x") + len(open("/dev/u
     assert set(seen) <= way_in, (seen, way_in)
 
 
-def test_it_writes_nowhere_but_its_own_directory_and_private_tmp(visible):
-    home = os.path.realpath(os.path.expanduser("~"))
+@pytest.fixture
+def stray_name():
+    """A name the program tries to create in shared places; whatever a regression lets through is removed."""
     name = f"flacuna-sandbox-test-{uuid.uuid4().hex}"
+    yield name
+    home = os.path.realpath(os.path.expanduser("~"))
+    for place in ("/tmp", "/dev/shm", "/var/tmp", "/dev", home):
+        try:
+            os.remove(os.path.join(place, name))
+        except OSError:
+            pass
+
+
+def test_it_writes_nowhere_but_its_own_directory_and_private_tmp(visible, stray_name):
+    home = os.path.realpath(os.path.expanduser("~"))
+    name = stray_name
     keep = str(visible / "keep.txt")
     out, = run_programs([PRELUDE + f"""
 attempt("own_dir", lambda: open("mine.txt", "w").write("x"))
