@@ -1,9 +1,9 @@
 """The sandbox's child: `main(ARGS)` in a fresh `python -I -S -B` contains one program and runs it.
 
-Stdlib only, so the child imports nothing of the project (this module and its siblings sandbox_fs,
-sandbox_privileges and sandbox_seccomp are loaded from this directory, not as a package: `python -S`
-does not see the project's install); `evals.sandbox` starts it and reads its reports,
-one line each on the result pipe: `ready\\t<isolation>` when the program is about to run, then
+Stdlib only, so the child imports nothing of the project: `evals.sandbox` hands it this module and its
+siblings sandbox_fs, sandbox_privileges and sandbox_seccomp compiled, as top-level modules (`python
+-S` does not see the project's install), starts it and reads its reports, one line each on the result
+pipe: `ready\\t<isolation>` when the program is about to run, then
 `passed` or `failed\\t<exception>`, or `error\\t<why>` if the sandbox could not be set up.
 
 The strongest mode, as root: new mount, network, PID and IPC namespaces (`unshare`), the file system
@@ -12,8 +12,8 @@ directory), a uid of its own with no capabilities at all and no_new_privs (`sand
 seccomp filter of `sandbox_seccomp`, rlimits. As an ordinary user the same namespaces come from a new
 user namespace when the kernel allows one, but the program keeps the caller's uid (it can read what
 the caller can, outside the caller's hidden home). With no namespaces at all it runs in this process
-with rlimits, no capabilities, seccomp (no sockets, no new processes) and an audit hook refusing
-writes outside its directory from Python code. `Outcome.isolation` names what held, e.g.
+with rlimits, no capabilities, seccomp (no sockets, no new processes, signals to itself only) and an
+audit hook refusing writes outside its directory from Python code. `Outcome.isolation` names what held, e.g.
 "mntns+netns+pidns+ipcns+uid+nocaps+seccomp".
 """
 
@@ -30,7 +30,8 @@ _PR_SET_PDEATHSIG, _SIGKILL = 1, 9
 
 
 def _load_siblings():
-    """sandbox_fs, sandbox_privileges, sandbox_seccomp, from this directory (which leaves sys.path)."""
+    """sandbox_fs, sandbox_privileges, sandbox_seccomp: those handed over (in sys.modules already), else
+    from this directory (which leaves sys.path again)."""
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
