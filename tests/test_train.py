@@ -120,17 +120,22 @@ def test_in_training_eval_tasks_equal_the_eval_cli(assets, tmp_path):
 
 
 def test_nonfinite_steps_stop_the_run_with_checkpoint_intact(assets, tmp_path, capsys):
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides(
+    """Through the CLI's main: NonFiniteError becomes exit code 3 and one 'error:' line on stderr."""
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), *overrides(
         assets, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
                              "train.max_nonfinite_steps": 2, "checkpoint.every": 1, "train.steps": 20, "mesh.tensor": 2,
-                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4}))
-    with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
-        train.run(cfg)
-    assert "train step compiled in" in capsys.readouterr().out
+                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4})]
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == train.EXIT_NONFINITE == 3
+    captured = capsys.readouterr()
+    assert "train step compiled in" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 consecutive steps" in errors[0], captured.err[-2000:]
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert lines[-1]["skipped_steps"] >= 1
     step, params, _ = checkpoint.load_trainable(tmp_path)
-    assert 1 <= step < 20
+    assert 1 <= step < 20 and f"(step {step})" in errors[0]  # the message names the last good checkpoint
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
