@@ -40,4 +40,5 @@ def test_score_nf4_equals_transformers_bitsandbytes(smollm2_dir, tmp_path):
         with torch.no_grad():
             logp = torch.log_softmax(ref(torch.tensor([whole])).logits[0].float(), -1)
         theirs.append(float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole)))))
+    print(f"summed log-likelihood: max |ours - reference| = {np.abs(np.subtract(ours, theirs)).max():.1e}")
     np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
