@@ -35,7 +35,15 @@ for ((i = 0; i < N; i++)); do
   pids[$i]=$!
   echo "$i $!" >> "$OUT/pids"
 done
-trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM
+stop_all() {  # SIGTERM, then SIGKILL: JAX's preemption notifier catches SIGTERM in a multi-process job
+  kill "${pids[@]}" 2>/dev/null
+  for _ in {1..25}; do
+    [ -n "$(jobs -rp)" ] || return 0
+    sleep 0.2
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null
+}
+trap 'stop_all; exit 130' INT TERM
 status=0
 failed_at=""
 describe() {  # exit code -> words
@@ -55,7 +63,7 @@ while [ "${#pids[@]}" -gt 0 ]; do
   done
   if [ -n "$failed_at" ] && [ "${#pids[@]}" -gt 0 ] && [ $((SECONDS - failed_at)) -ge "$GRACE" ]; then
     echo "fallback: process(es) ${!pids[*]} still running ${GRACE} s after a failure; killing them" >&2
-    kill "${pids[@]}" 2>/dev/null
+    stop_all
     failed_at=""  # report their exit codes on the next rounds
   fi
   sleep 0.2
