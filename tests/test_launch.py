@@ -1,16 +1,25 @@
 """Multi-process training through launch/cpu_sim.sh, with packing and LoRA dropout on: 2 processes x
 2 CPU devices (gloo), 1 x 4 and 2 x 1 log the same losses, a run checkpointed under one topology
-resumes under another (2x2 -> 1x4 after a kill -9, 1x4 -> 2x1), and a killed process stops the others.
+resumes under another (2x2 -> 1x4 after a kill -9, at the step of the last checkpoint; 1x4 -> 2x1),
+and a killed process stops the others (exit code 4, or JAX's abort when the coordinator dies). The GPU
+launch scripts: their --dry-run, and launch/slurm.sbatch under simulated SLURM tasks.
 
 Why the losses agree: every process plans the same global batches (data/batches.py) and a row's
 dropout mask is seeded by its index in the global batch (model.row_dropout), so what differs between
 topologies is float32 summation order alone (per-device partial sums, 2 or 4 accumulation steps):
 measured relative differences <= 1e-6; the tolerance is 1e-5.
+
+Nothing here depends on how fast the machine is: a process is killed while it waits at a known point
+of its loop (tests/slow_steps: PAUSE_AT_BATCH), never after a sleep, and the timeouts only guard
+against a hang. JAX's heartbeat is the library's default (100 s): the survivors here stop through a
+failed collective or JAX's error polling within seconds, and a shorter heartbeat killed healthy
+processes while the machine was busy (issue 21).
 """
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,13 +28,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flacuna_jax.checkpoint import checkpoint_dir, latest_complete_step
+from flacuna_jax.distributed import EXIT_PEER_FAILURE
 from flacuna_jax.metrics import read_jsonl
 from tests.helpers import slow_steps_path, write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
+KILL_AFTER = 4  # the 2x2 run's last checkpoint when a process is killed (checkpoint.every = 2)
 RTOL = 1e-5  # per-step losses
 ADAPTER_TOL = 1e-4  # exported factors, relative to each tensor's largest entry
+HANG_S = 900  # a guard against a hang, not a speed requirement (the 2x2 run took 190 s at load 15)
+SIGABRT_EXIT = 128 + signal.SIGABRT  # JAX terminates a process when its coordination service is gone
 
 
 @pytest.fixture(scope="module")
@@ -55,48 +69,80 @@ def env(assets, **extra):
 def one_process(assets, out):
     e = env(assets, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", "configs/demo.yaml", *overrides(assets, out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def cpu_sim(assets, out, sleep=0.0, devices=2, **extra):
-    e = env(assets, SLOW_STEP_S=str(sleep), PYTHONPATH=slow_steps_path(), PYTHON=sys.executable)
+@pytest.fixture
+def sims():
+    """The cpu_sim.sh runs a test starts: one still running at teardown (the test failed) is stopped with
+    SIGTERM, which cpu_sim.sh passes on to its processes (a paused one would otherwise wait forever)."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def cpu_sim(sims, assets, out, devices=2, pause_at=0, **extra):
+    """launch/cpu_sim.sh 2 <devices>; with pause_at=k every process waits before reading its k-th batch
+    until the file `release_file(out)` exists."""
+    e = env(assets, PYTHONPATH=slow_steps_path(), PYTHON=sys.executable, PAUSE_AT_BATCH=str(pause_at),
+            PAUSE_UNTIL=str(release_file(out)))
     cmd = ["bash", "launch/cpu_sim.sh", "2", str(devices), "configs/demo.yaml", *overrides(assets, out, **extra)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sims.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return sims[-1]
+
+
+def release_file(out):
+    return out.parent / f"{out.name}.release"
 
 
 def export(run, out):
     r = subprocess.run([sys.executable, "-m", "flacuna_jax.convert", "export", "--run", str(run), "--format", "peft",
                         "--out", str(out)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     from safetensors.numpy import load_file
     return load_file(str(out / "adapter_model.safetensors"))
 
 
-def wait_for(predicate, proc, timeout):
-    deadline = time.time() + timeout
+def wait_for(predicate, proc, what):
+    deadline = time.time() + HANG_S
     while time.time() < deadline and proc.poll() is None and not predicate():
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.communicate()[0][-3000:]
-    assert predicate(), "timed out waiting"
+    if proc.poll() is not None:
+        raise AssertionError(f"the run ended before {what}:\n" + proc.communicate()[0][-3000:])
+    assert predicate(), f"no {what} after {HANG_S} s"  # the sims fixture stops the run
+
+
+def paused(out, index, batch):
+    log = out / f"process_{index}.log"
+    return log.is_file() and f"paused before batch {batch} " in log.read_text()
 
 
 def pids(out):
     return {int(i): int(p) for i, p in (line.split() for line in (out / "pids").read_text().splitlines())}
 
 
-def kill_one(proc, out, victim):
-    """kill -9 process `victim`; (seconds until cpu_sim.sh returned, its output)."""
+def kill_one(proc, out, victim, release=False):
+    """kill -9 process `victim` (then, with release, let the paused survivor go on); cpu_sim.sh's output."""
     os.kill(pids(out)[victim], signal.SIGKILL)
     t0 = time.time()
+    if release:
+        release_file(out).touch()
     try:
-        text, _ = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("cpu_sim.sh still running 90 s after a process was killed")
-    return time.time() - t0, text
+        text, _ = proc.communicate(timeout=HANG_S)
+    except subprocess.TimeoutExpired:  # the sims fixture stops the run
+        raise AssertionError(f"cpu_sim.sh still running {HANG_S} s after a process was killed") from None
+    print(f"process {victim} killed -> cpu_sim.sh returned after {time.time() - t0:.1f} s (information only)")
+    return text
 
 
 def survivor_exit(text, index):
@@ -105,9 +151,6 @@ def survivor_exit(text, index):
         if line.startswith(f"process {index} (pid ") and " exited with " in line:
             return int(line.split(" exited with ")[1].split()[0])
     return None
-
-
-PEER_LOST = ("lost contact with another process", "another task died")  # ours (exit 4), JAX's heartbeat (134)
 
 
 def assert_same_losses(got_dir, want_dir):
@@ -125,39 +168,50 @@ def assert_same_losses(got_dir, want_dir):
 
 
 def resumed_at(log):
-    line = next(x for x in log.splitlines() if "resuming from checkpoint step" in x)
-    return int(line.split("step ")[1].split()[0])
+    lines = [x for x in log.splitlines() if "resuming from checkpoint step" in x]
+    assert len(lines) == 1, log[-2000:]
+    return int(lines[0].split("step ")[1].split()[0])
 
 
-def test_topologies_log_the_same_losses_and_resume_across_them(assets, tmp_path):
+def checkpoint_steps(run):
+    return sorted(int(p.name) for p in checkpoint_dir(run).iterdir() if p.name.isdigit())
+
+
+def test_topologies_log_the_same_losses_and_resume_across_them(assets, sims, tmp_path):
     ref, sim, elastic = tmp_path / "ref", tmp_path / "sim", tmp_path / "elastic"
     one_process(assets, ref)  # 1 x 4, uninterrupted
 
-    # 2 x 2: kill -9 process 1 after the step-4 checkpoint; process 0 must stop by itself, quickly.
-    proc = cpu_sim(assets, sim, sleep=1.0)
-    wait_for(lambda: (sim / "checkpoints" / "4").is_dir(), proc, 600)
-    elapsed, text = kill_one(proc, sim, victim=1)
+    # 2 x 2: both processes wait before reading batch KILL_AFTER + 2, by when checkpoint KILL_AFTER is
+    # saved and no later one can be; kill -9 process 1 there, then let process 0 go on: its next
+    # collective fails and it exits by itself with code 4 (peer failure).
+    proc = cpu_sim(sims, assets, sim, pause_at=KILL_AFTER + 2)
+    wait_for(lambda: latest_complete_step(sim) == KILL_AFTER and paused(sim, 1, KILL_AFTER + 2), proc,
+             f"checkpoint {KILL_AFTER} and process 1 waiting")
+    text = kill_one(proc, sim, victim=1, release=True)
     log0, log1 = (sim / "process_0.log").read_text(), (sim / "process_1.log").read_text()
-    assert proc.returncode != 0 and elapsed < 60, (elapsed, text[-2000:])
-    assert survivor_exit(text, 0) not in (None, 143), text[-2000:]  # exited non-zero by itself, not by the fallback
-    assert "fallback" not in text
-    assert any(s in log0 for s in PEER_LOST), log0[-3000:]
-    print(f"process 1 killed -> process 0 exited {survivor_exit(text, 0)} after {elapsed:.1f} s")
+    assert proc.returncode != 0 and "fallback" not in text, text[-2000:]  # stopped by itself, not by cpu_sim.sh
+    assert survivor_exit(text, 1) == 128 + signal.SIGKILL, text[-2000:]
+    assert survivor_exit(text, 0) == EXIT_PEER_FAILURE, text[-2000:]
+    assert "error: process 0 lost contact with another process of the job" in log0, log0[-3000:]
+    assert checkpoint_steps(sim) == [2, KILL_AFTER]
     # Only process 0 writes metrics; every line says who wrote it.
     assert "[p0/2] step 1/6 | loss" in log0 and "step 1/6" not in log1
-    assert "[p1/2] joined: process 1 of 2, 2 local / 4 global cpu devices" in log1
+    assert "[p1/2] joined: process 1 of 2, 2 local / 4 global cpu devices; heartbeat timeout 100 s" in log1
 
-    # 2x2 -> 1x4: the multi-process checkpoint resumes in one process and finishes.
+    # 2x2 -> 1x4: the multi-process checkpoint resumes in one process, at the step it was killed
+    # after, and trains the remaining steps (and only those).
     out = one_process(assets, sim)
-    assert resumed_at(out) in (4, 6) or "nothing to train" in out, out[-2000:]
+    assert resumed_at(out) == KILL_AFTER and "nothing to train" not in out, out[-2000:]
+    assert f"step {KILL_AFTER + 1}/{STEPS} | loss" in out and f"step {KILL_AFTER}/{STEPS} | loss" not in out, out[-2000:]
+    assert checkpoint_steps(sim) == [2, 4, 6]
     assert_same_losses(sim, ref)
 
     # 1x4 -> 2x1: the reference run's step-2 checkpoint resumes in two processes of one device each.
     shutil.copytree(ref, elastic)
     for step in (4, 6):
         shutil.rmtree(elastic / "checkpoints" / str(step))
-    proc = cpu_sim(assets, elastic, devices=1)
-    text, _ = proc.communicate(timeout=300)
+    proc = cpu_sim(sims, assets, elastic, devices=1)
+    text, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, text[-3000:]
     assert resumed_at((elastic / "process_0.log").read_text()) == 2
     assert_same_losses(elastic, ref)
@@ -173,19 +227,18 @@ def test_topologies_log_the_same_losses_and_resume_across_them(assets, tmp_path)
                                    err_msg=k)
 
 
-def test_killing_the_coordinator_stops_the_other_process(assets, tmp_path):
-    """Process 0 hosts the coordination service: when it dies, process 1 (asleep between steps, in no
-    collective) is stopped by JAX's error polling."""
+def test_killing_the_coordinator_stops_the_other_process(assets, sims, tmp_path):
+    """Process 0 hosts the coordination service: when it dies, process 1 (waiting between steps, in no
+    collective, never released) is terminated by JAX (SIGABRT) as soon as it next reaches the service,
+    not after a heartbeat timeout (measured: under a second)."""
     out = tmp_path / "sim"
-    proc = cpu_sim(assets, out, sleep=3.0)
-    log0 = out / "process_0.log"
-    wait_for(lambda: log0.is_file() and "step 1/" in log0.read_text(), proc, 180)
-    elapsed, text = kill_one(proc, out, victim=0)
+    proc = cpu_sim(sims, assets, out, pause_at=2)
+    wait_for(lambda: paused(out, 0, 2) and paused(out, 1, 2), proc, "both processes waiting before batch 2")
+    text = kill_one(proc, out, victim=0)
     log1 = (out / "process_1.log").read_text()
-    assert proc.returncode != 0 and elapsed < 60 and "fallback" not in text, (elapsed, text[-2000:])
-    assert survivor_exit(text, 1) not in (None, 143), text[-2000:]
-    assert any(s in log1 for s in PEER_LOST), log1[-3000:]
-    print(f"process 0 killed -> process 1 exited {survivor_exit(text, 1)} after {elapsed:.1f} s")
+    assert proc.returncode != 0 and "fallback" not in text, text[-2000:]
+    assert survivor_exit(text, 1) == SIGABRT_EXIT, text[-2000:]
+    assert "Terminating process because the JAX distributed service detected fatal errors" in log1, log1[-3000:]
 
 
 def test_cpu_sim_usage_and_gpu_flags_are_overridable(tmp_path):
@@ -224,3 +277,79 @@ def test_prefixed_output_and_peer_failure_classification():
     assert distributed.is_peer_failure(lost)
     assert not distributed.is_peer_failure(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
     assert not distributed.is_peer_failure(RuntimeError("Connection closed"))
+
+
+def dry_run(script, *args, **env_vars):
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLACUNA_GPU_XLA_FLAGS", "COORDINATOR_ADDRESS",
+                                                             "NUM_PROCESSES", "PROCESS_ID", "LOCAL_DEVICE_IDS")
+            and not k.startswith("SLURM_")}
+    return subprocess.run(["bash", script, *args], cwd=ROOT, env=dict(base, **env_vars), capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_launch_scripts_dry_run_print_the_environment_and_command():
+    """--dry-run: each script prints what it would run (exported variables, then the command line), and
+    the multi-host ones refuse a missing coordinator, process count or index."""
+    train = ".venv/bin/python -m flacuna_jax.train --config configs/demo.yaml output_dir=runs/a\\ b"
+    r = dry_run("launch/local.sh", "--dry-run", "configs/demo.yaml", "output_dir=runs/a b")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[-1] == train, r.stdout + r.stderr
+    assert "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92" in lines and "export PYTHONUNBUFFERED=1" in lines
+    assert any(x.startswith("export XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true") for x in lines)
+    assert not any("COORDINATOR_ADDRESS" in x or "PROCESS_ID" in x for x in lines)
+    r = dry_run("launch/local.sh", "--dry-run")
+    assert r.returncode == 2 and "usage" in r.stderr
+
+    hosts = dict(COORDINATOR_ADDRESS="10.0.0.1:1234", NUM_PROCESSES="4", PROCESS_ID="2", LOCAL_DEVICE_IDS="0,1")
+    r = dry_run("launch/multihost.sh", "--dry-run", "configs/demo.yaml", "output_dir=runs/a b", **hosts)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[-1] == train, r.stdout + r.stderr
+    for line in ("export COORDINATOR_ADDRESS=10.0.0.1:1234", "export NUM_PROCESSES=4", "export PROCESS_ID=2",
+                 "export LOCAL_DEVICE_IDS=0\\,1"):
+        assert line in lines, r.stdout
+    for missing in ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID"):
+        r = dry_run("launch/multihost.sh", "--dry-run", "configs/demo.yaml",
+                    **{k: v for k, v in hosts.items() if k != missing})
+        assert r.returncode != 0 and missing in r.stderr and not r.stdout, (missing, r.stderr)
+
+    # SLURM: the coordinator is the job's first node, on port 61440 + job id % 4096 (JAX's rule);
+    # every task gets the job's task count and sets PROCESS_ID from its own SLURM_PROCID.
+    slurm = dict(PATH=f"{ROOT / 'tests' / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="123456",
+                 SLURM_NTASKS="2", SLURM_JOB_NODELIST="node7,node8", SLURM_SUBMIT_DIR=str(ROOT))
+    r = dry_run("launch/slurm.sbatch", "--dry-run", "configs/demo.yaml", "output_dir=runs/a b", **slurm)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"export COORDINATOR_ADDRESS=node7:{61440 + 123456 % 4096}" in lines and "export NUM_PROCESSES=2" in lines
+    assert lines[-1] == ("srun --kill-on-bad-exit=1 bash -c export\\ PROCESS_ID=\\\"\\$SLURM_PROCID\\\"\\;\\ exec\\ "
+                         "\\\"\\$@\\\" flacuna_task " + train), lines[-1]
+    r = dry_run("launch/slurm.sbatch", "--dry-run", "configs/demo.yaml")
+    assert r.returncode != 0 and "not inside a SLURM job" in r.stderr
+
+
+def test_slurm_tasks_join_as_the_processes_their_ids_name(tmp_path):
+    """launch/slurm.sbatch under simulated SLURM (tests/fake_slurm: srun runs SLURM_NTASKS local tasks):
+    task i joins the job as process i of 2 through the real `python -m flacuna_jax.train`; the run then
+    stops at the config check on every process (a misspelt key: nothing is trained), exit status 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = dict(PATH=f"{ROOT / 'tests' / 'fake_slurm'}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                 SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_SUBMIT_DIR=str(ROOT), COORDINATOR_PORT=str(port),
+                 JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}", JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.Popen(["bash", "launch/slurm.sbatch", "configs/demo.yaml", "optim.nme=sgd"], cwd=ROOT,
+                            env=dict({k: v for k, v in os.environ.items()
+                                      if k not in ("XLA_FLAGS", "COORDINATOR_ADDRESS") and not k.startswith("SLURM_")},
+                                     **slurm), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=HANG_S)
+    finally:  # a hang: the stand-in srun passes SIGTERM on to its tasks
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
+    for task in (0, 1):
+        assert (f"task {task}: [p{task}/2] joined: process {task} of 2, 2 local / 4 global cpu devices; "
+                f"heartbeat timeout 100 s") in out, out[-3000:]
+        assert any(x.startswith(f"task {task}: ") and "error: unknown config key 'optim.nme'" in x
+                   for x in out.splitlines()), out[-3000:]
+    assert proc.returncode == 1, out[-3000:]

@@ -51,7 +51,7 @@ def launch(assets, out, sleep=0.0, **extra):
 
 
 def finish(proc):
-    out, _ = proc.communicate(timeout=180)
+    out, _ = proc.communicate(timeout=900)  # a hang guard only: a launch takes ~45 s at load 9 on 2 cores
     assert proc.returncode == 0, out[-3000:]
     return out
 
@@ -67,7 +67,7 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
     # Kill just after a checkpoint, while its async save may still be in flight.
     for kill_after, delay in ((4, 0.2),):
         proc = launch(assets, crash_dir, sleep=0.3)
-        deadline = time.time() + 120
+        deadline = time.time() + 900  # a hang guard only
         while time.time() < deadline and proc.poll() is None:
             steps = complete_steps(crash_dir)
             if steps and steps[-1] >= kill_after:
@@ -120,17 +120,22 @@ def test_in_training_eval_tasks_equal_the_eval_cli(assets, tmp_path):
 
 
 def test_nonfinite_steps_stop_the_run_with_checkpoint_intact(assets, tmp_path, capsys):
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides(
+    """Through the CLI's main: NonFiniteError becomes exit code 3 and one 'error:' line on stderr."""
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), *overrides(
         assets, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
                              "train.max_nonfinite_steps": 2, "checkpoint.every": 1, "train.steps": 20, "mesh.tensor": 2,
-                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4}))
-    with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
-        train.run(cfg)
-    assert "train step compiled in" in capsys.readouterr().out
+                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4})]
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == train.EXIT_NONFINITE == 3
+    captured = capsys.readouterr()
+    assert "train step compiled in" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 consecutive steps" in errors[0], captured.err[-2000:]
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert lines[-1]["skipped_steps"] >= 1
     step, params, _ = checkpoint.load_trainable(tmp_path)
-    assert 1 <= step < 20
+    assert 1 <= step < 20 and f"(step {step})" in errors[0]  # the message names the last good checkpoint
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

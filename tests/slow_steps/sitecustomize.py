@@ -1,19 +1,35 @@
 """Test-only pacing for the crash/resume tests: put this directory first on PYTHONPATH and set
-SLOW_STEP_S to make every training process sleep that long before reading each batch, so that a
-test can kill a run between two known checkpoints. The library has no such hook."""
+- SLOW_STEP_S to make every training process sleep that long before reading each batch, so that a
+  test can kill a run between two known checkpoints;
+- PAUSE_AT_BATCH=k and PAUSE_UNTIL=<path> to make every training process wait, before it reads its
+  k-th training batch, until <path> exists. The loop (train.train_loop) reads batch k after it has
+  dispatched step k - 1 and before it logs or saves that step; by then it has saved step k - 2. So
+  with k = c + 2, checkpoint c is written (asynchronously) and no later one can be: a test kills a
+  process at an exact step, whatever the machine's load.
+The library has no such hook."""
 
 import os
 
 _delay = float(os.environ.get("SLOW_STEP_S", "0") or 0)
-if _delay > 0:
+_pause_at = int(os.environ.get("PAUSE_AT_BATCH", "0") or 0)
+_release = os.environ.get("PAUSE_UNTIL", "")
+if _delay > 0 or (_pause_at > 0 and _release):
     import time
 
     from flacuna_jax import train_data
 
     _next_batch = train_data.DataFeed.next_batch
+    _reads = 0
 
-    def _slow_next_batch(self):
-        time.sleep(_delay)
+    def _paced_next_batch(self):
+        global _reads
+        _reads += 1
+        if _reads == _pause_at and _release:
+            print(f"paused before batch {_reads} until {_release} exists", flush=True)
+            while not os.path.exists(_release):
+                time.sleep(0.05)
+        if _delay > 0:
+            time.sleep(_delay)
         return _next_batch(self)
 
-    train_data.DataFeed.next_batch = _slow_next_batch
+    train_data.DataFeed.next_batch = _paced_next_batch
