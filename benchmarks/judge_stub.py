@@ -104,7 +104,7 @@ class StubJudge:
         import uvicorn
 
         config = uvicorn.Config(self._app(), host="127.0.0.1", port=0, log_level="error",
-                                timeout_graceful_shutdown=1, lifespan="off")
+                                timeout_graceful_shutdown=1, lifespan="off", log_config=None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="stub-judge", daemon=True)
         self._thread.start()
