@@ -4,6 +4,8 @@
         --benchmark mmlu=data/mmlu --benchmark bbh=BIG-Bench-Hard/bbh --benchmark drop=drop_dataset_dev.json \\
         --benchmark crass=CRASS_FTM_main_data_set.csv --benchmark humaneval=HumanEval.jsonl.gz \\
         --benchmark hhh=bigbench/benchmark_tasks/hhh_alignment \\
+        [--benchmark impact=data.jsonl --judge-url URL --judge-model NAME [--judge-api-key-env VAR]
+         [--impact-prompt instructeval|flacuna]] \\
         [--protocol instructeval|loglik] [--shots K] [--max-examples N] [--batch-size B] \\
         --out results.json [--predictions preds.jsonl] [--temperature 0.1 --samples N] [--dtype bfloat16]
 
@@ -19,8 +21,9 @@ in its module, flacuna_jax/evals/<name>.py. Generation is batched through the KV
 --shots K overrides every benchmark's shots (the paper's Table 3 is 0-shot). --max-examples N scores
 the first N examples of every task, in file order. results.json holds {"benchmarks": {NAME: {"score",
 "n", "tasks": {TASK: {"score", "n"}}}}}; --predictions writes one line per scored example,
-{"benchmark", "task", "id", "prompt", "output", "label", "correct"}. A table in the layout of the
-paper's Table 2 (and Table 4 for HHH) is printed with the paper's VICUNA-13B and FLACUNA-13B rows.
+{"benchmark", "task", "id", "prompt", "output", "label", "correct"}. Tables in the layout of the
+paper's Table 2 (Table 3 with --shots 0), Table 4 for HHH and Table 5 for IMPACT are printed with the
+paper's VICUNA-13B and FLACUNA-13B rows, as the paper's text prints them (flacuna_jax/evals/report.py).
 
 --benchmark impact=data.jsonl is the paper's writing evaluation (Table 5; flacuna_jax/evals/impact.py):
 each answer (InstructEval's raw "Definition Prompt", or --impact-prompt flacuna, the paper's section
