@@ -64,7 +64,8 @@ def test_smollm2_judges_its_own_answers_through_a_real_server(smollm2_dir, tmp_p
         pytest.skip(why)
     with server:
         preds, impact = run_impact(smollm2_dir, tmp_path, server.base_url, server.model_name,
-                                   "--judge-max-tokens", "32", "--judge-concurrency", "4")
+                                   "--judge-max-tokens", "32", "--judge-concurrency", "4",
+                                   "--judge-timeout", "900")  # a CPU server under load can take minutes a reply
     for p in preds:
         for mode in ("relevance", "coherence"):
             assert isinstance(p[f"{mode}_review"], str) and p[f"{mode}_review"]  # a real reply, kept raw
