@@ -96,14 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--judge-url", help="API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 "
                                        "(a URL without a path gets /v1)")
     j.add_argument("--judge-model", help="the judge's model name at that endpoint (the paper: ChatGPT)")
-    j.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the API key (none is sent otherwise)")
+    j.add_argument("--judge-api-key-env", metavar="VAR",
+                   help="environment variable holding the API key (none is sent otherwise)")
     j.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight (default 8)")
     j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request (default 60, InstructEval's)")
-    j.add_argument("--judge-retries", type=int, default=4, help="retries of a request after a timeout, 429 or 5xx (default 4)")
+    j.add_argument("--judge-retries", type=int, default=4,
+                   help="retries of a request after a timeout, 429 or 5xx (default 4)")
     j.add_argument("--judge-max-tokens", type=int, help="reply token limit (default: none, as InstructEval)")
     j.add_argument("--judge-cache", help="JSONL cache of the reviews (default: judge_cache.jsonl beside --out)")
     j.add_argument("--impact-prompt", choices=PROMPT_STYLES, default="instructeval",
-                   help="instructeval: Definition + ' ' + Prompt, raw (default); flacuna: the paper's section 3.4 template")
+                   help="instructeval: Definition + ' ' + Prompt, raw (default); "
+                        "flacuna: the paper's section 3.4 template")
     return p
 
 

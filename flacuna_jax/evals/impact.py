@@ -176,7 +176,8 @@ class ImpactBenchmark:
         from flacuna_jax.evals.judge import JudgeRequest
         from flacuna_jax.evals.runner import Progress
 
-        requests = [JudgeRequest(mode, judge_prompt(mode, out[0], ex.meta["Prompt"]), f"impact {ex.task} #{ex.id} {mode}")
+        requests = [JudgeRequest(mode, judge_prompt(mode, out[0], ex.meta["Prompt"]),
+                                 f"impact {ex.task} #{ex.id} {mode}")
                     for ex, out in zip(examples, outputs) for mode in MODES]
         bar = Progress("judge", len(requests))
         replies = self.judge.ask(requests, on_done=bar.update)
@@ -217,7 +218,8 @@ class ImpactBenchmark:
         tasks: dict[str, TaskResult] = {}
         for task, group in by_task(scored).items():
             for mode in MODES:
-                tasks[f"{task}/{mode}"] = TaskResult(sum(s.detail["scores"][mode] for s in group) / len(group), len(group))
+                mean = sum(s.detail["scores"][mode] for s in group) / len(group)
+                tasks[f"{task}/{mode}"] = TaskResult(mean, len(group))
         means = self.means(scored)
         return Result((means["relevance"] + means["coherence"]) / 2, len(scored), tasks)
 

@@ -127,7 +127,8 @@ class ChatJudge:
                  max_tokens: int | None = None, cache_path: str | Path | None = None):
         import openai
 
-        if concurrency < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0 or (max_tokens is not None and max_tokens < 1):
+        if (concurrency < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0
+                or (max_tokens is not None and max_tokens < 1)):
             raise JudgeError("need judge concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0, max tokens >= 1")
         if not model:
             raise JudgeError("the judge needs a model name (--judge-model)")

@@ -109,7 +109,8 @@ def _table(title: str, head: Sequence[str], rows: Sequence[tuple[str, Sequence]]
     lines = [title, fmt(cells[0]), rule] + [fmt(r) for r in cells[1:]]
     if source:
         lost = any(LOST in c for r in cells[1:] for c in r[1:])
-        lines.append(f"(paper rows: {source}" + (f"; {LOST} = a digit lost in the paper's text, not guessed)" if lost else ")"))
+        note = f"; {LOST} = a digit lost in the paper's text, not guessed)" if lost else ")"
+        lines.append(f"(paper rows: {source}{note}")
     return "\n".join(lines)
 
 
