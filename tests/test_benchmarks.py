@@ -77,3 +77,12 @@ def test_run_all_goes_on_past_a_failure(monkeypatch, capsys):
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in lines}
     assert "FAILED TO RUN" in rows["loader"] and "11.30 GB" in rows["plan_13b"] and " met " in rows["plan_13b"]
     assert "skipped: no GPU (JAX backend cpu)" in rows["mfu"]
+
+
+def test_impact_judge_times_both_sides_against_the_stub():
+    from benchmarks import impact_judge
+
+    r = impact_judge.main(["--prompts", "4", "--stub-latency", "0.01", "--concurrency", "4"])
+    assert r["requests"] == 8 and r["concurrency"] == 4 and r["failed"] == 0
+    assert r["concurrent_s"] > 0 and r["serial_s"] > 0 and r["ratio"] == pytest.approx(r["serial_s"] / r["concurrent_s"], rel=0.05)
+    assert r["judge"] == "stub, fixed 0.01 s per request"

@@ -156,8 +156,10 @@ def test_cli_end_to_end(model_dir, tok_dir, tmp_path, capsys):
     assert b["hhh"]["score"] == pytest.approx(sum(hhh_scores) / 4)
     assert all(r["correct"] in (0.0, 0.5, 1.0) and r["label"] == "A" for r in records if r["benchmark"] == "hhh")
     printed = capsys.readouterr().out
-    assert "| VICUNA-13B  |          50.6 |" in printed and "| tiny " in printed and "MMLU (0-shot)" in printed
-    assert "Harmlessness" in printed and "| VICUNA-13B  |         60.3 |" in printed
+    # --shots 0: the paper's 0-shot Table 3 rows (not Table 2's few-shot block); DROP, not in Table 3, on its own line
+    assert "layout of the Flacuna paper's Table 3" in printed and "| VICUNA-13B  |          48.3 |" in printed
+    assert "| tiny " in printed and "MMLU (0-shot)" in printed and "\ndrop: " in printed
+    assert "Harmlessness" in printed and "| VICUNA-13B  |         62.0 |" in printed  # the paper's Table 4
 
 
 def test_cli_input_errors_are_one_line(model_dir, tok_dir, tmp_path):
