@@ -110,6 +110,13 @@ def test_too_few_rows_is_an_error_naming_the_source_unless_allowed(sources, tmp_
     r = write_recipe(tmp_path, sources, count=61)
     with pytest.raises(DataError, match=r"source 'gpt4_alpaca' \(.*alpaca_gpt4_data.json\): 61 records asked, only 60"):
         build(load_recipe(r), str(tmp_path / "o"), cache_dir=sources["cache"])
+    # from a worker process too, while another source builds
+    raw = yaml.safe_load(Path(r).read_text())
+    raw["sources"].append({"name": "sharegpt", "path": sources["paths"]["sharegpt"], "reader": "sharegpt", "count": 5})
+    Path(r).write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError, match=r"source 'gpt4_alpaca' .*: 61 records asked, only 60"):
+        build(load_recipe(r), str(tmp_path / "o"), cache_dir=sources["cache"], workers=2)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
     r = write_recipe(tmp_path, sources, count=61, allow_fewer=True)
     st = build(load_recipe(r), str(tmp_path / "o"), cache_dir=sources["cache"])
     assert st["sources"]["gpt4_alpaca"]["records"] == 60 and st["sources"]["gpt4_alpaca"]["took_all"]

@@ -136,7 +136,29 @@ def test_missing_source_and_unknown_format_are_one_line(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unknown data format"):
         RowSource(Entry("s", str(tmp_path / "x.txt"), "alpaca", 1))
-    (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},')
-    with pytest.raises(DataError, match=r"broken.json: cannot load \(") as e:
+    (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},\n')
+    with pytest.raises(DataError, match=r"broken.json:2: malformed JSON in element 1"):
         RowSource(Entry("s", str(tmp_path / "broken.json"), "alpaca", 1), str(tmp_path / "c"))
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl: cannot load \(") as e:
+        RowSource(Entry("s", str(tmp_path / "broken.jsonl"), "alpaca", 1), str(tmp_path / "c"))
     assert "\n" not in str(e.value)
+
+
+def test_json_arrays_are_streamed_in_a_window_whatever_its_size(tmp_path):
+    from flacuna_jax.data.flan_mini.rows import iter_json_array
+
+    rows = fx.sharegpt_rows(7) + [{"n": 123456789, "s": "naïve ☃ café", "l": [1, 2.5, None, True]}, 42, "x"]
+    p = tmp_path / "a.json"
+    p.write_text("\ufeff [\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n", encoding="utf-8")
+    for chunk in (1, 3, 7, 64, 1 << 20):  # window boundaries inside numbers, strings and multi-byte characters
+        assert list(iter_json_array(str(p), chunk)) == rows, chunk
+    (tmp_path / "e.json").write_text("[ ]")
+    assert list(iter_json_array(str(tmp_path / "e.json"), 2)) == []
+    for text, message in (('[{"a": 1},\n{"a": }]', r"b.json:2: malformed JSON in element 1"),
+                          ('[{"a": 1} {"a": 2}]', r"after element 0: expected ',' or '\]'"),
+                          ('{"a": 1}', "expected a JSON array"), ('[{"a": 1}] x', "extra data after the JSON array"),
+                          ('[{"a": 1}', "malformed JSON after element 0")):
+        (tmp_path / "b.json").write_text(text)
+        with pytest.raises(DataError, match=message):
+            list(iter_json_array(str(tmp_path / "b.json"), 4))

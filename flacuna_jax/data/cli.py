@@ -10,7 +10,7 @@ or build FLAN-Mini from its sources.
         records, skipped bad records, tokens, truncations/drops, packing efficiency (JSON)
 
     python -m flacuna_jax.data build --recipe configs/flan_mini.yaml --out DIR [--scale F] [--seed N]
-            [--workers N] [--zip] [--tokenizer TOK] [--cache-dir DIR]
+            [--workers N] [--zip] [--tokenizer TOK [--token-sample N]] [--cache-dir DIR]
         FLAN-Mini from its sources (``flan_mini/``): DIR/flan_mini.json (or .json.zip),
         DIR/stats.json and DIR/DATA_CARD.md
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the output does not depend on it)")
     p.add_argument("--zip", action="store_true", help="write flan_mini.json.zip (the release's layout)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for the card's token lengths")
+    p.add_argument("--token-sample", type=int, default=None, help="records per source whose tokens are counted "
+                   "(the first in key order: a uniform sample; 0: all; default 10000)")
     p.add_argument("--cache-dir", default=None, help="datasets cache (default: datasets' own)")
     return p
 
@@ -123,7 +125,8 @@ def build(argv, stdout=None) -> None:
     args = build_parser().parse_args(argv)
     stats = flan_mini.build(flan_mini.load_recipe(args.recipe), args.out, scale=args.scale, seed=args.seed,
                             workers=args.workers, zip_output=args.zip, tokenizer=args.tokenizer,
-                            cache_dir=args.cache_dir)
+                            cache_dir=args.cache_dir,
+                            token_sample=flan_mini.mixer.TOKEN_SAMPLE if args.token_sample is None else args.token_sample)
     (stdout or sys.stdout).write(json.dumps(stats["output"]) + "\n")
 
 

@@ -2,8 +2,9 @@
 
 Records per source and per task; zero-shot / few-shot and with / without answer options (FLAN's
 ``template_type``, ours for the templated code sources; Alpaca and ShareGPT are "as published");
-characters and, with a tokenizer, Vicuna-template token lengths (as ``train`` encodes them) at the
-50/90/95/99th percentile and the share over 1280 (the paper's ``seq_len``) and 2048; the recipe as
+characters and, with a tokenizer, Vicuna-template token lengths (as ``train`` encodes them, on every
+record or a uniform sample of each source) at the 50/90/95/99th percentile and the share over 1280
+(the paper's ``seq_len``) and 2048; the recipe as
 written, its scale and seed. Nothing in either file depends on the output directory, the clock or
 the number of workers, so two builds of the same recipe and seed have identical cards.
 """
@@ -22,20 +23,22 @@ PERCENTILES = (50, 90, 95, 99)
 SEQ_LENS = (1280, 2048)
 
 
-def _lengths(values) -> dict:
+def _lengths(values, weights=None, seq_lens=()) -> dict:
+    """Percentiles (inverted CDF: values that occur), max, mean and total of ``values``, each value
+    standing for ``weights`` records (a per-source sample stands for the whole source)."""
     a = np.asarray(values, np.int64)
     if not len(a):
         return {}
-    out = {f"p{q}": int(np.percentile(a, q, method="inverted_cdf")) for q in PERCENTILES}
-    out.update(max=int(a.max()), mean=round(float(a.mean()), 1), total=int(a.sum()))
-    return out
-
-
-def _token_lengths(values) -> dict:
-    out = _lengths(values)
-    a = np.asarray(values, np.int64)
-    for n in SEQ_LENS:
-        out[f"over_{n}"] = round(float((a > n).mean()), 4) if len(a) else 0.0
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, np.float64)
+    order = np.argsort(a, kind="stable")
+    a, w = a[order], w[order]
+    cum = np.cumsum(w)
+    out = {f"p{q}": int(a[min(len(a) - 1, int(np.searchsorted(cum, q / 100 * cum[-1] * (1 - 1e-12))))])
+           for q in PERCENTILES}
+    mean = float((a * w).sum() / cum[-1])
+    out.update(max=int(a.max()), mean=round(mean, 1), total=int(round((a * w).sum())))
+    for n in seq_lens:
+        out[f"over_{n}"] = round(float(w[a > n].sum() / cum[-1]), 4)
     return out
 
 
@@ -52,9 +55,9 @@ def _options(kind: str) -> str:
 
 
 def stats(recipe: Recipe, scale: float, seed: int, shards, output: str, json_sha256: str,
-          tokenizer: str | None) -> dict:
+          tokenizer: str | None, token_sample: int = 0) -> dict:
     sources, shots, options, kinds = {}, Counter(), Counter(), Counter()
-    chars, tokens = [], []
+    chars, tokens, token_weights = [], [], []
     for e, s in zip([e for e in recipe.entries if e.count > 0], shards):
         per_shots, per_options = Counter(), Counter()
         for kind, n in s.template_types.items():
@@ -71,8 +74,10 @@ def stats(recipe: Recipe, scale: float, seed: int, shards, output: str, json_sha
             "exemplars_per_record": s.shots, "chars": _lengths(s.chars),
         }
         if s.tokens is not None:
-            sources[e.name]["tokens"] = _token_lengths(s.tokens)
+            sources[e.name]["tokens"] = {"records_measured": len(s.tokens),
+                                         **_lengths(s.tokens, seq_lens=SEQ_LENS)}
             tokens.extend(s.tokens)
+            token_weights.extend([s.records / max(len(s.tokens), 1)] * len(s.tokens))
         chars.extend(s.chars)
     records = sum(v["records"] for v in sources.values())
     out = {
@@ -85,7 +90,12 @@ def stats(recipe: Recipe, scale: float, seed: int, shards, output: str, json_sha
         "chars": _lengths(chars),
     }
     if tokenizer:
-        out["tokens"] = {"tokenizer": tokenizer, "template": "vicuna_v1.1", **_token_lengths(tokens)}
+        measured = len(tokens)
+        out["tokens"] = {"tokenizer": tokenizer, "template": "vicuna_v1.1", "records_measured": measured,
+                         "sample": "all records" if measured == records else
+                         f"the first {token_sample} records of each source in key order (uniform), "
+                         "weighted by source size",
+                         **_lengths(tokens, token_weights, SEQ_LENS)}
     return out
 
 
@@ -133,7 +143,8 @@ def markdown(st: dict, recipe: Recipe) -> str:
         t = st["tokens"]
         over = [f"over_{n}" for n in SEQ_LENS]
         rows = [[n] + [s["tokens"].get(k, "") for k in q + over] for n, s in st["sources"].items()]
-        parts += [f"Tokens per record in the Vicuna v1.1 template as `train` encodes it (tokenizer `{t['tokenizer']}`):",
+        parts += [f"Tokens per record in the Vicuna v1.1 template as `train` encodes it (tokenizer `{t['tokenizer']}`; "
+                  f"measured on {t['sample']}):",
                   "", _table(["source"] + q + [f"share > {n}" for n in SEQ_LENS],
                              rows + [["**all**"] + [t.get(k, "") for k in q + over]]), ""]
     skips = [(n, x) for n, s in st["sources"].items() for x in s["skip_examples"]]

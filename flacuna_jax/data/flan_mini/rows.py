@@ -11,8 +11,12 @@ to read the sampled ones. Only the sampled rows are ever decoded.
 
 from __future__ import annotations
 
+import codecs
 import glob
+import hashlib
+import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,6 +26,100 @@ from flacuna_jax.data.records import DataError
 _BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
              ".parquet": "parquet", ".csv": "csv"}
 _BATCH = 512
+_CHUNK = 1 << 24  # characters read at a time when converting a JSON array
+
+
+def _json_array_as_lines(path: str, cache_dir: str | None) -> str:
+    """A local JSON *array* file as JSON lines, converted once (keyed by path, size and mtime) and
+    element by element: ``datasets`` would load a whole array into memory (several times its size)
+    before writing its Arrow cache. Any other file is returned as it is."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    if not head.startswith(b"["):
+        return path
+    import datasets
+
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, "flacuna_jax_json_lines")
+    out = os.path.join(root, f"{key}.jsonl")
+    if os.path.exists(out):
+        return out
+    os.makedirs(root, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as w:
+            for obj in iter_json_array(path):
+                w.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def iter_json_array(path: str, chunk: int = _CHUNK) -> Iterator[Any]:
+    """The elements of a top-level JSON array, parsed from a window of the file (bounded memory).
+    Malformed JSON is a :class:`DataError` naming the file, the line and the element."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()
+    with open(path, "rb") as f:
+        buf, pos, eof, line = "", 0, False, 1
+
+        def fill() -> bool:  # more text after pos; False at the end of the file
+            nonlocal buf, pos, eof, line
+            if eof:
+                return False
+            data = f.read(chunk)
+            eof = not data
+            try:
+                text = utf8.decode(data, final=eof)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: invalid UTF-8 near line {line + buf.count(chr(10), 0, pos)} ({e.reason})") from None
+            line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + text, 0
+            return True
+
+        def skip_ws() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos:pos + 1]
+
+        def fail(msg: str) -> DataError:
+            return DataError(f"{path}:{line + buf.count(chr(10), 0, pos)}: {msg}")
+
+        if skip_ws() != "[":
+            raise fail("expected a JSON array")
+        pos += 1
+        if skip_ws() == "]":
+            return
+        i = 0
+        while True:
+            skip_ws()
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # a value that ends the window may go on in the next chunk
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise fail(f"malformed JSON in element {i}: {e.msg}") from None
+                if not fill():
+                    continue
+            pos = end
+            yield obj
+            i += 1
+            c = skip_ws()
+            pos += 1
+            if c == "]":
+                break
+            if c != ",":
+                pos -= 1
+                raise fail(f"malformed JSON after element {i - 1}: expected ',' or ']'")
+        if skip_ws():
+            raise fail("extra data after the JSON array")
 
 
 def _builder_for(files: list[str], path: str) -> str:
@@ -74,7 +172,7 @@ class RowSource:
                 files = sorted(glob.glob(path))
                 if not files:
                     raise DataError(f"{path}: no files match this pattern")
-                return datasets.load_dataset(_builder_for(files, path), data_files=files, **kw)
+                return self._load_files(files, path, kw)
             if os.path.isdir(path):
                 if any(os.path.exists(os.path.join(path, m)) for m in
                        ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -88,15 +186,23 @@ class RowSource:
                                if os.path.isfile(f) and not os.path.basename(f).startswith("."))
                 if not files:
                     raise DataError(f"{path}: empty directory")
-                return datasets.load_dataset(_builder_for(files, path), data_files=files, **kw)
+                return self._load_files(files, path, kw)
             if os.path.isfile(path):
-                return datasets.load_dataset(_builder_for([path], path), data_files=[path], **kw)
+                return self._load_files([path], path, kw)
         except DataError:
             raise
         except Exception as err:  # datasets and pyarrow raise many types; one line naming the source
             msg = " ".join(str(err).split())[:500]
             raise DataError(f"{path}: cannot load ({type(err).__name__}: {msg})") from None
         raise DataError(f"{path}: no such file or directory (write hf://owner/name for a HF hub dataset)")
+
+    def _load_files(self, files: list[str], path: str, kw: dict):
+        import datasets
+
+        builder = _builder_for(files, path)
+        if builder == "json":
+            files = [_json_array_as_lines(f, self.cache_dir) if f.endswith(".json") else f for f in files]
+        return datasets.load_dataset(builder, data_files=files, **kw)
 
     def _refuse_undecoded_json(self) -> None:
         """A column whose rows disagree in type is a ``Json`` feature, and ``datasets`` streams it

@@ -2,16 +2,17 @@
 
 1. Units: every row is one unit, or (``reader.expands``) one pass over the columns that say how
    many units a row holds (one per solution). Rows that fail there are bad rows.
-2. Sampling: units sorted by their seeded key (``sampling.py``); the first ``count`` are read,
-   checked and turned into payloads, spilled to disk in read order. A bad row is an error
+2. Sampling: units sorted by their seeded key (``sampling.py``); the first ``count`` are read
+   (in row order), checked and spilled to disk: an instruction unit as its final record, a
+   templated one as its payload. A bad row is an error
    naming the source and the row, or (``on_bad_row: skip``) counted, and the next units in key
    order take its place, so the entry still gets exactly ``count`` records when the source has
    enough good ones. Fewer than ``count`` good units: an error naming the entry, unless
    ``allow_fewer`` (the card says it took all there was).
-3. Rendering, in key order: instruction payloads as they are; templated ones through the
-   template pool, with the source's first ``POOL_SIZE`` units in key order as the exemplar pool
-   (read even when ``count`` is smaller, so that a record renders the same at any scale). Each
-   record is validated as ``train`` will read it and written as one JSON line.
+3. The shard, in key order: instruction records copied as they are; templated payloads rendered
+   through the template pool, with the source's first ``POOL_SIZE`` units in key order as the
+   exemplar pool (read even when ``count`` is smaller, so that a record renders the same at any
+   scale). Every record is checked as ``train`` will read it; one JSON line each.
 
 Memory: the unit index (rows, keys: 16-24 bytes a unit) and one row at a time; payloads and
 records live on disk. Nothing depends on the process, so entries run in any number of workers.
@@ -33,7 +34,7 @@ from flacuna_jax.data.flan_mini.readers import READERS
 from flacuna_jax.data.flan_mini.recipe import Entry
 from flacuna_jax.data.flan_mini.rows import RowSource
 from flacuna_jax.data.flan_mini.sampling import Draws, key_order, stream_seed, unit_keys
-from flacuna_jax.data.records import DataError, validate_record
+from flacuna_jax.data.records import DataError
 
 POOL_SIZE = 32  # exemplar pool of a templated source: its first units in key order
 
@@ -52,8 +53,8 @@ class ShardResult:
     tasks: dict[str, int]
     template_types: dict[str, int]
     shots: dict[str, int]
-    chars: list[int]  # characters per record (all turns), in shard order
-    tokens: list[int] | None  # template tokens per record (with a tokenizer)
+    chars: list[int]  # characters per record (all turns)
+    tokens: list[int] | None  # template tokens of the first records in key order (with a tokenizer)
     seconds: float
 
 
@@ -91,109 +92,130 @@ def _unit_index(entry: Entry, src: RowSource, bad: BadRows, bad_rows: set[int]):
 
 
 def build_shard(entry: Entry, seed: int, workdir: str, cache_dir: str | None = None,
-                tokenizer: str | None = None) -> ShardResult:
+                tokenizer: str | None = None, token_sample: int = 0) -> ShardResult:
+    """``token_sample``: count tokens of the first that many records in key order (a uniform
+    sample; 0: all of them)."""
     t0 = time.time()
     reader = READERS[entry.reader]
     src = RowSource(entry, cache_dir)
     bad, bad_rows = BadRows(entry), set()
     rows, subs = _unit_index(entry, src, bad, bad_rows)
-    seed64 = stream_seed(seed, entry.name)
-    keys = unit_keys(seed64, rows, subs if reader.expands else None)
+    keys = unit_keys(stream_seed(seed, entry.name), rows, subs if reader.expands else None)
     order = key_order(keys)
-    spill_path = os.path.join(workdir, f"{entry.name}.payloads.jsonl")
-    accepted: list[tuple[int, int, int]] = []  # (rank, offset, length) in the spill
+    stats = _Stats()
+    spill_path = os.path.join(workdir, f"{entry.name}.spill.jsonl")
     # A templated source reads at least its exemplar pool, so the pool (and every record's
     # rendering) does not depend on the count: a smaller --scale gives a subset of the records.
-    wanted_units = max(entry.count, POOL_SIZE) if reader.templated else entry.count
-    pos = 0
+    wanted = max(entry.count, POOL_SIZE) if reader.templated else entry.count
     with open(spill_path, "wb") as spill:
-        while len(accepted) < wanted_units and pos < len(order):
-            ranks = np.arange(pos, min(len(order), pos + wanted_units - len(accepted)))
-            pos = int(ranks[-1]) + 1
-            units = order[ranks]
-            if bad_rows:  # units of rows already found bad are not read again
-                keep = ~np.isin(rows[units], np.fromiter(bad_rows, np.int64))
-                ranks, units = ranks[keep], units[keep]
-            by_row = np.lexsort((subs[units], rows[units]))
-            ranks, units = ranks[by_row], units[by_row]
-            wanted = np.unique(rows[units])
-            k = 0
-            for i, row in src.rows(wanted):
-                where = src.where(i)
-                while k < len(units) and rows[units[k]] == i:
-                    rank, sub = int(ranks[k]), int(subs[units[k]])
-                    k += 1
-                    if i in bad_rows:
-                        continue
-                    try:
-                        payload = reader.unit(row, sub, where)
-                    except DataError as e:
-                        bad.bad(e)
-                        bad_rows.add(i)
-                        continue
-                    if reader.templated:
-                        payload["_row"] = i
-                    line = json.dumps(payload, ensure_ascii=False).encode() + b"\n"
-                    accepted.append((rank, spill.tell(), len(line)))
-                    spill.write(line)
+        accepted = _read_units(entry, reader, src, rows, subs, order, wanted, bad, bad_rows, spill, stats)
     accepted.sort()
-    pool_units, accepted = accepted[:POOL_SIZE], accepted[:entry.count]
+    pool, accepted = accepted[:POOL_SIZE], accepted[:entry.count]
     took_all = len(accepted) < entry.count
     if took_all and not entry.allow_fewer:
         raise DataError(f"source '{entry.name}' ({src.label}): {entry.count} records asked, only "
                         f"{len(accepted)} usable units ({len(rows)} units in {src.num_rows} rows, {bad.count} bad "
                         "rows skipped); set allow_fewer: true in the recipe to take what there is")
-    result = _render(entry, reader, accepted, pool_units, spill_path, rows, subs, keys, order, workdir, tokenizer)
-    os.remove(spill_path)
-    return dataclasses.replace(result, asked=entry.count, units=len(rows), rows=int(src.num_rows or 0),
-                               took_all=took_all, skipped_rows=bad.count, skip_examples=bad.examples,
-                               seconds=round(time.time() - t0, 2))
-
-
-def _render(entry, reader, accepted, pool_units, spill_path, rows, subs, keys, order, workdir, tokenizer) -> ShardResult:
-    tok = templates.SegmentTokenizer.load(tokenizer) if tokenizer else None
-    tasks, kinds, shots = Counter(), Counter(), Counter()
-    chars, tokens = [], [] if tok else None
     shard_path = os.path.join(workdir, f"{entry.name}.jsonl")
+    tok = templates.SegmentTokenizer.load(tokenizer) if tokenizer else None
+    n_tok = len(accepted) if token_sample <= 0 else min(token_sample, len(accepted))
     fd = os.open(spill_path, os.O_RDONLY)
     try:
-        def payload(offset, length):
-            return json.loads(os.pread(fd, length, offset))
-
-        pool = [payload(o, n) for _, o, n in pool_units] if reader.templated else []
-        tasks_of = template_pool.POOLS.get(reader.name, ())
-        with open(shard_path, "w", encoding="utf-8") as out:
-            for rank, offset, length in accepted:
-                unit = int(order[rank])
-                row, sub = int(rows[unit]), int(subs[unit])
-                p = payload(offset, length)
-                if reader.templated:
-                    r = template_pool.render(p, tasks_of, Draws(int(keys[unit]) ^ 0x5DEECE66D), pool,
-                                             fewshot=entry.fewshot, with_options=entry.with_options,
-                                             max_shots=entry.max_shots, max_chars=entry.fewshot_max_chars)
-                    conv, task, kind, n_shots = r.conversations, r.task, r.template_type, r.shots
-                else:
-                    conv, task, kind = p["conversations"], p["task"], p["template_type"]
-                    n_shots = None
-                rid = f"{entry.name}/{row}/{sub}" if reader.expands else f"{entry.name}/{row}"
-                record = {"id": rid, "source": entry.name, "conversations": conv}
-                _check_record(record)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                tasks[task] += 1
-                kinds[kind or "as_published"] += 1
-                shots["as_published" if n_shots is None else str(n_shots)] += 1
-                chars.append(sum(len(t["value"]) for t in conv))
-                if tok is not None:
-                    tokens.append(len(templates.encode(conv, tok).ids))
+        with open(shard_path, "wb") as out:
+            if reader.templated:
+                _render_templated(entry, fd, accepted, pool, rows, subs, keys, order, out, stats, tok, n_tok)
+            else:
+                for j, (_, offset, length) in enumerate(accepted):
+                    line = os.pread(fd, length, offset)
+                    out.write(line)
+                    if tok is not None and j < n_tok:
+                        stats.tokens.append(len(templates.encode(json.loads(line)["conversations"], tok).ids))
     finally:
         os.close(fd)
-    return ShardResult(entry.name, shard_path, len(accepted), 0, 0, 0, False, 0, [], dict(sorted(tasks.items())),
-                       dict(sorted(kinds.items())), dict(sorted(shots.items())), chars, tokens, 0.0)
+        os.remove(spill_path)
+    return ShardResult(entry.name, shard_path, len(accepted), entry.count, len(rows), int(src.num_rows or 0),
+                       took_all, bad.count, bad.examples, dict(sorted(stats.tasks.items())),
+                       dict(sorted(stats.kinds.items())), dict(sorted(stats.shots.items())), stats.chars,
+                       stats.tokens if tok is not None else None, round(time.time() - t0, 2))
 
 
-def _check_record(record: dict) -> None:
-    """What ``train`` will accept, and no empty turn (a bug here, never bad input: readers check)."""
-    validate_record(record, f"built record {record['id']}", record["id"])
-    for j, turn in enumerate(record["conversations"]):
-        if not turn["value"].strip():
-            raise AssertionError(f"built record {record['id']}: turn {j} is empty")
+class _Stats:
+    def __init__(self):
+        self.tasks, self.kinds, self.shots = Counter(), Counter(), Counter()
+        self.chars: list[int] = []
+        self.tokens: list[int] = []
+
+    def add(self, conv: list[dict], task: str, kind: str | None, shots: int | None) -> None:
+        self.tasks[task] += 1
+        self.kinds[kind or "as_published"] += 1
+        self.shots["as_published" if shots is None else str(shots)] += 1
+        self.chars.append(sum(len(t["value"]) for t in conv))
+
+
+def _read_units(entry, reader, src, rows, subs, order, wanted, bad, bad_rows, spill, stats) -> list:
+    """Reads units in key order until ``wanted`` are good (or none are left); spills each as one
+    line: a templated unit's payload, or an instruction unit's final record (its stats counted
+    here: every one of those is in the output). Returns [(rank, offset, length)]."""
+    accepted, pos = [], 0
+    while len(accepted) < wanted and pos < len(order):
+        ranks = np.arange(pos, min(len(order), pos + wanted - len(accepted)))
+        pos = int(ranks[-1]) + 1
+        units = order[ranks]
+        if bad_rows:  # units of rows already found bad are not read again
+            keep = ~np.isin(rows[units], np.fromiter(bad_rows, np.int64))
+            ranks, units = ranks[keep], units[keep]
+        by_row = np.lexsort((subs[units], rows[units]))
+        ranks, units = ranks[by_row], units[by_row]
+        k = 0
+        for i, row in src.rows(np.unique(rows[units])):
+            where = src.where(i)
+            while k < len(units) and rows[units[k]] == i:
+                rank, sub = int(ranks[k]), int(subs[units[k]])
+                k += 1
+                if i in bad_rows:
+                    continue
+                try:
+                    payload = reader.unit(row, sub, where)
+                except DataError as e:
+                    bad.bad(e)
+                    bad_rows.add(i)
+                    continue
+                if reader.templated:
+                    payload["_row"] = i
+                    obj = payload
+                else:
+                    obj = _record(entry, reader, i, sub, payload["conversations"])
+                    stats.add(obj["conversations"], payload["task"], payload["template_type"], None)
+                line = json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+                accepted.append((rank, spill.tell(), len(line)))
+                spill.write(line)
+    return accepted
+
+
+def _render_templated(entry, fd, accepted, pool_units, rows, subs, keys, order, out, stats, tok, n_tok) -> None:
+    def payload(offset, length):
+        return json.loads(os.pread(fd, length, offset))
+
+    pool = [payload(o, n) for _, o, n in pool_units]
+    tasks = template_pool.POOLS[entry.reader]
+    for j, (rank, offset, length) in enumerate(accepted):
+        unit = int(order[rank])
+        r = template_pool.render(payload(offset, length), tasks, Draws(int(keys[unit]) ^ 0x5DEECE66D), pool,
+                                 fewshot=entry.fewshot, with_options=entry.with_options,
+                                 max_shots=entry.max_shots, max_chars=entry.fewshot_max_chars)
+        record = _record(entry, READERS[entry.reader], int(rows[unit]), int(subs[unit]), r.conversations)
+        out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        stats.add(r.conversations, r.task, r.template_type, r.shots)
+        if tok is not None and j < n_tok:
+            stats.tokens.append(len(templates.encode(r.conversations, tok).ids))
+
+
+def _record(entry, reader, row: int, sub: int, conv: list[dict]) -> dict:
+    """The released layout; checked as ``train`` reads it (roles alternate from human and end on an
+    answer, no empty turn): a failure here is a bug, never bad input, as the readers check rows."""
+    rid = f"{entry.name}/{row}/{sub}" if reader.expands else f"{entry.name}/{row}"
+    roles = [t["from"] for t in conv if t["from"] != "system"]
+    if (roles[::2] != ["human"] * len(roles[::2]) or roles[1::2] != ["gpt"] * len(roles[1::2]) or roles[-1] != "gpt"
+            or any(not isinstance(t["value"], str) or not t["value"].strip() for t in conv)):
+        raise AssertionError(f"built record {rid} would not train: {conv!r:.300}")
+    return {"id": rid, "source": entry.name, "conversations": conv}
