@@ -234,7 +234,7 @@ def tokenizer_dir(which: str, tmp: str) -> tuple[str | None, str]:
 
     if model.is_file():
         tok = Path(tmp) / "llama_tokenizer"
-        tok.mkdir()
+        tok.mkdir(exist_ok=True)
         shutil.copy(model, tok / "tokenizer.model")
         (tok / "tokenizer_config.json").write_text(json.dumps(demo_assets.TOKENIZER_CONFIG))
         return str(tok), "LLaMA tokenizer (../shared/assets)"
@@ -248,6 +248,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokenizer", default="auto", help="auto | none | a tokenizer dir")
     p.add_argument("--oversample", type=float, default=1.25, help="source rows per record asked")
     p.add_argument("--keep", default=None, help="write sources and output here (kept) instead of a temp dir")
+    p.add_argument("--reuse-sources", action="store_true", help="with --keep: use the sources already there")
     a = p.parse_args(argv)
     load_before = os.getloadavg()
     tmp = a.keep or tempfile.mkdtemp(prefix="flan_mini_bench-")
@@ -255,13 +256,22 @@ def main(argv=None) -> dict:
         d = Path(tmp)
         (d / "src").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        _, source_rows = write_sources(d / "src", a.scale, a.oversample)
+        meta = d / "src" / "rows.json"
+        if a.reuse_sources and meta.exists():
+            source_rows = json.loads(meta.read_text())["rows"]
+        else:
+            _, source_rows = write_sources(d / "src", a.scale, a.oversample)
+            meta.write_text(json.dumps({"rows": source_rows, "scale": a.scale, "oversample": a.oversample}))
         gen_seconds = time.perf_counter() - t0
         tok, tok_name = tokenizer_dir(a.tokenizer, tmp)
+        cache = d / f"hf_cache_{time.time_ns()}"  # cold: converting the sources is part of the build
         args = ["--recipe", str(d / "src" / "recipe.yaml"), "--out", str(d / "out"), "--workers", str(a.workers),
-                "--scale", str(a.scale), "--cache-dir", str(d / f"hf_cache_{time.time_ns()}")]
+                "--scale", str(a.scale), "--cache-dir", str(cache)]
         args += ["--tokenizer", tok] if tok else []
-        r = run_build(args)
+        try:
+            r = run_build(args)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         meets = r["seconds"] <= TARGET_SECONDS and r["peak_rss_tree_gb"] <= TARGET_GB
         return emit({
             "benchmark": "flan_mini_build", "records": r["output"]["records"], "scale": a.scale, "workers": a.workers,

@@ -176,3 +176,23 @@ def test_interleave_is_a_seeded_permutation_of_the_counts():
     a = interleave([3, 0, 5, 2], 0)
     assert Counter(a.tolist()) == {0: 3, 2: 5, 3: 2}
     assert (a == interleave([3, 0, 5, 2], 0)).all() and not (a == interleave([3, 0, 5, 2], 1)).all()
+
+
+def test_streamed_source_gives_the_same_records(sources, tmp_path):
+    rows = fx.alpaca_rows(30, "s")
+    path = fx.write_jsonl(tmp_path / "a.jsonl", rows)
+    raw = {"sources": [{"name": "a", "path": path, "reader": "alpaca", "count": 12}]}
+    build(parse_recipe(raw), str(tmp_path / "mapped"), cache_dir=sources["cache"])
+    raw["sources"][0]["streaming"] = True
+    build(parse_recipe(raw), str(tmp_path / "streamed"), cache_dir=sources["cache"])
+    assert (tmp_path / "mapped" / "flan_mini.json").read_bytes() == (tmp_path / "streamed" / "flan_mini.json").read_bytes()
+
+
+def test_benchmark_sources_are_in_the_published_schemas(tmp_path):
+    """benchmarks/flan_mini_build.py's synthetic sources, tiny, go through every reader."""
+    from benchmarks.flan_mini_build import write_sources
+
+    write_sources(tmp_path, 1e-4, 1.25)
+    st = build(load_recipe(str(tmp_path / "recipe.yaml")), str(tmp_path / "out"), scale=1e-4,
+               cache_dir=str(tmp_path / "cache"))
+    assert {k: v["records"] for k, v in st["sources"].items()} == COUNTS

@@ -162,3 +162,24 @@ def test_json_arrays_are_streamed_in_a_window_whatever_its_size(tmp_path):
         (tmp_path / "b.json").write_text(text)
         with pytest.raises(DataError, match=message):
             list(iter_json_array(str(tmp_path / "b.json"), 4))
+
+
+def test_hub_entries_reach_datasets_with_their_config_split_revision_and_files(monkeypatch):
+    """The hub is a local stand-in: what matters is what load_dataset is asked."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, name=None, **kw):
+        asked.append((path, name, kw))
+        return datasets.Dataset.from_list(fx.alpaca_rows(3, "h"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    e = Entry("s", "hf://org/data@v2", "alpaca", 2, split="test", config="all", data_files="x.json")
+    src = RowSource(e, "/tmp/cache")
+    path, name, kw = asked[0]
+    assert (path, name, kw["revision"], kw["split"], kw["data_files"], kw["streaming"], kw["cache_dir"]) == \
+        ("org/data", "all", "v2", "test", "x.json", False, "/tmp/cache")
+    assert src.num_rows == 3 and src.where(1) == "hf://org/data@v2 [test]: row 1"
+    with pytest.raises(DataError, match="expected hf://owner/name"):
+        RowSource(Entry("s", "hf://", "alpaca", 1))

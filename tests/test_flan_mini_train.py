@@ -39,9 +39,9 @@ def test_built_file_passes_data_stats_and_trains(tmp_path, tiny_model_dir, char_
         f"output_dir={run}", f"model.path={model}", f"tokenizer.path={char_tokenizer_dir}",
         "model.compute_dtype=float32", "model.param_dtype=float32", "model.remat=none",
         f"data.sources=[{data}]", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0.0",
-        "train.steps=2", "train.seq_len=256", "train.global_batch_size=8", "train.per_device_batch_size=1",
-        "train.loss_chunk=128", "lora.rank=4", "optim.warmup_steps=1", "checkpoint.every=2", "log.every=1",
-        "log.tensorboard=false", "eval.every=0", "mesh.fsdp=2", "mesh.data=4"])
+        "train.steps=2", "train.seq_len=512", "train.global_batch_size=8", "train.per_device_batch_size=1",
+        "train.loss_chunk=0", "lora.rank=4", "lora.targets=[q_proj, v_proj]", "optim.warmup_steps=1",
+        "checkpoint.every=2", "log.every=1", "log.tensorboard=false", "eval.every=0", "mesh.fsdp=1", "mesh.data=8"])
     summary = train.run(cfg)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert summary["steps"] == 2 and len(losses) == 2 and np.isfinite(losses).all()

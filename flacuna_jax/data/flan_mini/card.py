@@ -42,6 +42,13 @@ def _lengths(values, weights=None, seq_lens=()) -> dict:
     return out
 
 
+def _exact_total(d: dict, records: int) -> dict:
+    """A total measured on a sample is an estimate and says so."""
+    if d.get("records_measured", records) != records and "total" in d:
+        d["estimated_total"] = d.pop("total")
+    return d
+
+
 def _shots(kind: str) -> str:
     return {"zs": "zero_shot", "fs": "few_shot"}.get(kind[:2], "as_published" if kind == "as_published" else "other")
 
@@ -74,8 +81,8 @@ def stats(recipe: Recipe, scale: float, seed: int, shards, output: str, json_sha
             "exemplars_per_record": s.shots, "chars": _lengths(s.chars),
         }
         if s.tokens is not None:
-            sources[e.name]["tokens"] = {"records_measured": len(s.tokens),
-                                         **_lengths(s.tokens, seq_lens=SEQ_LENS)}
+            sources[e.name]["tokens"] = _exact_total({"records_measured": len(s.tokens),
+                                                      **_lengths(s.tokens, seq_lens=SEQ_LENS)}, s.records)
             tokens.extend(s.tokens)
             token_weights.extend([s.records / max(len(s.tokens), 1)] * len(s.tokens))
         chars.extend(s.chars)
@@ -96,6 +103,7 @@ def stats(recipe: Recipe, scale: float, seed: int, shards, output: str, json_sha
                          f"the first {token_sample} records of each source in key order (uniform), "
                          "weighted by source size",
                          **_lengths(tokens, token_weights, SEQ_LENS)}
+        _exact_total(out["tokens"], records)
     return out
 
 
