@@ -175,11 +175,28 @@ def test_hub_entries_reach_datasets_with_their_config_split_revision_and_files(m
         return datasets.Dataset.from_list(fx.alpaca_rows(3, "h"))
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    e = Entry("s", "hf://org/data@v2", "alpaca", 2, split="test", config="all", data_files="x.json")
+    e = Entry("s", "hf://org/data@v2", "alpaca", 2, split="test", config="all", data_files="data/*.parquet")
     src = RowSource(e, "/tmp/cache")
     path, name, kw = asked[0]
     assert (path, name, kw["revision"], kw["split"], kw["data_files"], kw["streaming"], kw["cache_dir"]) == \
-        ("org/data", "all", "v2", "test", "x.json", False, "/tmp/cache")
+        ("org/data", "all", "v2", "test", "data/*.parquet", False, "/tmp/cache")
     assert src.num_rows == 3 and src.where(1) == "hf://org/data@v2 [test]: row 1"
     with pytest.raises(DataError, match="expected hf://owner/name"):
         RowSource(Entry("s", "hf://", "alpaca", 1))
+
+
+def test_hub_json_files_are_fetched_and_read_in_a_window(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    local = fx.write_json(tmp_path / "ShareGPT_V3.json", fx.sharegpt_rows(4))
+    fetched = []
+
+    def download(repo_id, filename, repo_type, revision):
+        fetched.append((repo_id, filename, repo_type, revision))
+        return local
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    units = read_all("hf://anon/ShareGPT", "sharegpt", str(tmp_path / "c"), data_files="ShareGPT_V3.json")
+    assert fetched == [("anon/ShareGPT", "ShareGPT_V3.json", "dataset", None)]
+    assert [u["conversations"] for _, _, u in units] == [r["conversations"] for r in fx.sharegpt_rows(4)]
+    assert len(list((tmp_path / "c" / "flacuna_jax_json_lines").glob("*.jsonl"))) == 1

@@ -74,6 +74,7 @@ def strip_docstring(code: str, doc: str, language: str) -> str:
 class CodeSearchNetReader(Reader):
     name = "code_search_net"
     templated = True
+    columns = ("func_name", "whole_func_string", "language", "func_code_string", "func_documentation_string")
 
     def unit(self, row: dict, sub: int, where: str) -> dict:
         func_name = field(row, "func_name", where)
@@ -114,6 +115,7 @@ class CodeContestsReader(Reader):
     name = "code_contests"
     templated = True
     expands = True
+    columns = ("name", "description", "solutions")  # not the tests: megabytes a problem
     count_columns = ("solutions",)
 
     def units(self, row: dict, where: str) -> list[int]:
@@ -146,6 +148,7 @@ class AppsReader(Reader):
     name = "apps"
     templated = True
     expands = True
+    columns = ("question", "solutions", "input_output", "difficulty", "starter_code")
     count_columns = ("solutions",)
 
     def units(self, row: dict, where: str) -> list[int]:

@@ -25,6 +25,7 @@ from flacuna_jax.data.records import DataError
 
 class FlanReader(Reader):
     name = "flan"
+    columns = ("inputs", "targets", "task_name", "template_type", "task_source")
 
     def unit(self, row: dict, sub: int, where: str) -> dict:
         inputs = field(row, "inputs", where, nonempty=True).strip()
@@ -38,6 +39,7 @@ class FlanReader(Reader):
 
 class AlpacaReader(Reader):
     name = "alpaca"
+    columns = ("instruction", "input", "output")
 
     def unit(self, row: dict, sub: int, where: str) -> dict:
         instruction = field(row, "instruction", where, nonempty=True).strip()
@@ -54,6 +56,7 @@ SHAREGPT_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "chatgpt": "g
 
 class ShareGPTReader(Reader):
     name = "sharegpt"
+    columns = ("conversations",)
 
     def unit(self, row: dict, sub: int, where: str) -> dict:
         conv = field(row, "conversations", where, list)

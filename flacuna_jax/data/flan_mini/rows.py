@@ -2,7 +2,9 @@
 
 ``path`` may be ``hf://owner/name[@revision]`` (with the entry's ``config``, ``split``,
 ``data_files``, ``streaming``), a local ``.json``/``.jsonl`` (JSON array or lines), ``.parquet``,
-``.csv``, a directory of such files or a glob, or a ``datasets`` ``save_to_disk`` directory.
+``.csv``, a directory of such files or a glob, or a ``datasets`` ``save_to_disk`` directory. A JSON
+*array* (local, or a hub entry's ``.json`` ``data_files``, fetched first) is rewritten as JSON lines
+in a window before ``datasets`` sees it, which would otherwise hold all of it in memory at once.
 Without ``streaming`` a source becomes a memory-mapped Arrow table in the ``datasets`` cache
 (read by index, nothing held in RAM); with it, rows are streamed in order (``datasets``'
 ``IterableDataset``), once to count them if the hub does not say how many there are, and once
@@ -166,6 +168,13 @@ class RowSource:
                 hub_id, _, revision = path[len("hf://"):].partition("@")
                 if not hub_id or hub_id.startswith((".", "/")):
                     raise DataError(f"{path}: expected hf://owner/name[@revision]")
+                files = [e.data_files] if isinstance(e.data_files, str) else list(e.data_files or ())
+                if files and all(f.endswith(".json") for f in files):
+                    # JSON files on the hub may be arrays (ShareGPT's is 670 MB): fetched, then read as local ones
+                    from huggingface_hub import hf_hub_download
+
+                    local = [hf_hub_download(hub_id, f, repo_type="dataset", revision=revision or None) for f in files]
+                    return self._load_files(local, path, kw)
                 return datasets.load_dataset(hub_id, e.config, data_files=e.data_files,
                                              revision=revision or None, **kw)
             if any(c in path for c in "*?["):
@@ -224,13 +233,13 @@ class RowSource:
             self.num_rows = n
         return self.num_rows
 
-    def rows(self, indices: np.ndarray | None = None, columns: list[str] | None = None
+    def rows(self, indices: np.ndarray | None = None, columns: list[str] | None = None, batch_size: int = _BATCH
              ) -> Iterator[tuple[int, dict]]:
-        """``(index, row)`` for the sorted ``indices`` (all rows when None), in index order."""
+        """``(index, row)`` for the sorted ``indices`` (all rows when None), in index order; rows
+        are decoded ``batch_size`` at a time (small for rows of many solutions)."""
         ds = self.ds
-        if columns is not None:
-            present = [c for c in columns if c in (ds.column_names or columns)]
-            ds = ds.select_columns(present)
+        if columns is not None and ds.column_names is not None:  # a stream may not know its columns
+            ds = ds.select_columns([c for c in columns if c in ds.column_names])
         if indices is not None:
             indices = np.asarray(indices, np.int64)
             if len(indices) and np.any(np.diff(indices) <= 0):
@@ -241,7 +250,7 @@ class RowSource:
         if indices is not None:
             ds = ds.select(indices)
         pos = 0
-        for batch in ds.iter(batch_size=_BATCH):
+        for batch in ds.iter(batch_size=batch_size):
             keys = list(batch)
             n = len(batch[keys[0]]) if keys else 0
             for j in range(n):

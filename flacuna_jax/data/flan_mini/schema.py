@@ -52,6 +52,7 @@ class Reader:
     name = ""
     templated = False
     expands = False  # units() reads the row (one unit per solution, say)
+    columns: tuple[str, ...] = ()  # the published columns the reader uses (the others are never decoded)
     count_columns: tuple[str, ...] = ()  # the columns units() needs
 
     def units(self, row: dict, where: str) -> list[int]:

@@ -77,7 +77,8 @@ def _unit_index(entry: Entry, src: RowSource, bad: BadRows, bad_rows: set[int]):
     if not reader.expands:
         rows = np.arange(src.count_rows(), dtype=np.int64)
         return rows, np.zeros(len(rows), np.int32)
-    for i, row in src.rows(columns=list(reader.count_columns)):
+    # CodeContests rows hold hundreds of solutions each: decoded a few rows at a time
+    for i, row in src.rows(columns=list(reader.count_columns), batch_size=8):
         try:
             subs = reader.units(row, src.where(i))
         except DataError as e:
@@ -167,7 +168,8 @@ def _read_units(entry, reader, src, rows, subs, order, wanted, bad, bad_rows, sp
         by_row = np.lexsort((subs[units], rows[units]))
         ranks, units = ranks[by_row], units[by_row]
         k = 0
-        for i, row in src.rows(np.unique(rows[units])):
+        for i, row in src.rows(np.unique(rows[units]), columns=list(reader.columns),
+                               batch_size=8 if reader.expands else 512):
             where = src.where(i)
             while k < len(units) and rows[units[k]] == i:
                 rank, sub = int(ranks[k]), int(subs[units[k]])
