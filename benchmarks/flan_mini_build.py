@@ -279,6 +279,7 @@ def main(argv=None) -> dict:
             "seconds": r["seconds"], "peak_rss_tree_gb": r["peak_rss_tree_gb"], "peak_anon_tree_gb": r["peak_anon_tree_gb"],
             "max_rss_one_process_gb": r["max_rss_one_process_gb"],
             "output_gb": round(os.path.getsize(d / "out" / r["output"]["file"]) / 2**30, 3),
+            "json_sha256": r["output"]["json_sha256"],
             "meets_target": meets if a.scale == 1.0 else None, "cpus": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
