@@ -170,6 +170,8 @@ def test_cli_build_and_its_errors(sources, built, tmp_path, capsys):
     assert main(["build", "--recipe", str(tmp_path / "none.yaml"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "none.yaml: cannot read the recipe" in err and len(err.strip().splitlines()) == 1
+    assert main(["build", "--recipe", sources["recipe"], "--out", str(out), "--tokenizer", str(tmp_path / "no_tok")]) == 2
+    assert "tokenizer not found" in capsys.readouterr().err
 
 
 def test_interleave_is_a_seeded_permutation_of_the_counts():

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     if argv[0] == "build":
         try:
             build(argv[1:])
-        except (DataError, ValueError, FileNotFoundError) as e:
+        except (DataError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0

@@ -56,6 +56,10 @@ def build(recipe: Recipe, out: str, *, scale: float = 1.0, seed: int | None = No
         raise ValueError(f"--seed must be >= 0, got {seed}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if tokenizer:  # fail before any source is read, not in a worker minutes later
+        from flacuna_jax import templates
+
+        templates.SegmentTokenizer.load(tokenizer)
     os.makedirs(out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=".flan_mini-", dir=out)
     try:
