@@ -86,3 +86,31 @@ def slow_steps_path() -> str:
 
     root = Path(__file__).resolve().parents[1]
     return os.pathsep.join([str(root / "tests" / "slow_steps"), str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls exec, which writes `marker` (a loader that runs it fails the test)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pickle code ran')",))
+
+
+def write_code_running_bin(path: Path, tensors: dict, marker: Path) -> Path:
+    """torch.save of real tensors plus one entry whose unpickling runs code (writes `marker`)."""
+    import torch
+
+    torch.save({**tensors, "payload": RunsCodeWhenUnpickled(marker)}, path)
+    return path
+
+
+def write_remote_code(model_dir: Path, marker: Path, module: str = "custom_code") -> None:
+    """A `module.py` in the dir that writes `marker` when imported: what `auto_map` entries would run."""
+    (model_dir / f"{module}.py").write_text(
+        f"open({str(marker)!r}, 'w').write('remote code ran')\n"
+        "from transformers import PreTrainedTokenizerFast, LlamaConfig, LlamaForCausalLM\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
