@@ -42,6 +42,30 @@ def hf_logits(ref, ids: np.ndarray, **kw) -> np.ndarray:
 
 
 CHAR_VOCAB = 101  # tests/helpers.write_char_tokenizer: 3 specials + 98 printable characters
+
+
+def greedy_requests(ref, tokenizer, contexts, n_new: int = 3) -> list[tuple[str, str]]:
+    """(context, continuation) pairs for a char-tokenizer model: per context, the continuation that
+    IS the greedy decoding of `ref` (transformers, one token per character; cut before any special
+    token), then the same with its last character changed (not greedy, the log-likelihood lower)."""
+    import torch
+
+    out = []
+    for context in contexts:
+        ids = tokenizer(context)["input_ids"]
+        with torch.no_grad():
+            logits = None
+            new = []
+            for _ in range(n_new):
+                logits = ref(torch.tensor([ids + new])).logits[0, -1]
+                new.append(int(logits.argmax()))
+        chars = tokenizer.convert_ids_to_tokens([t for t in new[:next((i for i, t in enumerate(new) if t < 3), n_new)]])
+        if not chars:
+            continue
+        greedy = "".join(chars)
+        other = next(c for c in "zq" if c != greedy[-1])
+        out += [(context, greedy), (context, greedy[:-1] + other)]
+    return out
 SCALES = {"embed_tokens": 50.0, "lm_head": 25.0}  # std 1.0 and 0.5; every other matrix std 0.1
 
 
