@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 
 
-def write_char_tokenizer(out: Path, add_bos: bool = True) -> Path:
+def write_char_tokenizer(out: Path, add_bos: bool = True, fuse: bool = False) -> Path:
     """A fast tokenizer, one token per printable ASCII character, BOS added unless add_bos=False (as
-    SmolLM2's byte-level BPE adds none): no training needed."""
-    from tokenizers import Tokenizer, models, processors
+    SmolLM2's byte-level BPE adds none): no training needed. Without a decoder, `decode` puts a
+    space between tokens; `fuse=True` decodes them joined, the text as written ("\n\n" stays a blank line)."""
+    from tokenizers import Tokenizer, decoders, models, processors
 
     chars = sorted(set(string.printable) - set("\x0b\x0c"))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if fuse:
+        tok.decoder = decoders.Fuse()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out.mkdir(parents=True, exist_ok=True)
