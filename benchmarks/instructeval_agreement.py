@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 from benchmarks.common import ROOT, child_env, emit
@@ -244,10 +245,10 @@ def write_data(bb: Path, root: Path, sizes: dict[str, int | None]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ InstructEval's side
-def ie_child(config: dict) -> None:
-    """Runs in the child: InstructEval's modules on config["data"], every model call recorded to config["out"]."""
-    import types
-
+def import_instruct_eval(checkout: str | Path) -> types.SimpleNamespace:
+    """InstructEval's modules (bbh, crass, drop, hhh, mmlu, modeling) imported from a checkout, with
+    stub modules for what only its other model classes import and pydantic's v1 API under the name
+    `pydantic` (the code predates pydantic 2). Changes this process's sys.modules: run it in a child."""
     import datasets  # noqa: F401  (their import-time checks run before the stubs exist)
     import peft  # noqa: F401
     import pydantic.v1
@@ -268,10 +269,7 @@ def ie_child(config: dict) -> None:
         raise RuntimeError(f"InstructEval tried to download {args} (a data file is missing)")
 
     sys.modules["torchvision.datasets.utils"].download_url = no_download
-    sys.path.insert(0, config["checkout"])
-    import torch
-
-    torch.set_num_threads(config["threads"])
+    sys.path.insert(0, str(checkout))
     import bbh
     import crass
     import drop
@@ -279,6 +277,16 @@ def ie_child(config: dict) -> None:
     import mmlu
     import modeling
 
+    return types.SimpleNamespace(bbh=bbh, crass=crass, drop=drop, hhh=hhh, mmlu=mmlu, modeling=modeling)
+
+
+def ie_child(config: dict) -> None:
+    """Runs in the child: InstructEval's modules on config["data"], every model call recorded to config["out"]."""
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    ie = import_instruct_eval(config["checkout"])
+    bbh, crass, drop, hhh, mmlu, modeling = ie.bbh, ie.crass, ie.drop, ie.hhh, ie.mmlu, ie.modeling
     data = Path(config["data"])
     record: list[dict] = []
 

@@ -53,12 +53,32 @@ TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, do
 
 # ------------------------------------------------------------------------------ sampling
 
-def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Next token [b]: argmax when temperature == 0, else temperature + nucleus (top-p) sampling.
+def warp_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The logits sampling draws from: transformers' TemperatureLogitsWarper, then TopPLogitsWarper.
 
-    Nucleus: keep the most probable tokens whose cumulative probability, before adding each, is
-    below top_p (so the top token always stays), then sample among them. A `lax.cond` on the
-    (traced) temperature skips the vocabulary sort when decoding greedily.
+    Divided by the temperature first (so it changes which tokens the nucleus keeps), then the
+    nucleus exactly as transformers computes it: sort ascending, and drop each token whose
+    cumulative probability from the least probable one up to itself is <= 1 - top_p; the top token
+    always stays. Equal logits at the cut: the higher token id is kept (transformers' ascending
+    sort order when it is stable; torch's is, on small vocabularies). top_p >= 1 keeps every token,
+    as transformers then adds no top-p warper. `temperature` and `top_p` are scalars or one per row.
+    """
+    temperature, top_p = (jnp.asarray(x, jnp.float32) for x in (temperature, top_p))
+    temperature, top_p = (x[:, None] if x.ndim else x for x in (temperature, top_p))
+    scaled_bv = logits_bv.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    order_bv = jnp.argsort(scaled_bv, axis=-1, stable=True)  # ascending, ties by id
+    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+    cum_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+    drop_sorted_bv = (cum_bv <= 1 - top_p).at[:, -1].set(False)
+    drop_bv = jnp.zeros_like(drop_sorted_bv).at[jnp.arange(drop_sorted_bv.shape[0])[:, None], order_bv].set(
+        drop_sorted_bv)
+    return jnp.where(drop_bv & (top_p < 1), -jnp.inf, scaled_bv)
+
+
+def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next token [b]: argmax when temperature == 0, else a draw from `warp_logits` (temperature,
+    then nucleus top-p, as transformers' `generate(do_sample=True)`). A `lax.cond` on the (traced)
+    temperature skips the vocabulary sort when decoding greedily.
     """
     logits_bv = logits_bv.astype(jnp.float32)
 
@@ -66,14 +86,7 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
     def nucleus(_):
-        scaled_bv = logits_bv / jnp.maximum(temperature, 1e-6)
-        order_bv = jnp.argsort(-scaled_bv, axis=-1)
-        sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        kept_bv = jnp.where(before_bv < top_p, sorted_bv, -jnp.inf)
-        choice_b = jax.random.categorical(rng, kept_bv, axis=-1)
-        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jax.random.categorical(rng, warp_logits(logits_bv, temperature, top_p), axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 

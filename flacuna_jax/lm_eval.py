@@ -231,8 +231,11 @@ class FlacunaLM(TemplateLM):
         texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         # A row stopped on a stop string's tokens whose text does not contain the string (a tokenizer
         # that decodes them differently in context) would end too early: decode it again without stops.
+        # Not a row that ended at EOS (lm-eval adds the EOS text to `until`; EOS ends a row anyway).
+        eos = set(self.generator.eos_ids)
         again = [i for i, (x, t) in enumerate(zip(ids, texts))
-                 if ends_with_any(x, stops) and postprocess_generated_text(t, until, None) == t]
+                 if ends_with_any(x, stops) and not (x and x[-1] in eos)
+                 and postprocess_generated_text(t, until, None) == t]
         if again:
             redo = self.generator.generate_ids([prompts[i] for i in again], max_gen, temperature, top_p, self.seed)
             for i, x in zip(again, redo):

@@ -157,11 +157,45 @@ def test_bf16_compute_close_to_fp32(tiny_model_dir):
     model16, params16 = hf.load_pretrained(path, Runtime(compute_dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
     ids = _ids(model.config.vocab_size, (2, 32))
-    l32 = np.asarray(model.apply({"params": params32}, ids))
-    l16 = np.asarray(model16.apply({"params": params16}, ids)).astype(np.float32)
+    l32 = np.asarray(jax.jit(model.apply)({"params": params32}, ids))
+    l16 = np.asarray(jax.jit(model16.apply)({"params": params16}, ids)).astype(np.float32)  # jitted: eager bf16 is slow
     assert np.isfinite(l16).all()
     assert np.abs(l16 - l32).max() <= 0.05 * np.abs(l32).max()
     assert (l16.argmax(-1) == l32.argmax(-1)).mean() >= 0.9
+
+
+def _dot_generals(jaxpr):
+    """(operand dtypes, rhs shape) of every dot_general in a jaxpr, nested ones (scan, remat, custom vjp) included."""
+    from jax._src import core
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(jnp.dtype(v.aval.dtype) for v in eqn.invars), tuple(eqn.invars[1].aval.shape)))
+        for sub in core.jaxprs_in_params(eqn.params):
+            found += _dot_generals(sub)
+    return found
+
+
+@pytest.mark.parametrize("compute, stored", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+def test_every_matmul_runs_in_compute_dtype(tiny_model_dir, compute, stored):
+    """The traced forward (what XLA compiles) with LoRA on q_proj and v_proj (fp32 factors, as
+    training keeps them): every dot_general, projections, LoRA factors, attention and lm_head, takes
+    both operands in model.compute_dtype, whatever dtype the weights are stored in."""
+    from flacuna_jax.model import Llama, LoraSpec, abstract_params
+
+    model = Llama(hf.load_hf_config(tiny_model_dir("gqa")), Runtime(compute_dtype=compute, param_dtype=stored),
+                  LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj")))
+    shapes, _ = abstract_params(model)
+    shapes = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, jnp.float32 if "lora" in str(path[-1]) else x.dtype), shapes)
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(stored), jnp.dtype(jnp.float32)}
+    traced = jax.make_jaxpr(lambda p: model.apply({"params": p}, np.zeros((2, 8), np.int32)))(shapes)
+    dots = _dot_generals(traced.jaxpr)
+    # 7 projections + 2 x 2 LoRA factors + q.k and p.v + lm_head
+    assert len(dots) == 7 + 4 + 2 + 1
+    assert [d for d in dots if d[0] != (jnp.dtype(compute),) * 2] == []
+    assert traced.out_avals[0].dtype == jnp.dtype(compute)
 
 
 def _rel_err(a, b):

@@ -118,7 +118,8 @@ class Outcome:
 
     @property
     def result(self) -> str:
-        """InstructEval's result string: "passed", "timed out", "failed: <reason>", "crashed: <reason>"."""
+        """InstructEval's result format, "passed", "timed out", "failed: <reason>" ("crashed: <reason>"),
+        with the exception's type in the reason (InstructEval's has only its message)."""
         return self.status if not self.reason else f"{self.status}: {self.reason}"
 
 
