@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
@@ -319,7 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads YAML `path` (or defaults when None), applies `key=value` overrides, validates."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = epath.Path(path)  # a local file or a run's config.yaml in a bucket (storage.py)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

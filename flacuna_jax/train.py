@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -43,6 +42,7 @@ from flacuna_jax.model import abstract_params
 from flacuna_jax.run_spec import check_resume, run_spec
 from flacuna_jax.sharding import make_mesh, tree_shardings
 from flacuna_jax.step import make_eval_step
+from flacuna_jax.storage import run_path, write_text_atomic
 from flacuna_jax.train_compile import (MASTER_DTYPE, batch_layout, compile_train_step, configured_train_step,
                                        master_shapes, model_options)
 from flacuna_jax.train_data import DataFeed
@@ -137,20 +137,19 @@ class Session:
     mfu_per_s: float | None  # model FLOPs of a step / (peak FLOP/s x devices)
 
 
-def _write_config(out: Path, cfg: Config) -> None:
+def _write_config(out: Any, cfg: Config) -> None:
     text = dump_config(cfg)
     cfg_file = out / "config.yaml"
     if cfg_file.is_file() and cfg_file.read_text() != text:
         print(f"note: {cfg_file} differs from this config; it is replaced (the checkpoints keep their spec)", flush=True)
-    (out / "config.yaml.tmp").write_text(text)
-    (out / "config.yaml.tmp").replace(cfg_file)
+    write_text_atomic(cfg_file, text)
 
 
 def setup(cfg: Config) -> tuple[Session, Any]:
     """(Session, TrainState): the model, data, compiled step and restored or fresh state, all checked;
     `output_dir/config.yaml` is written last, when nothing was refused."""
     main = jax.process_index() == 0
-    out = Path(cfg.output_dir)
+    out = run_path(cfg.output_dir)  # a local dir or a bucket (gs://...): storage.py
     say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
     if main:
         print("resolved config:\n" + dump_config(cfg), flush=True)

@@ -5,6 +5,7 @@ Relative error: max |a - b| / max |b| over the real (non-padding) query rows; a 
 output is not defined by any kernel (attention.py) and its cotangent is zero here, as in training.
 """
 
+import argparse
 import dataclasses
 import logging
 
@@ -186,8 +187,10 @@ def test_attend_chooses_the_kernel(warnings_seen, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def step_inputs(tiny_model_dir):
-    return tiny_model_dir("gqa"), make_batch(rows=8, seq=24)
+def step_reference(tiny_model_dir):
+    """The batch and the XLA attention's loss and LoRA gradients on one device."""
+    model_dir, batch = tiny_model_dir("gqa"), make_batch(rows=8, seq=24)
+    return model_dir, batch, loss_and_lora_grads(single_mesh(), model_dir, batch, "xla")
 
 
 def loss_and_lora_grads(mesh, model_dir, batch, attention):  # the compiled step's loss and LoRA gradients
@@ -200,16 +203,38 @@ def loss_and_lora_grads(mesh, model_dir, batch, attention):  # the compiled step
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (2, 1, 4)])
-def test_lora_step_with_splash_equals_xla(step_inputs, mesh_shape, monkeypatch):
-    """One LoRA step's loss and every LoRA gradient, fp32, on one device and on data 2 x tensor 4
-    (GQA 8/2: each device's two query heads read one KV head)."""
+def test_lora_step_with_splash_equals_xla(step_reference, mesh_shape, monkeypatch):
+    """One LoRA step's loss and every LoRA gradient, fp32, against XLA's attention on one device: splash
+    on one device and on data 2 x tensor 4 (GQA 8/2: each device's two query heads read one KV head)."""
+    model_dir, batch, (want_loss, want_grads) = step_reference
     mesh = single_mesh() if mesh_shape is None else sharding.make_mesh(*mesh_shape)
-    model_dir, batch = step_inputs
     shapes = []  # what the kernel saw: [rows, heads, padded length, head_dim] on each device
     monkeypatch.setattr(S, "_local", lambda *a, _f=S._local, **kw: shapes.append(a[0].shape) or _f(*a, **kw))
     loss, grads = loss_and_lora_grads(mesh, model_dir, batch, "splash")
     assert set(shapes) == {(8, 8, 128, 8) if mesh_shape is None else (4, 2, 128, 8)}
-    want_loss, want_grads = loss_and_lora_grads(mesh, model_dir, batch, "xla")
     assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
         assert np.abs(b).max() > 0 and rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_generate_with_splash_prefill_equals_xla(tiny_model_dir, monkeypatch):
+    """The inference tools' --attention splash: generate's prefill of a shared prefix (a cache filled from
+    slot 0) and of each row's left-padded rest (written after the prefix: a traced write index) run the
+    kernel; the greedy tokens equal the XLA attention's."""
+    from flacuna_jax.generate import Generator
+    from flacuna_jax.inference import add_model_args, load_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(3, 256, 40).tolist()
+    prompts = [prefix + rng.integers(3, 256, n).tolist() for n in (5, 9)]
+    tokens, offsets = {}, []
+    monkeypatch.setattr(S, "_kernel", lambda *a, _f=S._kernel: offsets.append(a[3]) or _f(*a))
+    for attention in ("splash", "xla"):
+        model, params = load_from_args(parser.parse_args(["--model", str(tiny_model_dir("gqa")), "--attention", attention]))
+        assert model.runtime.attention == attention
+        tokens[attention] = Generator(model, params, eos_ids=(), batch_size=2).generate_ids(prompts, 6)
+    assert tokens["splash"] == tokens["xla"] and all(len(t) == 6 for t in tokens["xla"])
+    # causal offsets: the prefix (48 queries over its own 48 slots); the rests (16 queries over 48 + 16 + 6 slots)
+    assert sorted(set(offsets)) == [0, 70]
