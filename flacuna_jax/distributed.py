@@ -4,8 +4,10 @@ Call `initialize()` before any other JAX call. It decides, in this order:
 
 1. `COORDINATOR_ADDRESS`, `NUM_PROCESSES`, `PROCESS_ID` (and optionally `LOCAL_DEVICE_IDS`) set
    explicitly (`launch/multihost.sh`, `launch/cpu_sim.sh`, k8s, ssh): use them.
-2. Under SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's own cluster
-   detection.
+2. Under SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1), or with
+   `FLACUNA_DISTRIBUTED=auto` (`launch/tpu_vm.sh` sets it on every worker of a Cloud TPU VM slice):
+   JAX's own cluster detection (on a TPU VM: the worker's index and its peers' addresses from the
+   TPU metadata server).
 3. Otherwise: a single process, nothing to initialise.
 
 On CPU, collectives across processes go through gloo (`JAX_PLATFORMS=cpu`).
@@ -68,7 +70,10 @@ def initialize() -> None:
     num = _int_env("NUM_PROCESSES")
     pid = _int_env("PROCESS_ID")
     heartbeat = _int_env("HEARTBEAT_TIMEOUT_S") or DEFAULT_HEARTBEAT_TIMEOUT_S
-    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1
+    auto = os.environ.get("FLACUNA_DISTRIBUTED", "")
+    if auto not in ("", "auto"):
+        raise SystemExit(f"error: FLACUNA_DISTRIBUTED={auto!r}: the only value is 'auto' (JAX finds the job itself)")
+    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1 or auto == "auto"
     if not coordinator and not cluster:
         return
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):

@@ -32,11 +32,18 @@ def run_path(path: str | os.PathLike) -> epath.Path:
 def write_text_atomic(path: epath.Path, text: str) -> None:
     """Replaces `path`'s content with `text` all at once (a reader sees the old or the new file)."""
     tmp = path.parent / (path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        try:
-            f.flush()
-            os.fsync(f.fileno())  # a local file is on disk before it replaces the old one
-        except (AttributeError, OSError, io.UnsupportedOperation):  # an object store's file: atomic by upload
-            pass
-    tmp.replace(path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            try:
+                fd = f.fileno()
+            except (AttributeError, io.UnsupportedOperation):  # an object store's file: atomic by upload
+                fd = None
+            if fd is not None:  # a local file is on disk before it replaces the old one
+                f.flush()
+                os.fsync(fd)
+        tmp.replace(path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
