@@ -34,9 +34,12 @@ remote+=" -m flacuna_jax.train --config $(q "$config")"
 for override in "$@"; do remote+=" $(q "$override")"; done
 
 cmd=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$remote")
-if [ "$dry_run" = 1 ]; then
-  printf '%q ' "${cmd[@]}" | sed 's/ $//'
-  echo
+if [ "$dry_run" = 1 ]; then  # one line: a word with anything but [A-Za-z0-9_./=:,@+-] in single quotes
+  line=""
+  for word in "${cmd[@]}"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_./=:,@+-]+$ ]]; then line+=" $word"; else line+=" '${word//\'/\'\\\'\'}'"; fi
+  done
+  printf '%s\n' "${line# }"
 else
   exec "${cmd[@]}"
 fi
