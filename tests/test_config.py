@@ -88,3 +88,15 @@ def test_splash_attention_and_its_block_sizes():
         load_config(None, ["model.splash.block_kv_compute=384"])
     with pytest.raises(ConfigError, match=r"'model\.attention': 'flash' is not one of xla, dot_product, splash, auto"):
         load_config(None, ["model.attention=flash"])
+
+
+def test_tpu_config_is_the_paper_recipe_with_splash_and_a_bucket():
+    from pathlib import Path
+
+    from flacuna_jax.config import to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    paper, tpu = (to_dict(load_config(root / f"configs/{name}.yaml")) for name in ("flacuna_13b", "flacuna_13b_tpu"))
+    assert tpu["model"].pop("attention") == "splash" and paper["model"].pop("attention") == "dot_product"
+    assert tpu.pop("output_dir").startswith("gs://") and paper.pop("output_dir") == "runs/flacuna_13b"
+    assert tpu == paper
