@@ -25,6 +25,7 @@ checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -193,6 +194,11 @@ def setup(cfg: Config) -> tuple[Session, Any]:
 
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
+    # The suite runs on the sharded training weights: a splash kernel (a Mosaic call, which XLA cannot
+    # partition by itself) must see the mesh to run under shard_map.
+    splash = cfg.model.attention in ("splash", "auto")
+    def kernel_mesh():
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if splash else contextlib.nullcontext()
 
     def evaluate(state: Any) -> dict:
         metrics = {}
@@ -203,7 +209,8 @@ def setup(cfg: Config) -> tuple[Session, Any]:
                 total, count = total + float(s), count + float(n)
             metrics["eval_loss"] = total / max(count, 1.0)
         if suite is not None:  # the multiple-choice tasks, scored by the eval CLI's own code
-            metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
+            with kernel_mesh():
+                metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
         return metrics
 
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)

@@ -84,10 +84,14 @@ def test_splash_attention_and_its_block_sizes():
     assert runtime.attention == "splash" and runtime.splash_blocks == SplashBlocks(256, 1024, 256, 128, 384)
     with pytest.raises(ConfigError, match=r"'model\.splash\.block_kv': must be a positive multiple of 128, got 100"):
         load_config(None, ["model.splash.block_kv=100"])
-    with pytest.raises(ConfigError, match=r"'model\.splash\.block_kv_compute': 384 does not divide model\.splash\.block_kv=512"):
+    with pytest.raises(ConfigError, match=r"'model\.splash\.block_kv_compute': 384 does not divide "
+                                          r"model\.splash\.block_kv=512"):
         load_config(None, ["model.splash.block_kv_compute=384"])
     with pytest.raises(ConfigError, match=r"'model\.attention': 'flash' is not one of xla, dot_product, splash, auto"):
         load_config(None, ["model.attention=flash"])
+    from flacuna_jax import attention, config
+
+    assert config._CHOICES["model.attention"] == attention.KERNELS  # the kernels attention.attend knows
 
 
 def test_tpu_config_is_the_paper_recipe_with_splash_and_a_bucket():
