@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flacuna_jax import attention_splash
+
 Array = jax.Array
 KERNELS = ("xla", "dot_product", "splash", "auto")  # model.attention
 
@@ -186,13 +188,11 @@ def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking
         raise ValueError(f"model.attention={kind!r}: not one of {', '.join(KERNELS)}")
     if q_bthf.shape[1] == 1:
         return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
-    from flacuna_jax.attention_splash import SplashBlocks, splash_attention
-
-    blocks = splash_blocks or SplashBlocks()
+    blocks = splash_blocks or attention_splash.SplashBlocks()
     if kind == "splash":
-        return splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
+        return attention_splash.splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
     try:
-        return splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
+        return attention_splash.splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
     except (ValueError, NotImplementedError) as e:  # a shape the TPU kernel refuses at trace time
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         _log_once(f"attention: XLA's implementation instead of splash attention: queries {tuple(q_bthf.shape)} "
