@@ -79,6 +79,11 @@ BENCHES = [
     Bench("qlora", (), ("--seq", "128", "--steps", "1"), "NF4 / bf16 base LoRA train tokens/s (CPU fp32)",
           "(reported)", lambda r: (f"{r['nf4_train_ratio']:.2f}x ({r['nf4']['train_tokens_per_s']:,.0f} vs "
                                    f"{r['bf16']['train_tokens_per_s']:,.0f})", "-")),
+    Bench("splash", (), ("--seq", "300", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--repeats", "1"),
+          "splash vs XLA attention, packed rows: fp32 rel error; bf16 error / XLA's (TPU: fwd+bwd speedup)",
+          "<= 1e-5; <= 2x", lambda r: (f"{max(r['fp32_rel'].values()):.1e}; {max(r['bf16_ratio'].values()):.2f}x"
+                                       + (f"; {r['speedup_vs_xla']:.2f}x faster" if "speedup_vs_xla" in r
+                                          else " (interpreted: no time)"), _met(r["parity_ok"]))),
     Bench("mfu", (), ("--layers", "2", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--vocab", "1024",
                       "--seq", "256", "--batch", "2", "--warmup", "1", "--steps", "2", "--repeats", "1"),
           "7B LoRA MFU; ours / torch+peft tokens/s", ">= 55%; >= 1.5x (H100)", _mfu_verdict),

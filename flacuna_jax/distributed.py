@@ -6,8 +6,10 @@ Call `initialize()` before any other JAX call. It decides, in this order:
    explicitly (`launch/multihost.sh`, `launch/slurm.sbatch`, `launch/cpu_sim.sh`, k8s, ssh): use
    them; each process sees all of its host's devices unless `LOCAL_DEVICE_IDS` says otherwise.
 2. Under SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1) without them (e.g.
-   `srun python -m flacuna_jax.train` run directly): JAX's own cluster detection, whose default on
-   GPUs is one device per process (the one numbered by the task's local id).
+   `srun python -m flacuna_jax.train` run directly), or with `FLACUNA_DISTRIBUTED=auto`
+   (`launch/tpu_vm.sh` sets it on every worker of a Cloud TPU VM slice): JAX's own cluster detection
+   (under SLURM on GPUs its default is one device per process, the one numbered by the task's local
+   id; on a TPU VM, the worker's index and its peers' addresses come from the TPU metadata server).
 3. Otherwise: a single process, nothing to initialise.
 
 On CPU, collectives across processes go through gloo (`JAX_PLATFORMS=cpu`).
@@ -77,7 +79,10 @@ def initialize() -> None:
     num = _int_env("NUM_PROCESSES")
     pid = _int_env("PROCESS_ID")
     heartbeat = _int_env("HEARTBEAT_TIMEOUT_S") or DEFAULT_HEARTBEAT_TIMEOUT_S
-    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1
+    auto = os.environ.get("FLACUNA_DISTRIBUTED", "")
+    if auto not in ("", "auto"):
+        raise SystemExit(f"error: FLACUNA_DISTRIBUTED={auto!r}: the only value is 'auto' (JAX finds the job itself)")
+    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1 or auto == "auto"
     if not coordinator and not cluster:
         return
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax import quant
-from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
+from flacuna_jax import attention
+from flacuna_jax.attention_splash import SplashBlocks
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -91,9 +92,10 @@ class Runtime:
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
-    attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
+    attention: str = "xla"  # attention.KERNELS: xla | dot_product (cuDNN) | splash (Pallas, TPU) | auto (attention.attend)
     base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
     double_quant: bool = False  # nf4: the block absmax quantized too
+    splash_blocks: SplashBlocks = SplashBlocks()  # splash attention's tile sizes
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -217,7 +219,7 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
+    def __call__(self, x_btd: Array, positions_bt: Array, mask: attention.Masking, cache: dict | None = None,
                  write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
         c = self.config
         b, t, _ = x_btd.shape
@@ -234,11 +236,7 @@ class Attention(nn.Module):
             v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
             cache = {"k": k_btkf, "v": v_btkf}
         k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
-        if self.runtime.attention == "xla":
-            o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
-        else:  # causal unless decoding into a cache
-            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
-                                fallback=self.runtime.attention == "auto")
+        o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
         return out, cache
 
@@ -284,12 +282,12 @@ class DecoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
+    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask: attention.Masking, write_index: Array | None,
                  rows_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
         attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b)
+        attn_out, cache = attn(x, positions_bt, mask, cache, write_index, rows_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
         h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
@@ -322,12 +320,12 @@ class Llama(nn.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             write_index = None
-            mask = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
+            mask = attention.masking(segment_ids_bt)
             layer_cache = None
         else:
             write_index = cache["index"]
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_bt, write_index, axis=1)
-            mask = attention_mask(segment_ids_bt, write_index + jnp.broadcast_to(jnp.arange(t), (b, t)), kv_segments)
+            mask = attention.masking(segment_ids_bt, kv_segments, write_index)
             layer_cache = {"k": cache["k"], "v": cache["v"]}
 
         embedding = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),

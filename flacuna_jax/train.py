@@ -25,10 +25,10 @@ checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -43,6 +43,7 @@ from flacuna_jax.model import abstract_params
 from flacuna_jax.run_spec import check_resume, run_spec
 from flacuna_jax.sharding import make_mesh, tree_shardings
 from flacuna_jax.step import make_eval_step
+from flacuna_jax.storage import run_path, write_text_atomic
 from flacuna_jax.train_compile import (MASTER_DTYPE, batch_layout, compile_train_step, configured_train_step,
                                        master_shapes, model_options)
 from flacuna_jax.train_data import DataFeed
@@ -137,20 +138,19 @@ class Session:
     mfu_per_s: float | None  # model FLOPs of a step / (peak FLOP/s x devices)
 
 
-def _write_config(out: Path, cfg: Config) -> None:
+def _write_config(out: Any, cfg: Config) -> None:
     text = dump_config(cfg)
     cfg_file = out / "config.yaml"
     if cfg_file.is_file() and cfg_file.read_text() != text:
         print(f"note: {cfg_file} differs from this config; it is replaced (the checkpoints keep their spec)", flush=True)
-    (out / "config.yaml.tmp").write_text(text)
-    (out / "config.yaml.tmp").replace(cfg_file)
+    write_text_atomic(cfg_file, text)
 
 
 def setup(cfg: Config) -> tuple[Session, Any]:
     """(Session, TrainState): the model, data, compiled step and restored or fresh state, all checked;
     `output_dir/config.yaml` is written last, when nothing was refused."""
     main = jax.process_index() == 0
-    out = Path(cfg.output_dir)
+    out = run_path(cfg.output_dir)  # a local dir or a bucket (gs://...): storage.py
     say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
     if main:
         print("resolved config:\n" + dump_config(cfg), flush=True)
@@ -194,6 +194,11 @@ def setup(cfg: Config) -> tuple[Session, Any]:
 
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
+    # The suite runs on the sharded training weights: a splash kernel (a Mosaic call, which XLA cannot
+    # partition by itself) must see the mesh to run under shard_map.
+    splash = cfg.model.attention in ("splash", "auto")
+    def kernel_mesh():
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if splash else contextlib.nullcontext()
 
     def evaluate(state: Any) -> dict:
         metrics = {}
@@ -204,7 +209,8 @@ def setup(cfg: Config) -> tuple[Session, Any]:
                 total, count = total + float(s), count + float(n)
             metrics["eval_loss"] = total / max(count, 1.0)
         if suite is not None:  # the multiple-choice tasks, scored by the eval CLI's own code
-            metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
+            with kernel_mesh():
+                metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
         return metrics
 
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import run_all
@@ -123,3 +124,17 @@ def test_packing_modes_differ_only_in_packing_and_hold_the_readme_share(tmp_path
         assert all(b["input_ids"].shape == (8, 1280) for b in batches)
     assert (round(share[True], 3), round(share[False], 3)) == (0.218, 0.013)
 
+
+
+def test_splash_benchmark_rows_and_verdict():
+    """benchmarks.splash's packed rows (several segments, then padding) and run_all's reading of its line."""
+    from benchmarks import splash
+
+    seg = splash.packed_segments(3, 400)
+    for row in seg:
+        assert row[0] == 1 and (row[380:] == 0).all() and (row[:380] > 0).all() and row.max() >= 3
+        assert (np.diff(row[:380]) >= 0).all()
+    bench = next(b for b in run_all.BENCHES if b.name == "splash")
+    r = {"fp32_rel": {"out": 3e-7, "dq": 6e-7}, "bf16_ratio": {"out": 0.5, "dq": 1.0}, "parity_ok": True}
+    assert bench.verdict(r) == ("6.0e-07; 1.00x (interpreted: no time)", "met")
+    assert bench.verdict({**r, "speedup_vs_xla": 2.5, "parity_ok": False}) == ("6.0e-07; 1.00x; 2.50x faster", "NOT met")

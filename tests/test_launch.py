@@ -16,6 +16,7 @@ failed collective or JAX's error polling within seconds, and a shorter heartbeat
 processes while the machine was busy (issue 21).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -353,3 +354,78 @@ def test_slurm_tasks_join_as_the_processes_their_ids_name(tmp_path):
         assert any(x.startswith(f"task {task}: ") and "error: unknown config key 'optim.nme'" in x
                    for x in out.splitlines()), out[-3000:]
     assert proc.returncode == 1, out[-3000:]
+
+
+def test_tpu_vm_workers_let_jax_find_the_job(monkeypatch):
+    """FLACUNA_DISTRIBUTED=auto (launch/tpu_vm.sh): jax.distributed.initialize with no addresses, so JAX
+    reads the slice from the TPU metadata; any other value is an error naming the variable."""
+    import jax
+
+    from flacuna_jax import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(distributed, "_initialized", False)
+    for name in ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLACUNA_DISTRIBUTED", "auto")
+    distributed.initialize()
+    assert calls == [((), {"heartbeat_timeout_seconds": 100, "initialization_timeout": 300})]
+    monkeypatch.setattr(distributed, "_initialized", False)
+    monkeypatch.setenv("FLACUNA_DISTRIBUTED", "yes")
+    with pytest.raises(SystemExit, match="FLACUNA_DISTRIBUTED='yes'"):
+        distributed.initialize()
+
+
+TRICKY = ["train.steps=3", "data.sources=[{path: \"my data/a b.json\", weight: 2}]", "output_dir=gs://b/run it's $HOME",
+          "lora.targets='[q_proj, v_proj]'", "model.path=`whoami`; rm -rf x", "seed=1\nsecond line"]
+
+
+def _as_bash_words(line, env):
+    """The words bash makes of `line` (the printed command), NUL-separated."""
+    r = subprocess.run(["bash", "-c", 'eval "words=($LINE)"; printf "%s\\0" "${words[@]}"'], env=dict(env, LINE=line),
+                       capture_output=True, text=True, check=True)
+    return r.stdout.split("\0")[:-1]
+
+
+def test_tpu_vm_dry_run_quotes_the_remote_command_and_runs_it_on_every_worker(tmp_path):
+    """--dry-run prints the gcloud command (--worker=all); replayed through bash and then the remote shell,
+    the config and every override reach the trainer exactly as typed, with FLACUNA_DISTRIBUTED=auto and
+    launch/tpu_env.sh's flags (and yours after them). Without --dry-run the same argv reaches gcloud."""
+    remote_dir = tmp_path / "worker home" / "flacuna_jax"  # a space in the worker's path too
+    (remote_dir / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch/tpu_env.sh", remote_dir / "launch/tpu_env.sh")
+    fake_python = remote_dir / "python"  # records what the trainer would have been given
+    fake_python.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                           f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': {{k: os.environ.get(k) for k in "
+                           f"('FLACUNA_DISTRIBUTED', 'LIBTPU_INIT_ARGS')}}}}, open({str(tmp_path / 'got.json')!r}, 'w'))\n")
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("LIBTPU_INIT_ARGS", "FLACUNA_TPU_LIBTPU_ARGS")}
+    env.update(FLACUNA_TPU_DIR=str(remote_dir), FLACUNA_TPU_PYTHON=str(fake_python),
+               LIBTPU_INIT_ARGS="--xla_enable_async_all_gather=false")
+    args = ["my-v5e", "us-west4-a", "configs/my config.yaml", *TRICKY]
+    r = subprocess.run(["bash", "launch/tpu_vm.sh", "--dry-run", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    [line] = r.stdout.splitlines()
+    words = _as_bash_words(line, env)
+    assert words[:10] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v5e", "--zone", "us-west4-a", "--worker=all",
+                          "--command"] and len(words) == 11
+    subprocess.run(["bash", "-c", words[10]], env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, check=True)
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["argv"] == ["-m", "flacuna_jax.train", "--config", "configs/my config.yaml", *TRICKY]
+    assert Path(got["cwd"]) == remote_dir and got["env"]["FLACUNA_DISTRIBUTED"] == "auto"
+    flags = got["env"]["LIBTPU_INIT_ARGS"]
+    assert flags.startswith("--xla_tpu_enable_data_parallel_all_reduce_opt=true ")
+    assert flags.endswith(" --xla_enable_async_all_gather=true --xla_enable_async_all_gather=false")  # yours last
+
+    bin_dir = tmp_path / "bin"  # a gcloud that records its argv
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f"#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > {str(tmp_path / 'gcloud.argv')!r}\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    r = subprocess.run(["bash", "launch/tpu_vm.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(env, PATH=f"{bin_dir}:{env['PATH']}"))
+    assert r.returncode == 0, r.stderr
+    assert ["gcloud", *(tmp_path / "gcloud.argv").read_text().split("\0")[:-1]] == words
+    r = subprocess.run(["bash", "launch/tpu_vm.sh", "--dry-run", "my-v5e", "us-west4-a"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "usage" in r.stderr

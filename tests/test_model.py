@@ -63,7 +63,7 @@ def test_rope_matches(tiny_model_dir, preset):
 
 @pytest.mark.parametrize("preset", ["mha", "gqa"])
 def test_attention_matches(tiny_model_dir, preset):
-    from flacuna_jax.attention import attention_mask
+    from flacuna_jax.attention import masking
 
     path = tiny_model_dir(preset)
     model, params = hf.load_pretrained(path)
@@ -72,8 +72,7 @@ def test_attention_matches(tiny_model_dir, preset):
     x = np.random.default_rng(0).standard_normal((2, 9, c.hidden_size)).astype(np.float32)
     pos = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
     seg = np.ones((2, 9), np.int32)
-    mask = attention_mask(seg, pos, seg)
-    ours, _ = Attention(c, Runtime()).apply({"params": _layer0(params)["attn"]}, x, pos, mask)
+    ours, _ = Attention(c, Runtime()).apply({"params": _layer0(params)["attn"]}, x, pos, masking(seg))
     with torch.no_grad():
         tx = torch.from_numpy(x)
         pe = ref.rotary_emb(tx, torch.from_numpy(pos.copy()).long())
