@@ -138,6 +138,7 @@ def test_block_fitting_and_validation():
 def warnings_seen(monkeypatch, caplog):
     monkeypatch.setattr(S, "_warned_interpret", False)
     monkeypatch.setattr(A, "_logged_choices", set())
+    monkeypatch.setattr(A, "_logged_fallbacks", set())  # another test in this process may have logged it
     caplog.set_level(logging.WARNING)
     return lambda: [r.getMessage() for r in caplog.records if r.name in (A.__name__, S.__name__)]
 
