@@ -67,8 +67,8 @@ class PreemptionWatch:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.mode == "signal":
-            signal.signal(signal.SIGTERM, self._previous)
+        if self.mode == "signal":  # None: a handler set outside Python, which Python cannot put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.signals += 1  # no I/O here: the handler can interrupt a print in progress
