@@ -216,19 +216,22 @@ def test_topologies_log_the_same_losses_and_resume_across_them(assets, sims, tmp
     # Preemption: both wait before reading this launch's batch 3 (step 4 dispatched, not yet checked);
     # SIGTERM reaches process 1 only (one host reclaimed). JAX passes the notice to process 0 and sets the
     # sync point to the next step counter (C++ INFO line, shown with TF_CPP_MIN_LOG_LEVEL=0) before they go
-    # on: both stop after step 4, save it (checkpoint.every=100: only because of the SIGTERM; a second
-    # SIGTERM to each while that save is in flight changes nothing) and exit with 75.
+    # on: both stop after step 4, save it (checkpoint.every=3: only because of the SIGTERM; a second
+    # SIGTERM to each while that save is in flight changes nothing) and exit with 75. The step-3 save
+    # before the notice must not move the counter (it did through orbax: checkpoint._Manager).
     shutil.copytree(ref, elastic)
     for step in (4, 6):
         shutil.rmtree(elastic / "checkpoints" / str(step))
     proc = cpu_sim(sims, assets, elastic, devices=1, pause_at=3, hooks={"SIGTERM_AFTER_SAVE": "4",
                                                                        "TF_CPP_MIN_LOG_LEVEL": "0"},
-                   **{"checkpoint.every": 100})
+                   **{"checkpoint.every": 3})
     wait_for(lambda: paused(elastic, 0, 3) and paused(elastic, 1, 3), proc, "both processes waiting before batch 3")
     os.kill(pids(elastic)[1], signal.SIGTERM)
-    sync_set = "Preemption sync counter is set: 2"  # this launch's 2nd step: global step 4
+    sync_set = "Preemption sync counter is set: "
     wait_for(lambda: all(sync_set in (elastic / f"process_{i}.log").read_text() for i in (0, 1)), proc,
              "the preemption sync point on both processes")
+    for i in (0, 1):  # this launch's 2nd step: global step 4
+        assert f"{sync_set}2\n" in (elastic / f"process_{i}.log").read_text(), i
     release_file(elastic).touch()
     text, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == EXIT_PREEMPTED and "fallback" not in text, text[-3000:]
@@ -241,7 +244,7 @@ def test_topologies_log_the_same_losses_and_resume_across_them(assets, sims, tmp
         assert "SIGTERM to myself while checkpoint 4 is being saved" in log
     log0 = (elastic / "process_0.log").read_text()
     assert resumed_at(log0) == 2 and "on SIGTERM to any of the 2 processes: all stop after the same step" in log0
-    assert checkpoint_steps(elastic) == [2, 4]
+    assert checkpoint_steps(elastic) == [2, 3, 4]
     assert_same_losses(elastic, ref, steps=4)
 
     # The exported adapters agree to float32 precision: Adam's m / sqrt(v) turns summation-order
