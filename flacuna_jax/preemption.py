@@ -20,7 +20,9 @@ How a notice becomes one agreed step:
 
 The counter is the number of steps completed in THIS launch (1, 2, ...), not the global step: JAX's
 counters start at 0, so a notice that arrives before the first call (during compilation) sets the sync
-point to 1, which a resumed run counting from its checkpoint's step would never reach.
+point to 1, which a resumed run counting from its checkpoint's step would never reach. Nothing else may
+report a counter (JAX keeps the last value per process): orbax's own manager does on every save, so
+`checkpoint.py` switches that off.
 
 A second SIGTERM changes nothing: the flag stays set, JAX's handler stays installed, the save in flight
 finishes. SIGKILL after the grace period cannot be caught; orbax's atomic rename then leaves the
