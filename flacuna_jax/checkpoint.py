@@ -48,6 +48,18 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Any:
     return run_path(run_dir) / "checkpoints"
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager without its own preemption queries. Each save asks JAX's preemption sync point
+    with the GLOBAL step (on the saving thread and again from its finalize thread, steps later). JAX keeps
+    one counter per process, the last value passed in: those calls would overwrite the step count the
+    training loop reports (`preemption.py`), and a notice arriving then would set the agreed step to one
+    the loop has already passed, so the run would never stop. orbax only logs the answer; the training
+    loop decides when to save."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """Saves and restores `TrainState` + data-iterator state under `run_dir/checkpoints`."""
 
@@ -57,7 +69,7 @@ class Checkpointer:
             max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -40,6 +40,10 @@ A process that dies must not leave the others hanging. These mechanisms bound th
   `shutdown_timeout_seconds` (300 s), then abort.
 
 `INIT_TIMEOUT_S` (default 300) bounds the wait for every process to join at start-up.
+
+SIGTERM is not a failure: `jax.distributed.initialize` also starts JAX's preemption service, whose
+SIGTERM handler keeps the process running; the training loop then stops every process after the same
+step, saved (`preemption.py`, exit code 75).
 """
 
 from __future__ import annotations

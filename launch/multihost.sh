@@ -8,6 +8,9 @@
 # (default 100, JAX's: a host lost without closing its connections stops the others within about that
 # long; flacuna_jax/distributed.py says why not shorter), INIT_TIMEOUT_S (default 300: the wait for all
 # to join). XLA flags: launch/gpu_env.sh (yours in XLA_FLAGS win).
+# SIGTERM to any host's process (k8s pod deletion, spot reclaim; python is exec'd and receives it) stops
+# every process after the same step, which is saved; all exit with code 75; the same commands resume from
+# it. The grace period before SIGKILL (k8s terminationGracePeriodSeconds) must cover one step plus one save.
 set -euo pipefail
 DRY_RUN=0; if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 [ $# -ge 1 ] || { echo "usage: COORDINATOR_ADDRESS=host:port NUM_PROCESSES=N PROCESS_ID=i $0 [--dry-run] CONFIG [key=value ...]" >&2; exit 2; }

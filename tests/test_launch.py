@@ -1,8 +1,9 @@
 """Multi-process training through launch/cpu_sim.sh, with packing and LoRA dropout on: 2 processes x
 2 CPU devices (gloo), 1 x 4 and 2 x 1 log the same losses, a run checkpointed under one topology
 resumes under another (2x2 -> 1x4 after a kill -9, at the step of the last checkpoint; 1x4 -> 2x1),
-and a killed process stops the others (exit code 4, or JAX's abort when the coordinator dies). The GPU
-launch scripts: their --dry-run, and launch/slurm.sbatch under simulated SLURM tasks.
+a SIGTERM to one process stops both after the same step, saved (exit code 75), and a killed process
+stops the others (exit code 4, or JAX's abort when the coordinator dies). The GPU launch scripts: their
+--dry-run, and launch/slurm.sbatch under simulated SLURM tasks.
 
 Why the losses agree: every process plans the same global batches (data/batches.py) and a row's
 dropout mask is seeded by its index in the global batch (model.row_dropout), so what differs between
@@ -32,6 +33,7 @@ import pytest
 from flacuna_jax.checkpoint import checkpoint_dir, latest_complete_step
 from flacuna_jax.distributed import EXIT_PEER_FAILURE
 from flacuna_jax.metrics import read_jsonl
+from flacuna_jax.preemption import EXIT_PREEMPTED
 from tests.helpers import slow_steps_path, write_train_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ RTOL = 1e-5  # per-step losses
 ADAPTER_TOL = 1e-4  # exported factors, relative to each tensor's largest entry
 HANG_S = 900  # a guard against a hang, not a speed requirement (the 2x2 run took 190 s at load 15)
 SIGABRT_EXIT = 128 + signal.SIGABRT  # JAX terminates a process when its coordination service is gone
+STOP_GRACE_S = 20  # cpu_sim.sh: SIGTERM to the script, then SIGKILL to processes still running this much later
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +81,25 @@ def one_process(assets, out):
 @pytest.fixture
 def sims():
     """The cpu_sim.sh runs a test starts: one still running at teardown (the test failed) is stopped with
-    SIGTERM, which cpu_sim.sh passes on to its processes (a paused one would otherwise wait forever)."""
+    SIGTERM, which cpu_sim.sh passes on to its processes and kills those still running STOP_GRACE_S later
+    (a paused one would otherwise wait forever)."""
     started = []
     yield started
     for proc in started:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.communicate(timeout=60)
+                proc.communicate(timeout=STOP_GRACE_S + 60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
 
 
-def cpu_sim(sims, assets, out, devices=2, pause_at=0, **extra):
+def cpu_sim(sims, assets, out, devices=2, pause_at=0, hooks=None, **extra):
     """launch/cpu_sim.sh 2 <devices>; with pause_at=k every process waits before reading its k-th batch
-    until the file `release_file(out)` exists."""
+    until the file `release_file(out)` exists; `hooks`: more environment (tests/slow_steps, logging)."""
     e = env(assets, PYTHONPATH=slow_steps_path(), PYTHON=sys.executable, PAUSE_AT_BATCH=str(pause_at),
-            PAUSE_UNTIL=str(release_file(out)))
+            PAUSE_UNTIL=str(release_file(out)), STOP_GRACE_S=str(STOP_GRACE_S), **(hooks or {}))
     cmd = ["bash", "launch/cpu_sim.sh", "2", str(devices), "configs/demo.yaml", *overrides(assets, out, **extra)]
     sims.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return sims[-1]
@@ -105,9 +109,10 @@ def release_file(out):
     return out.parent / f"{out.name}.release"
 
 
-def export(run, out):
+def export(run, out, step=None):
+    step_args = [] if step is None else ["--step", str(step)]
     r = subprocess.run([sys.executable, "-m", "flacuna_jax.convert", "export", "--run", str(run), "--format", "peft",
-                        "--out", str(out)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        "--out", str(out), *step_args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                        capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     from safetensors.numpy import load_file
@@ -154,9 +159,10 @@ def survivor_exit(text, index):
     return None
 
 
-def assert_same_losses(got_dir, want_dir):
-    want, got = read_jsonl(want_dir / "metrics.jsonl"), read_jsonl(got_dir / "metrics.jsonl")
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+def assert_same_losses(got_dir, want_dir, steps=STEPS):
+    """got_dir's metrics of steps 1..`steps` (all it has) equal want_dir's to float32 summation order."""
+    want, got = read_jsonl(want_dir / "metrics.jsonl")[:steps], read_jsonl(got_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
     rel = [abs(g["loss"] - w["loss"]) / abs(w["loss"]) for g, w in zip(got, want)]
     print(f"{got_dir.name}: per-step loss relative differences:", ", ".join(f"{x:.1e}" for x in rel))
     assert max(rel) <= RTOL, rel
@@ -208,18 +214,43 @@ def test_topologies_log_the_same_losses_and_resume_across_them(assets, sims, tmp
     assert_same_losses(sim, ref)
 
     # 1x4 -> 2x1: the reference run's step-2 checkpoint resumes in two processes of one device each.
+    # Preemption: both wait before reading this launch's batch 3 (step 4 dispatched, not yet checked);
+    # SIGTERM reaches process 1 only (one host reclaimed). JAX passes the notice to process 0 and sets the
+    # sync point to the next step counter (C++ INFO line, shown with TF_CPP_MIN_LOG_LEVEL=0) before they go
+    # on: both stop after step 4, save it (checkpoint.every=3: only because of the SIGTERM; a second
+    # SIGTERM to each while that save is in flight changes nothing) and exit with 75. The step-3 save
+    # before the notice must not move the counter (it did through orbax: checkpoint._Manager).
     shutil.copytree(ref, elastic)
     for step in (4, 6):
         shutil.rmtree(elastic / "checkpoints" / str(step))
-    proc = cpu_sim(sims, assets, elastic, devices=1)
+    proc = cpu_sim(sims, assets, elastic, devices=1, pause_at=3, hooks={"SIGTERM_AFTER_SAVE": "4",
+                                                                       "TF_CPP_MIN_LOG_LEVEL": "0"},
+                   **{"checkpoint.every": 3})
+    wait_for(lambda: paused(elastic, 0, 3) and paused(elastic, 1, 3), proc, "both processes waiting before batch 3")
+    os.kill(pids(elastic)[1], signal.SIGTERM)
+    sync_set = "Preemption sync counter is set: "
+    wait_for(lambda: all(sync_set in (elastic / f"process_{i}.log").read_text() for i in (0, 1)), proc,
+             "the preemption sync point on both processes")
+    for i in (0, 1):  # this launch's 2nd step: global step 4
+        assert f"{sync_set}2\n" in (elastic / f"process_{i}.log").read_text(), i
+    release_file(elastic).touch()
     text, _ = proc.communicate(timeout=HANG_S)
-    assert proc.returncode == 0, text[-3000:]
-    assert resumed_at((elastic / "process_0.log").read_text()) == 2
-    assert_same_losses(elastic, ref)
+    assert proc.returncode == EXIT_PREEMPTED and "fallback" not in text, text[-3000:]
+    assert survivor_exit(text, 0) == survivor_exit(text, 1) == EXIT_PREEMPTED, text[-2000:]
+    for i in (0, 1):
+        log = (elastic / f"process_{i}.log").read_text()
+        stopped = [x for x in log.splitlines() if "stopped by SIGTERM" in x]
+        assert stopped == [f"[p{i}/2] stopped by SIGTERM after step 4 of {STEPS}: checkpoint 4 saved in "
+                           f"{checkpoint_dir(elastic)}; re-run the same command to resume (exit code 75)"], log[-3000:]
+        assert "SIGTERM to myself while checkpoint 4 is being saved" in log
+    log0 = (elastic / "process_0.log").read_text()
+    assert resumed_at(log0) == 2 and "on SIGTERM to any of the 2 processes: all stop after the same step" in log0
+    assert checkpoint_steps(elastic) == [2, 3, 4]
+    assert_same_losses(elastic, ref, steps=4)
 
     # The exported adapters agree to float32 precision: Adam's m / sqrt(v) turns summation-order
     # differences in near-zero gradient entries into ~1e-5 of the factor's scale.
-    a, b = export(ref, tmp_path / "ref_adapter"), export(elastic, tmp_path / "elastic_adapter")
+    a, b = export(ref, tmp_path / "ref_adapter", step=4), export(elastic, tmp_path / "elastic_adapter")
     assert sorted(a) == sorted(b) and a
     worst = max(float(np.max(np.abs(a[k] - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a)
     print(f"adapter: max |difference| / max |value| over tensors = {worst:.1e}")

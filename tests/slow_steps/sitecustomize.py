@@ -5,7 +5,10 @@
   k-th training batch, until <path> exists. The loop (train.train_loop) reads batch k after it has
   dispatched step k - 1 and before it logs or saves that step; by then it has saved step k - 2. So
   with k = c + 2, checkpoint c is written (asynchronously) and no later one can be: a test kills a
-  process at an exact step, whatever the machine's load.
+  process at an exact step, whatever the machine's load;
+- SIGTERM_AFTER_SAVE=s to make every training process send itself SIGTERM as soon as the save of
+  checkpoint s has started (Checkpointer.save returned, its files still being written in the
+  background): a second SIGTERM while a preemption checkpoint is being saved.
 The library has no such hook."""
 
 import os
@@ -13,6 +16,7 @@ import os
 _delay = float(os.environ.get("SLOW_STEP_S", "0") or 0)
 _pause_at = int(os.environ.get("PAUSE_AT_BATCH", "0") or 0)
 _release = os.environ.get("PAUSE_UNTIL", "")
+_sigterm_after_save = int(os.environ.get("SIGTERM_AFTER_SAVE", "0") or 0)
 if _delay > 0 or (_pause_at > 0 and _release):
     import time
 
@@ -33,3 +37,18 @@ if _delay > 0 or (_pause_at > 0 and _release):
         return _next_batch(self)
 
     train_data.DataFeed.next_batch = _paced_next_batch
+
+if _sigterm_after_save > 0:
+    import signal
+
+    from flacuna_jax import checkpoint
+
+    _save = checkpoint.Checkpointer.save
+
+    def _save_then_sigterm(self, step, *args, **kwargs):
+        _save(self, step, *args, **kwargs)
+        if step == _sigterm_after_save:
+            print(f"SIGTERM to myself while checkpoint {step} is being saved", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    checkpoint.Checkpointer.save = _save_then_sigterm
