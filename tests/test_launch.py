@@ -198,8 +198,16 @@ def test_topologies_log_the_same_losses_and_resume_across_them(assets, sims, tmp
     log0, log1 = (sim / "process_0.log").read_text(), (sim / "process_1.log").read_text()
     assert proc.returncode != 0 and "fallback" not in text, text[-2000:]  # stopped by itself, not by cpu_sim.sh
     assert survivor_exit(text, 1) == 128 + signal.SIGKILL, text[-2000:]
-    assert survivor_exit(text, 0) == EXIT_PEER_FAILURE, text[-2000:]
-    assert "error: process 0 lost contact with another process of the job" in log0, log0[-3000:]
+    # Process 0 stops by itself, through whichever of two mechanisms notices first: its next collective
+    # fails (exit 4, our one-line error), or JAX's coordination service, which process 0 hosts, has
+    # already seen process 1 gone and aborts it (134). Both were seen here under load; either is a
+    # prompt, self-made stop, which is what the README promises.
+    survivor = survivor_exit(text, 0)
+    assert survivor in (EXIT_PEER_FAILURE, 128 + signal.SIGABRT), text[-2000:]
+    if survivor == EXIT_PEER_FAILURE:
+        assert "error: process 0 lost contact with another process of the job" in log0, log0[-3000:]
+    else:
+        assert "Terminating process because the JAX distributed service detected fatal errors" in log0, log0[-3000:]
     assert checkpoint_steps(sim) == [2, KILL_AFTER]
     # Only process 0 writes metrics; every line says who wrote it.
     assert "[p0/2] step 1/6 | loss" in log0 and "step 1/6" not in log1
