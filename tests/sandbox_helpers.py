@@ -15,6 +15,29 @@ from flacuna_jax.evals import sandbox, sandbox_seccomp
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def in_forked_child(body) -> dict:
+    """body() in a forked child, which exits right after; its JSON-able dict back (an exception in it
+    comes back as {"error": "Type: message"}). For what must not touch the test process: namespaces,
+    privileges, seccomp filters."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            try:
+                result = body()
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                result = {"error": f"{type(e).__name__}: {e}"}
+            os.write(write, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
 # Each hostile program starts with this: `attempt(name, fn)` prints one JSON line, [name, "ok", result]
 # or [name, "refused", errno name]; `call` turns a libc -1 into OSError.
 PRELUDE = '''

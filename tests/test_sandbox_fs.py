@@ -7,14 +7,13 @@ here changes this machine's mounts; the child reports what it saw as JSON on a p
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 
 import pytest
 
 from flacuna_jax.evals import sandbox_fs
 from flacuna_jax.evals.sandbox_fs import Cover, Plan
-from tests.sandbox_helpers import make_visible_dir, remove_visible_dir, strongest_available
+from tests.sandbox_helpers import in_forked_child, make_visible_dir, remove_visible_dir, strongest_available
 
 as_root = pytest.mark.skipif(not strongest_available(), reason="needs root and mount namespaces")
 
@@ -69,24 +68,13 @@ def test_interpreter_paths_are_resolved_and_exist():
 
 def _in_new_mount_namespace(body) -> dict:
     """body() in a forked child in a new mount namespace; its dict back (or {"error": ...})."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
-                raise OSError(ctypes.get_errno(), "unshare")
-            result = body()
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            result = {"error": f"{type(e).__name__}: {e}"}
-        os.write(write, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(text)
+    def unshared():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+            raise OSError(ctypes.get_errno(), "unshare")
+        return body()
+
+    return in_forked_child(unshared)
 
 
 def _probe(path: str) -> str:

@@ -6,34 +6,15 @@ Each case runs in a forked child of this (root) test process, which reports as J
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 
 import pytest
 
 from flacuna_jax.evals import sandbox_privileges
-from tests.sandbox_helpers import make_visible_dir, remove_visible_dir
+from tests.sandbox_helpers import in_forked_child, make_visible_dir, remove_visible_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs some to drop: run as root")
 UID = 1_400_100_000 + os.getpid() % 100_000
-
-
-def _in_child(body) -> dict:
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            result = body()
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            result = {"error": f"{type(e).__name__}: {e}"}
-        os.write(write, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(text)
 
 
 def _read(path: str) -> str:
@@ -65,7 +46,7 @@ def test_drop_to_a_uid_empties_every_set(root_only_file):
                 "secret": _read(str(root_only_file / "secret.txt")),
                 "own_environ": "PATH" in _read("/proc/self/environ")}  # dumpable again: its /proc is its own
 
-    got = _in_child(body)
+    got = in_forked_child(body)
     assert got["held"] == {"effective": 0, "permitted": 0, "inheritable": 0, "ambient": 0, "bounding": 0}
     assert got["describe"] == "nocaps" and got["no_new_privs"] == 1
     assert got["ids"] == [[UID] * 3, [UID] * 3, []]
@@ -79,7 +60,7 @@ def test_drop_keeping_the_uid_as_root_still_reads_only_what_root_owns(root_only_
                 "own": _read(str(root_only_file / "secret.txt")), "theirs": _read(str(root_only_file / "theirs.txt"))}
 
     # uid 0 without CAP_DAC_OVERRIDE: root's own files (the owner's bits), nobody else's
-    assert _in_child(body) == {"describe": "nocaps", "uid": 0, "own": "s3cret", "theirs": "Permission denied"}
+    assert in_forked_child(body) == {"describe": "nocaps", "uid": 0, "own": "s3cret", "theirs": "Permission denied"}
 
 
 def test_keeping_one_capability_says_so(root_only_file):
@@ -89,7 +70,7 @@ def test_keeping_one_capability_says_so(root_only_file):
                 "secret": _read(str(root_only_file / "secret.txt"))}
 
     bit = 1 << sandbox_privileges.CAP_DAC_READ_SEARCH
-    assert _in_child(body) == {"describe": "cap_dac_read_search", "secret": "s3cret", "held": {
+    assert in_forked_child(body) == {"describe": "cap_dac_read_search", "secret": "s3cret", "held": {
         "effective": bit, "permitted": bit, "inheritable": 0, "ambient": 0, "bounding": bit}}
 
 
@@ -103,7 +84,7 @@ def test_own_ids_map_in_a_new_user_namespace():
         sandbox_privileges.map_own_ids(UID, UID)
         return {"before": before, "after": [os.getuid(), os.getgid()], "setgroups": _read("/proc/self/setgroups")}
 
-    got = _in_child(body)
+    got = in_forked_child(body)
     if "skip" in got:
         pytest.skip(f"no user namespace for an ordinary user here: {got['skip']}")
     assert got == {"before": 65534, "after": [UID, UID], "setgroups": "deny\n"}

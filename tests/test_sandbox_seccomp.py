@@ -7,7 +7,6 @@ without the filter, so a refusal is the filter's doing and not a missing privile
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ import threading
 import pytest
 
 from flacuna_jax.evals import sandbox_seccomp
+from tests.sandbox_helpers import in_forked_child
 
 pytestmark = pytest.mark.skipif(not sandbox_seccomp.supported(), reason="no system call table for this machine")
 
@@ -41,61 +41,52 @@ def test_numbers_are_those_of_the_kernel_headers(machine):
 
 def _in_child(filtered: bool, processes: bool = True) -> dict:
     """What a forked child (no_new_privs, then the filter if `filtered`) can do, as {name: result}."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as the sandbox (the filter needs it)
-            signal.signal(signal.SIGUSR1, lambda *_: None)
-            if filtered:
-                sandbox_seccomp.install(processes=processes)
-            got = {}
+    def body():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, as the sandbox (the filter needs it)
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        if filtered:
+            sandbox_seccomp.install(processes=processes)
+        got = {}
 
-            def attempt(name, fn):
-                try:
-                    got[name] = ["ok", fn()]
-                except OSError as e:
-                    got[name] = ["refused", e.errno]
+        def attempt(name, fn):
+            try:
+                got[name] = ["ok", fn()]
+            except OSError as e:
+                got[name] = ["refused", e.errno]
 
-            def call(*args):
-                result = libc.syscall(*args)
-                if result == -1:
-                    raise OSError(ctypes.get_errno(), "")
-                return 0
+        def call(*args):
+            result = libc.syscall(*args)
+            if result == -1:
+                raise OSError(ctypes.get_errno(), "")
+            return 0
 
-            def fork():
-                child = os.fork()
-                if child == 0:
-                    os._exit(0)
-                os.waitpid(child, 0)
-                return 0
+        def fork():
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            os.waitpid(child, 0)
+            return 0
 
-            numbers = sandbox_seccomp.denied_numbers(os.uname().machine)
-            attempt("socket", lambda: socket.socket().close())
-            attempt("socketpair", lambda: [s.close() for s in socket.socketpair()] and 0)
-            attempt("keyctl", lambda: call(numbers["keyctl"], 0, -3, 0))  # the session keyring's id
-            attempt("ptrace", lambda: call(numbers["ptrace"], 3, 0, 0, 0))  # PTRACE_PEEKUSER of no one: ESRCH
-            attempt("clone3", lambda: call(sandbox_seccomp._CLONE3[os.uname().machine != "x86_64"], 0, 0))
-            attempt("fork", fork)
-            thread = threading.Thread(target=lambda: None)
-            attempt("thread", lambda: (thread.start(), thread.join()) and 0)
-            attempt("signal_self", lambda: os.kill(os.getpid(), 0) or 0)  # signal 0: only whether it may
-            attempt("signal_group", lambda: os.kill(0, 0) or 0)
-            attempt("signal_parent", lambda: os.kill(os.getppid(), 0) or 0)
-            attempt("signal_everyone", lambda: os.kill(-1, 0) or 0)
-            attempt("raise", lambda: signal.raise_signal(signal.SIGUSR1) or 0)  # tgkill of our own thread
-            attempt("unshare_user", lambda: call(numbers["unshare"], 0x10000000))  # CLONE_NEWUSER; last, as it
-            # changes this child's namespaces where it succeeds
-            os.write(write, json.dumps(got).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(text)
+        numbers = sandbox_seccomp.denied_numbers(os.uname().machine)
+        attempt("socket", lambda: socket.socket().close())
+        attempt("socketpair", lambda: [s.close() for s in socket.socketpair()] and 0)
+        attempt("keyctl", lambda: call(numbers["keyctl"], 0, -3, 0))  # the session keyring's id
+        attempt("ptrace", lambda: call(numbers["ptrace"], 3, 0, 0, 0))  # PTRACE_PEEKUSER of no one: ESRCH
+        attempt("clone3", lambda: call(sandbox_seccomp._CLONE3[os.uname().machine != "x86_64"], 0, 0))
+        attempt("fork", fork)
+        thread = threading.Thread(target=lambda: None)
+        attempt("thread", lambda: (thread.start(), thread.join()) and 0)
+        attempt("signal_self", lambda: os.kill(os.getpid(), 0) or 0)  # signal 0: only whether it may
+        attempt("signal_group", lambda: os.kill(0, 0) or 0)
+        attempt("signal_parent", lambda: os.kill(os.getppid(), 0) or 0)
+        attempt("signal_everyone", lambda: os.kill(-1, 0) or 0)
+        attempt("raise", lambda: signal.raise_signal(signal.SIGUSR1) or 0)  # tgkill of our own thread
+        attempt("unshare_user", lambda: call(numbers["unshare"], 0x10000000))  # CLONE_NEWUSER; last, as it
+        # changes this child's namespaces where it succeeds
+        return got
+
+    return in_forked_child(body)
 
 
 def test_the_filter_refuses_what_an_unfiltered_process_may_do():
