@@ -245,6 +245,23 @@ def write_data(bb: Path, root: Path, sizes: dict[str, int | None]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ InstructEval's side
+class Observed(str):
+    """An output of InstructEval's model call that notes each `startswith(label)` InstructEval applies to
+    it (the label and the verdict) in `entry`; `strip` keeps the note."""
+
+    entry: dict
+
+    def strip(self, *args):
+        out = Observed(str.strip(self, *args))
+        out.entry = self.entry
+        return out
+
+    def startswith(self, prefix, *args):
+        verdict = str.startswith(self, prefix, *args)
+        self.entry["label"], self.entry["correct"] = str(prefix), bool(verdict)
+        return verdict
+
+
 def import_instruct_eval(checkout: str | Path) -> types.SimpleNamespace:
     """InstructEval's modules (bbh, crass, drop, hhh, mmlu, modeling) imported from a checkout, with
     stub modules for what only its other model classes import and pydantic's v1 API under the name
@@ -289,21 +306,6 @@ def ie_child(config: dict) -> None:
     bbh, crass, drop, hhh, mmlu, modeling = ie.bbh, ie.crass, ie.drop, ie.hhh, ie.mmlu, ie.modeling
     data = Path(config["data"])
     record: list[dict] = []
-
-    class Observed(str):
-        """IE's output text, noting each `startswith(label)` IE applies to it (its label and verdict)."""
-
-        entry: dict
-
-        def strip(self, *args):
-            out = Observed(str.strip(self, *args))
-            out.entry = self.entry
-            return out
-
-        def startswith(self, prefix, *args):
-            verdict = str.startswith(self, prefix, *args)
-            self.entry["label"], self.entry["correct"] = str(prefix), bool(verdict)
-            return verdict
 
     run, choice = modeling.CausalModel.run, modeling.CausalModel.get_choice
 

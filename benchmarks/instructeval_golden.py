@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import ROOT
-from benchmarks.instructeval_agreement import IE_COMMIT, import_instruct_eval, instruct_eval_dir
+from benchmarks.instructeval_agreement import IE_COMMIT, Observed, import_instruct_eval, instruct_eval_dir
 
 GOLDEN_DIR = ROOT / "tests" / "data" / "instructeval_e2eb966"
 MAX_INPUT_WORDS = {"mmlu": 130, "bbh": 110, "drop": 90, "crass": 120}
@@ -62,22 +62,6 @@ def hhh_logits(prompt: str) -> list[float]:
     """Fixed "A" and "B" next-token logits of a prompt (two decimals: exact in JSON and in float sums)."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
     return [round(digest[0] / 16 - 8, 2), round(digest[1] / 16 - 8, 2)]
-
-
-class Observed(str):
-    """An output that notes the label of each `startswith` InstructEval applies to it, and the verdict."""
-
-    entry: dict
-
-    def strip(self, *args):
-        out = Observed(str.strip(self, *args))
-        out.entry = self.entry
-        return out
-
-    def startswith(self, prefix, *args):
-        verdict = str.startswith(self, prefix, *args)
-        self.entry["label"], self.entry["correct"] = str(prefix), bool(verdict)
-        return verdict
 
 
 def run_instruct_eval(checkout: Path, inputs: Path) -> dict:
