@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
         concurrent_s, failed_c = timed(base_url, model, reqs, a.concurrency, a.max_tokens, a.timeout)
         serial_s, failed_s = timed(base_url, model, reqs, 1, a.max_tokens, a.timeout)
         return {"benchmark": "impact_judge", "judge": label, "requests": len(reqs), "concurrency": a.concurrency,
-                "concurrent_s": round(concurrent_s, 2), "serial_s": round(serial_s, 2),
+                "concurrent_s": round(concurrent_s, 3), "serial_s": round(serial_s, 3),
                 "ratio": round(serial_s / concurrent_s, 2), "failed": failed_c + failed_s,
                 "load_avg_before": [round(x, 2) for x in load_before],
                 "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
