@@ -206,12 +206,14 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
                                                              + prefix[name].shape[axis + 1:]), cache[name]], axis=axis + 1)
                      for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": prefix["index"]}
             positions_bt = positions_bt + jnp.sum(prefix["segment_ids"])
-        logits_btv, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache)
+        last_b1 = jnp.full((b, 1), width - 1, jnp.int32)  # left padding: the last slot is real
+        logits_b1v, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache,
+                                        logits_at_bm=last_b1)  # the output projection of that slot only
         state = {
             "step": jnp.zeros((), jnp.int32),
             "tokens": jnp.full((b, n_new), spec.pad_id, jnp.int32),
             "cache": cache,
-            "logits": logits_btv[:, -1].astype(jnp.float32),  # left padding: the last slot is real
+            "logits": logits_b1v[:, 0].astype(jnp.float32),
             "done": jnp.zeros((b,), bool),
             "position": positions_bt[:, -1] + 1,
             "rng": rng,

@@ -94,6 +94,7 @@ class Runtime:
     attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
     base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
     double_quant: bool = False  # nf4: the block absmax quantized too
+    layers: str = "scan"  # scan | unrolled (inference: each layer's weights its own buffer, see `unstack_layers`)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -218,7 +219,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
-                 write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
+                 write_index: Array | None = None, rows_b: Array | None = None,
+                 layer: int | None = None) -> tuple[Array, dict | None]:
+        """`cache`: this layer's keys/values [b, s, k, f], or with `layer` the whole stack [l, b, s, k, f],
+        written in place at [layer, :, write_index] (an unrolled decode step copies no other layer's)."""
         c = self.config
         b, t, _ = x_btd.shape
         q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b)
@@ -229,7 +233,13 @@ class Attention(nn.Module):
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inv_freq(c)
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
-        if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
+        if cache is not None and layer is not None:  # the stacked cache: only this layer's new slots are written
+            zero = jnp.zeros((), jnp.int32)
+            at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(write_index, jnp.int32), zero, zero)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None], at)
+                     for name, new in (("k", k_btkf), ("v", v_btkf))}
+            k_btkf, v_btkf = cache["k"][layer], cache["v"][layer]
+        elif cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
             k_btkf = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkf.astype(cache["k"].dtype), write_index, axis=1)
             v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
             cache = {"k": k_btkf, "v": v_btkf}
@@ -285,11 +295,11 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
-                 rows_b: Array | None = None):
+                 rows_b: Array | None = None, layer: int | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
         attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b)
+        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b, layer)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
         h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
@@ -312,17 +322,25 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
                  *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False,
-                 rows_b: Array | None = None):
-        """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1)."""
+                 rows_b: Array | None = None, mask_bts: Array | None = None, logits_at_bm: Array | None = None):
+        """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1).
+        `mask_bts`: an attention mask [b, t, t] (True: query t sees key s) instead of the causal +
+        segment one, e.g. a shared context whose continuations do not see each other (`score.py`); it
+        must be causal (no key after its query), and is not taken with a cache.
+        `logits_at_bm`: positions [b, m]; the logits (or hidden states) returned are those at these
+        positions only, [b, m, vocab]: the output projection runs where it is read."""
         c, rt = self.config, self.runtime
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if mask_bts is not None and cache is not None:
+            raise ValueError("mask_bts is not taken with a cache (the cache's mask comes from its segment ids)")
         if cache is None:
             write_index = None
-            mask = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
+            mask = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt) \
+                if mask_bts is None else mask_bts
             layer_cache = None
         else:
             write_index = cache["index"]
@@ -337,16 +355,29 @@ class Llama(nn.Module):
         layer_cls = DecoderLayer
         if rt.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[rt.remat], prevent_cse=False)
-        layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, rt, self.lora, deterministic, name="layers")
-        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b)
+        if rt.layers == "unrolled":
+            # One module per layer (params "layers_0", "layers_1", ...: `unstack_layers`). A scanned layer's
+            # weights are sliced out of the stacked arrays and XLA copies each slice before its matmuls, in
+            # every layer of every decode step; here each matmul reads its weights where they lie, and the
+            # stacked KV cache is written in place (one layer's new slots at a time).
+            new_layer_cache = layer_cache
+            for i in range(c.num_layers):
+                layer = layer_cls(c, rt, self.lora, deterministic, name=f"layers_{i}")
+                h, new_layer_cache = layer(h, new_layer_cache, positions_bt, mask, write_index, rows_b,
+                                           None if layer_cache is None else i)
+        else:
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, rt, self.lora, deterministic, name="layers")
+            h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b)
         h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
+        if logits_at_bm is not None:
+            h = jnp.take_along_axis(h, logits_at_bm[:, :, None].astype(jnp.int32), axis=1)
         if return_hidden:
             out = h
         elif c.tie_word_embeddings:
@@ -362,6 +393,31 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             return params["embed_tokens"].T
         return params["lm_head"]["kernel"]
+
+
+def unstack_layers(tree: dict) -> dict:
+    """A tree with a stacked "layers" subtree (every leaf [l, ...]: params, LoRA factors, shardings'
+    shapes) -> one subtree per layer, "layers_0" ... "layers_{l-1}", what `Runtime(layers="unrolled")`
+    reads. The stacked leaves are dropped from `tree` as they are split (`tree` is emptied of "layers"),
+    so a model is never twice in memory when nothing else holds them."""
+    stacked = tree.pop("layers")
+    leaves, treedef = jax.tree.flatten(stacked)
+    del stacked
+    n = leaves[0].shape[0]
+    per_layer: list[list[Any]] = [[] for _ in range(n)]
+    while leaves:
+        leaf = leaves.pop(0)
+        for i in range(n):
+            per_layer[i].append(leaf[i])
+        del leaf
+    return {**tree, **{f"layers_{i}": jax.tree.unflatten(treedef, per_layer[i]) for i in range(n)}}
+
+
+def stack_layers(tree: dict) -> dict:
+    """The inverse of `unstack_layers` (a new tree; `tree` is left as it is)."""
+    names = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])}
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
