@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         paths = write_suite(Path(tmp), a.mmlu, a.bbh)
         benches = [load_benchmark(name, path, Options()) for name, path in paths.items()]
         tokenizer = load_tokenizer(a.model)
-        model, params = load_for_inference(a.model)
+        model, params = load_for_inference(a.model, layers="unrolled")
         runner = Runner(model, params, tokenizer, a.batch_size, progress_out=io.StringIO())
         work = [(b, b.examples(runner.fits_for(b.request))) for b in benches]
         n = sum(len(ex) for _, ex in work)

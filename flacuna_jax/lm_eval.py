@@ -83,7 +83,7 @@ class FlacunaLM(TemplateLM):
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by flacuna_jax: give a number")
         self.model_dir, self.adapter, self.run, self.dtype = str(model), adapter, run, dtype
-        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant)
+        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant, layers="unrolled")
         self._use(net, params, load_tokenizer(tokenizer or model),
                   generation_eos_ids(model, net.config.eos_token_id), batch_size, max_gen_toks, seed)
 
