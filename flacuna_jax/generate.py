@@ -46,7 +46,7 @@ import numpy as np
 
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
-from flacuna_jax.model import init_cache
+from flacuna_jax.model import init_cache, prepend_prefix
 
 TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
 
@@ -171,7 +171,7 @@ def make_prefill(model: Any):
 
     def prefill(params, ids_1p, segment_ids_1p):
         positions_1p = jnp.maximum(jnp.cumsum(segment_ids_1p, axis=1) - 1, 0).astype(jnp.int32)
-        cache = init_cache(model.config, 1, ids_1p.shape[1], model.runtime.compute_dtype)
+        cache = init_cache(model.config, 1, ids_1p.shape[1], model.runtime.compute_dtype, model.runtime.layers)
         return model.apply({"params": params}, ids_1p, positions_1p, segment_ids_1p, cache=cache)[1]
 
     return jax.jit(prefill)
@@ -200,11 +200,9 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         b, width = ids_bt.shape
         variables = {"params": params}
         positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
-        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype)
+        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype, model.runtime.layers)
         if prefix is not None:  # the prefix's slots first, then the rows' own
-            cache = {name: jnp.concatenate([jnp.broadcast_to(prefix[name], prefix[name].shape[:axis] + (b,)
-                                                             + prefix[name].shape[axis + 1:]), cache[name]], axis=axis + 1)
-                     for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": prefix["index"]}
+            cache = prepend_prefix(prefix, cache)
             positions_bt = positions_bt + jnp.sum(prefix["segment_ids"])
         last_b1 = jnp.full((b, 1), width - 1, jnp.int32)  # left padding: the last slot is real
         logits_b1v, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax import quant
-from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
+from flacuna_jax.attention import attention_mask, cached_attention, fused_attention, xla_attention
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -220,10 +220,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
-                 write_index: Array | None = None, rows_b: Array | None = None,
-                 layer: int | None = None) -> tuple[Array, dict | None]:
-        """`cache`: this layer's keys/values [b, s, k, f], or with `layer` the whole stack [l, b, s, k, f],
-        written in place at [layer, :, write_index] (an unrolled decode step copies no other layer's)."""
+                 write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
+        """`cache`: this layer's keys/values {"k", "v"} [b, k, s, f] (`init_cache`)."""
         c = self.config
         b, t, _ = x_btd.shape
         q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b)
@@ -234,22 +232,19 @@ class Attention(nn.Module):
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inv_freq(c)
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
-        if cache is not None and layer is not None:  # the stacked cache: only this layer's new slots are written
-            zero = jnp.zeros((), jnp.int32)
-            at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(write_index, jnp.int32), zero, zero)
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None], at)
-                     for name, new in (("k", k_btkf), ("v", v_btkf))}
-            k_btkf, v_btkf = cache["k"][layer], cache["v"][layer]
-        elif cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
-            k_btkf = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkf.astype(cache["k"].dtype), write_index, axis=1)
-            v_btkf = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkf.astype(cache["v"].dtype), write_index, axis=1)
-            cache = {"k": k_btkf, "v": v_btkf}
-        k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
-        if self.runtime.attention == "xla":
+        if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
+            cache = write_cache(cache, {"k": k_btkf, "v": v_btkf}, write_index)
+            k_bksf, v_bksf = cache["k"], cache["v"]
+            if self.runtime.attention == "xla":
+                o = cached_attention(q_bthf, k_bksf.astype(q_bthf.dtype), v_bksf.astype(q_bthf.dtype), mask_bts)
+            else:
+                o = fused_attention(q_bthf, k_bksf.transpose(0, 2, 1, 3).astype(q_bthf.dtype),
+                                    v_bksf.transpose(0, 2, 1, 3).astype(q_bthf.dtype), mask_bts, causal=False,
+                                    fallback=self.runtime.attention == "auto")
+        elif self.runtime.attention == "xla":
             o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
-        else:  # causal unless decoding into a cache
-            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
-                                fallback=self.runtime.attention == "auto")
+        else:
+            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=True, fallback=self.runtime.attention == "auto")
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
         return out, cache
 
@@ -296,11 +291,11 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
-                 rows_b: Array | None = None, layer: int | None = None):
+                 rows_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
         attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b, layer)
+        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
         h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
@@ -357,15 +352,21 @@ class Llama(nn.Module):
         if rt.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[rt.remat], prevent_cse=False)
         if rt.layers == "unrolled":
-            # One module per layer (params "layers_0", "layers_1", ...: `unstack_layers`). A scanned layer's
-            # weights are sliced out of the stacked arrays and XLA copies each slice before its matmuls, in
-            # every layer of every decode step; here each matmul reads its weights where they lie, and the
-            # stacked KV cache is written in place (one layer's new slots at a time).
-            new_layer_cache = layer_cache
+            # One module per layer (params "layers_0", "layers_1", ...: `unstack_layers`), and a cache of one
+            # array per layer (`init_cache(..., layers="unrolled")`). A scanned layer's weights and cache are
+            # sliced out of stacked arrays, and XLA copies each slice before its matmuls, in every layer of
+            # every decode step; here each matmul reads them where they lie, and each cache is written in place.
+            if layer_cache is not None and not isinstance(layer_cache["k"], (tuple, list)):
+                raise ValueError("an unrolled model's cache holds one array per layer: init_cache(..., layers='unrolled')")
+            new_k, new_v = [], []
             for i in range(c.num_layers):
                 layer = layer_cls(c, rt, self.lora, deterministic, name=f"layers_{i}")
-                h, new_layer_cache = layer(h, new_layer_cache, positions_bt, mask, write_index, rows_b,
-                                           None if layer_cache is None else i)
+                one = None if layer_cache is None else {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
+                h, one = layer(h, one, positions_bt, mask, write_index, rows_b)
+                if one is not None:
+                    new_k.append(one["k"])
+                    new_v.append(one["v"])
+            new_layer_cache = None if layer_cache is None else {"k": tuple(new_k), "v": tuple(new_v)}
         else:
             layers = nn.scan(
                 layer_cls,
@@ -433,10 +434,44 @@ def stack_layers(tree: dict) -> dict:
     return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])}
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, layers: str = "scan") -> dict:
+    """An empty KV cache: "k", "v" [layers, batch, kv heads, max_len, head dim] (each head's keys
+    contiguous: what a decode step's attention reads without a transpose), with `layers="unrolled"`
+    (`Runtime.layers`) a tuple of one [batch, kv heads, max_len, head dim] array per layer;
+    "segment_ids" [batch, max_len] (0: empty or padding); "index": the next slot written (one for all rows)."""
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    if layers == "unrolled":
+        kv = {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
+    else:
+        kv = {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
+    return {**kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+CACHE_AXES = {"k": (-4, -2), "v": (-4, -2), "segment_ids": (-2, -1)}  # (batch axis, slot axis) of each cache array
+
+
+def write_cache(cache: dict, new: dict, write_index: Array) -> dict:
+    """One layer's cache {"k", "v"} [b, k, s, f] with keys/values [b, t, k, f] written at slots
+    write_index.. (in place where the buffer can be reused, as in the decode loop)."""
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
+    return {name: jax.lax.dynamic_update_slice(cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype), at)
+            for name in ("k", "v")}
+
+
+def prepend_prefix(prefix: dict, cache: dict) -> dict:
+    """A cache whose first slots are `prefix`'s (a one-row cache, e.g. a shared prompt prefilled once),
+    broadcast to every row of `cache`, followed by `cache`'s slots; its index continues after the prefix."""
+    def join(name):
+        batch_axis, slot_axis = CACHE_AXES[name]
+
+        def one(p, c):
+            shape = list(p.shape)
+            shape[batch_axis] = c.shape[batch_axis]
+            return jnp.concatenate([jnp.broadcast_to(p, shape), c], axis=slot_axis)
+        return jax.tree.map(one, prefix[name], cache[name])
+
+    return {**{name: join(name) for name in CACHE_AXES}, "index": prefix["index"]}
 
 
 def abstract_params(model: Llama, seq_len: int = 8) -> tuple[Any, Any]:

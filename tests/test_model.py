@@ -230,14 +230,16 @@ def test_unrolled_layers_equal_the_scan_and_transformers(tiny_model_dir, preset)
     full = np.asarray(jax.jit(umodel.apply)({"params": uparams}, ids))
     assert np.abs(full - np.asarray(jax.jit(model.apply)({"params": params}, ids))).max() <= LOGIT_TOL
     assert np.abs(full - hf_logits(hf_reference(path), ids)).max() <= LOGIT_TOL
-    cache = init_cache(model.config, batch=2, max_len=16)
+    with pytest.raises(ValueError, match="one array per layer"):
+        umodel.apply({"params": uparams}, ids[:, :2], cache=init_cache(model.config, batch=2, max_len=16))
+    cache = init_cache(model.config, batch=2, max_len=16, layers="unrolled")
     step = jax.jit(lambda p, x, pos, c: umodel.apply({"params": p}, x, pos, jnp.ones_like(x), cache=c))
     logits, cache = step(uparams, ids[:, :5], np.broadcast_to(np.arange(5, dtype=np.int32), (2, 5)), cache)
     got = [np.asarray(logits)]
     for t in range(5, 12):
         logits, cache = step(uparams, ids[:, t:t + 1], np.full((2, 1), t, np.int32), cache)
         got.append(np.asarray(logits))
-    assert int(cache["index"]) == 12 and cache["k"].shape[0] == model.config.num_layers
+    assert int(cache["index"]) == 12 and len(cache["k"]) == model.config.num_layers
     assert np.abs(np.concatenate(got, axis=1) - full).max() <= LOGIT_TOL
 
 
