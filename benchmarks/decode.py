@@ -9,8 +9,9 @@ prompts of --prompt-len ids greedily with EOS disabled, so each produces exactly
 ours through the compiled decoder (`Generator.decoder`, the params laid out as `--layers`: unrolled is
 what the inference CLIs load, scan the training layout), theirs through
 `LlamaForCausalLM.generate(do_sample=False)` with torch's default threads. Each side is timed
-generating --new-tokens and generating 1 (prefill + one step), interleaved, best of --repeats after
-a warm-up; decode tokens/s = batch * (new_tokens - 1) / (difference): the token loop alone.
+generating --new-tokens and generating 1 (prefill + one step), interleaved, best of --repeats rounds
+after a warm-up (a round of a fast call repeats it for >= 0.2 s); decode tokens/s = batch *
+(new_tokens - 1) / (difference): the token loop alone.
 `ratio` = ours / transformers; `same_rows`: rows whose tokens are identical on both sides.
 The load average before and after is recorded; above the core count the line says `"loaded": true`
 (common.Load).
@@ -19,6 +20,7 @@ The load average before and after is recorded; above the core count the line say
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -30,16 +32,22 @@ import numpy as np
 from benchmarks.common import Load, emit
 
 
-def best_of(fns: dict, repeats: int) -> dict[str, float]:
-    """Each callable's fastest of `repeats` calls, interleaved (every callable warmed up first)."""
-    for fn in fns.values():
+def best_of(fns: dict, repeats: int, min_seconds: float = 0.2) -> dict[str, float]:
+    """Each callable's fastest time per call over `repeats` rounds, interleaved (every callable warmed up
+    first); a round calls a fast callable several times, so that it lasts >= min_seconds."""
+    calls = {}
+    for name, fn in fns.items():
         fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: min(t) for name, t in times.items()}
 
 
@@ -72,6 +80,7 @@ def main(argv=None) -> dict:
             model_dir = str(smollm2_dir())
         model, params = load_for_inference(str(model_dir), layers=a.layers)
         ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None  # every row generates all --new-tokens, as ours with eos_ids=()
     rng = np.random.default_rng(0)
     result = {"benchmark": "decode", "model": "demo preset (random)" if a.tiny and not a.model else str(model_dir),
               "layers": a.layers, "dtype": "float32", "backend": jax.default_backend(),
@@ -87,14 +96,17 @@ def main(argv=None) -> dict:
             def theirs(n):
                 with torch.no_grad():
                     return ref.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=n, do_sample=False,
-                                        eos_token_id=-1, pad_token_id=0)[:, a.prompt_len:].numpy()
+                                        pad_token_id=0)[:, a.prompt_len:].numpy()
 
             decoders = {n: gen.decoder(n) for n in (1, a.new_tokens)}
             times = best_of({f"ours_{n}": (lambda n=n: jax.block_until_ready(decoders[n](*ours_args))) for n in decoders}
                             | {f"theirs_{n}": (lambda n=n: theirs(n)) for n in decoders}, a.repeats)
             same = np.asarray(decoders[a.new_tokens](*ours_args)["tokens"]) == theirs(a.new_tokens)
-            rate = {side: b * (a.new_tokens - 1) / max(times[f"{side}_{a.new_tokens}"] - times[f"{side}_1"], 1e-9)
-                    for side in ("ours", "theirs")}
+            loop_s = {side: times[f"{side}_{a.new_tokens}"] - times[f"{side}_1"] for side in ("ours", "theirs")}
+            if min(loop_s.values()) <= 0:
+                raise SystemExit(f"batch {b}: generating {a.new_tokens} tokens was not slower than generating 1 "
+                                 f"({loop_s}); a busy machine? raise --new-tokens or --repeats")
+            rate = {side: b * (a.new_tokens - 1) / s for side, s in loop_s.items()}
             result[f"batch{b}"] = {
                 "ours_decode_tokens_per_s": round(rate["ours"], 1), "transformers_decode_tokens_per_s": round(rate["theirs"], 1),
                 "ratio": round(rate["ours"] / rate["theirs"], 2),
