@@ -46,7 +46,7 @@ import numpy as np
 
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
-from flacuna_jax.model import init_cache, prepend_prefix
+from flacuna_jax.kv_cache import init_cache, prepend_prefix
 
 TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
 

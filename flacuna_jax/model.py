@@ -3,8 +3,9 @@
 LLaMA 1/2/3: RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
 attention, SwiGLU MLP, tied or untied embeddings. Attention masks are causal plus segment ids, with
 per-segment positions, so several examples packed in one row never see each other. An optional KV
-cache supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers` axis on
-every layer parameter) and optionally rematerialised. The attention kernels live in `attention.py`;
+cache (`kv_cache.py`) supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers`
+axis on every layer parameter) and optionally rematerialised; for decoding, `Runtime(layers="unrolled")`
+runs one module per layer on one weight buffer per layer (`unrolled`). The attention kernels live in `attention.py`;
 like its XLA attention, the SwiGLU product here has a custom gradient that keeps fewer activations
 than autodiff would (only its two inputs; same values, gradients equal up to rounding).
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from flacuna_jax import quant
 from flacuna_jax.attention import attention_mask, cached_attention, fused_attention, xla_attention
+from flacuna_jax.kv_cache import init_cache, write_cache  # noqa: F401  init_cache: re-exported, model.init_cache
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -432,46 +434,6 @@ def stack_layers(tree: dict) -> dict:
     names = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
     rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
     return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])}
-
-
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, layers: str = "scan") -> dict:
-    """An empty KV cache: "k", "v" [layers, batch, kv heads, max_len, head dim] (each head's keys
-    contiguous: what a decode step's attention reads without a transpose), with `layers="unrolled"`
-    (`Runtime.layers`) a tuple of one [batch, kv heads, max_len, head dim] array per layer;
-    "segment_ids" [batch, max_len] (0: empty or padding); "index": the next slot written (one for all rows)."""
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    if layers == "unrolled":
-        kv = {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
-    else:
-        kv = {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
-    return {**kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
-CACHE_AXES = {"k": (-4, -2), "v": (-4, -2), "segment_ids": (-2, -1)}  # (batch axis, slot axis) of each cache array
-
-
-def write_cache(cache: dict, new: dict, write_index: Array) -> dict:
-    """One layer's cache {"k", "v"} [b, k, s, f] with keys/values [b, t, k, f] written at slots
-    write_index.. (in place where the buffer can be reused, as in the decode loop)."""
-    zero = jnp.zeros((), jnp.int32)
-    at = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
-    return {name: jax.lax.dynamic_update_slice(cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype), at)
-            for name in ("k", "v")}
-
-
-def prepend_prefix(prefix: dict, cache: dict) -> dict:
-    """A cache whose first slots are `prefix`'s (a one-row cache, e.g. a shared prompt prefilled once),
-    broadcast to every row of `cache`, followed by `cache`'s slots; its index continues after the prefix."""
-    def join(name):
-        batch_axis, slot_axis = CACHE_AXES[name]
-
-        def one(p, c):
-            shape = list(p.shape)
-            shape[batch_axis] = c.shape[batch_axis]
-            return jnp.concatenate([jnp.broadcast_to(p, shape), c], axis=slot_axis)
-        return jax.tree.map(one, prefix[name], cache[name])
-
-    return {**{name: join(name) for name in CACHE_AXES}, "index": prefix["index"]}
 
 
 def abstract_params(model: Llama, seq_len: int = 8) -> tuple[Any, Any]:
