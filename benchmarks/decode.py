@@ -8,7 +8,8 @@ the demo preset (random weights, 2 layers). Per batch size, both sides decode th
 prompts of --prompt-len ids greedily with EOS disabled, so each produces exactly --new-tokens tokens:
 ours through the compiled decoder (`Generator.decoder`, the params laid out as `--layers`: unrolled is
 what the inference CLIs load, scan the training layout), theirs through
-`LlamaForCausalLM.generate(do_sample=False)` with torch's default threads. Each side is timed
+`LlamaForCausalLM.generate(do_sample=False)` with torch's default threads (--torch-threads 1: one
+thread, a per-core comparison that a busy machine distorts less). Each side is timed
 generating --new-tokens and generating 1 (prefill + one step), interleaved, best of --repeats rounds
 after a warm-up (a round of a fast call repeats it for >= 0.2 s); decode tokens/s = batch *
 (new_tokens - 1) / (difference): the token loop alone.
@@ -60,9 +61,13 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     from transformers import AutoModelForCausalLM
 
     from flacuna_jax import tiny

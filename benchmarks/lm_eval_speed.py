@@ -121,10 +121,14 @@ def main(argv=None) -> dict:
     p.add_argument("--examples", type=int, default=48, help="examples per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tasks", nargs="+", default=["mc", "gen"], choices=["mc", "gen"])
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import jax
     import torch
+
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     from lm_eval.models.huggingface import HFLM
 
     from benchmarks.common import Load, emit
