@@ -9,10 +9,12 @@ training saw) unless `--raw`. Temperature 0 is greedy; otherwise temperature + n
 
 How decoding runs. A batch of prompts is LEFT-padded to a bucketed width (powers of two: few
 compiles) with segment id 0 on the padding and positions counted from each row's first real token
-(HF's attention_mask / position_ids in `generate`). One jitted function does the prefill, then the
-whole token loop as one `lax.while_loop` over a cache of width + max_new_tokens slots; the loop
-stops when every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python
-between tokens.
+(HF's attention_mask / position_ids in `generate`). One jitted function does the prefill (only its
+last position goes through the output projection), then the whole token loop as one `lax.while_loop`
+over a cache of width + max_new_tokens slots (`kv_cache.py`, written in place); the loop stops when
+every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python between
+tokens. With the model in the unrolled layout (`model.unrolled`, what the CLI loads) each decode step
+reads every layer's weights where they lie instead of copying them out of a stacked array first.
 
 Shared prefixes. Few-shot evaluation prompts of one task start with the same header and shots (MMLU:
 ~90% of each prompt), and sampled rows repeat one prompt. `plan_batches` orders prompts so that such

@@ -65,7 +65,7 @@ def generation_eos_ids(model_dir: str | Path, config_eos: int | None) -> tuple[i
 
 class FlacunaLM(TemplateLM):
     """lm-eval's `LM` on our scorer and decoder; the LoRA of an adapter or run is folded into the base
-    (kept beside it on a quantized base)."""
+    (kept beside it on a quantized base), loaded with one weight buffer per layer (`model.unrolled`)."""
 
     def __init__(self, model: str, adapter: str | None = None, run: str | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_gen_toks: int = 256, seed: int = 1234,

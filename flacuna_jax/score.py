@@ -8,6 +8,10 @@ whole = tok(context + continuation), ctx = tok(context), continuation = whole[le
 With `--adapter` (a PEFT LoRA adapter) or `--run` (a training run's latest checkpoint), the LoRA
 factors are folded into the base first, as a merged export would be (a full fine-tune's weights
 replace the base's).
+
+Requests that share a context (the choices of a question) are scored on one row: the context once,
+each continuation a branch that sees only the context and itself (`Row`); only the scored positions
+go through the output projection and the log-softmax over the vocabulary.
 """
 
 from __future__ import annotations

@@ -38,3 +38,24 @@ def test_a_write_lands_at_the_index():
     np.testing.assert_array_equal(np.asarray(out["k"][:, :, 3:5]), np.asarray(new_btkf.transpose(0, 2, 1, 3)))
     np.testing.assert_array_equal(np.asarray(out["v"][:, :, 3:5]), -np.asarray(new_btkf.transpose(0, 2, 1, 3)))
     assert not np.any(np.asarray(out["k"][:, :, :3])) and not np.any(np.asarray(out["k"][:, :, 5:]))
+
+
+def test_unrolled_decoding_with_a_shared_prefix_equals_the_scan(tmp_path):
+    """The decoder on the unrolled layout (one cache array per layer), a run's shared prefix prefilled
+    once and put in front of every row: the same tokens as the scanned model (a decisive model, so
+    that tokens are comparable: tests/test_generate.py)."""
+    from flacuna_jax import hf
+    from flacuna_jax.generate import MIN_SHARED, Generator
+    from flacuna_jax.model import unrolled
+    from tests.helpers import CHAR_VOCAB, write_decisive_model
+
+    path = write_decisive_model(tmp_path, dataclasses.replace(CONFIG, vocab_size=CHAR_VOCAB), seed=3)
+    model, params = hf.load_pretrained(path)
+    umodel, uparams = unrolled(model, dict(params))
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, CHAR_VOCAB, MIN_SHARED + 3).tolist()
+    prompts = [prefix + rng.integers(3, CHAR_VOCAB, n).tolist() for n in (2, 7, 4)]
+    scan = Generator(model, params, eos_ids=(), batch_size=2)
+    unr = Generator(umodel, uparams, eos_ids=(), batch_size=2)
+    assert unr.generate_ids(prompts, 6) == scan.generate_ids(prompts, 6)
+    assert unr._prefix is not None and isinstance(unr._prefix[1]["k"], tuple)  # the prefix path ran, per layer
