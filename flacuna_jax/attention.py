@@ -86,7 +86,7 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
 
 
 def cached_attention(q_bthf: Array, k_bksf: Array, v_bksf: Array, mask_bts: Array) -> Array:
-    """Attention over a KV cache laid out [b, k, s, f] (`model.init_cache`), for decoding: each group of
+    """Attention over a KV cache laid out [b, k, s, f] (`kv_cache.init_cache`), for decoding: each group of
     g = h / k query heads attends its kv head's keys where they lie. `xla_attention` would repeat the
     keys and values up to h heads, a copy of g times the cache in every layer of every decode step.
     The same numerics as `xla_attention` (scores in the compute dtype, softmax in fp32); no gradient rule."""

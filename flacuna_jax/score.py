@@ -181,6 +181,8 @@ def score_token_requests(model: Any, params: Any, toks: Sequence[tuple[Sequence[
     results: list[dict] = [None] * len(toks)  # type: ignore[list-item]
     scored = []
     for i, (ids, n) in enumerate(toks):
+        if not 0 <= n < len(ids):
+            raise ValueError(f"request {i + 1}: {n} scored tokens need at least {n + 1} ids, got {len(ids)}")
         if n == 0:  # nothing to score
             results[i] = {"loglik": 0.0, "is_greedy": True, "num_tokens": 0}
         else:

@@ -59,8 +59,8 @@ def test_a_context_whose_branches_overflow_the_window_takes_several_rows(tiny_mo
     alone = [score.score_token_requests(model, params, [r], batch_size=1)[0] for r in reqs]
     for t, a in zip(together, alone):
         assert t["num_tokens"] == a["num_tokens"] and abs(t["loglik"] - a["loglik"]) <= 1e-4
-    with pytest.raises(ValueError, match="request 2: 3 scored tokens need at least 4 ids, got 3"):
-        score.plan_rows([([1, 2, 3], 1), ([1, 2, 3], 3)], 17)
+    with pytest.raises(ValueError, match="request 3: 3 scored tokens need at least 4 ids, got 3"):
+        score.score_token_requests(model, params, [([1, 2], 0), ([1, 2, 3], 1), ([1, 2, 3], 3)])
 
 
 def test_bucketed_widths():
