@@ -400,7 +400,7 @@ def run_ours(model_dir: str, paths: dict[str, str], batch_size: int) -> tuple[di
     from flacuna_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model, params = load_for_inference(model_dir)
+    model, params = load_for_inference(model_dir, layers="unrolled")  # as the eval CLI loads it
     runner = Runner(model, params, tokenizer, batch_size, eos_ids=stop_ids(model_dir, model, tokenizer))
     runs = {}
     for name, path in paths.items():

@@ -61,8 +61,9 @@ BENCHES = [
     Bench("step_vs_torch", (), ("--steps", "1", "--repeats", "2", "--layers", "2"),
           "ours / torch+peft train tokens/s (CPU fp32)", ">= 1.0x",
           lambda r: (f"{r['ratio']:.2f}x", _met(r["ratio"] >= 1.0))),
-    Bench("decode", (), ("--new-tokens", "32", "--repeats", "1"), "decode tokens/s, batch 1 / 8", "(reported)",
-          lambda r: (f"{r['batch1']['decode_tokens_per_s']:,.0f} / {r['batch8']['decode_tokens_per_s']:,.0f}", "-")),
+    Bench("decode", (), ("--tiny", "--new-tokens", "16", "--repeats", "1"),
+          "decode tokens/s, ours / transformers generate, batch 1; 16", ">= 1.5x",
+          lambda r: (f"{r['batch1']['ratio']:.2f}x; {r['batch16']['ratio']:.2f}x", _met(r["meets_target"]))),
     Bench("lm_eval_speed", (), ("--tiny", "--examples", "16"), "lm-eval examples/s, ours / --model hf (mc; gen), batch 8",
           ">= 2x", lambda r: (f"{r['mc']['ratio']:.2f}x; {r['gen']['ratio']:.2f}x", _met(r["meets_target"]))),
     Bench("eval_speed", (), ("--mmlu", "4", "--bbh", "4"),
@@ -115,6 +116,8 @@ def summary(results: list[tuple[Bench, dict, float]]) -> str:
                 value, verdict = bench.verdict(r)
             except (KeyError, TypeError, ValueError) as e:
                 value, verdict = "-", f"unreadable result ({type(e).__name__}: {e})"
+            if r.get("loaded"):  # a ratio against torch on a busy machine measures the machine (common.Load)
+                verdict = f"LOADED (load {max(r['load_before'][0], r['load_after'][0]):.1f} > {r['cpus']} CPUs): rerun idle"
         rows.append((bench.name, bench.metric, value, bench.target, verdict, f"{secs:.0f}s"))
     return table(rows)
 

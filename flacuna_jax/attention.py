@@ -45,8 +45,8 @@ class Masking(NamedTuple):
     """Which keys each query may attend, in the forms the kernels take."""
 
     dense_bts: Array  # True where query t sees key s (XLA, cuDNN)
-    q_segment_bt: Array  # the queries' segment ids (0: padding)
-    kv_segment_bs: Array  # the keys' segment ids (for a cache: the cache's, this call's queries written in)
+    q_segment_bt: Array | None  # the queries' segment ids (0: padding); None: `explicit_masking`
+    kv_segment_bs: Array | None  # the keys' segment ids (for a cache: the cache's, this call's queries written in)
     write_index: Array | None  # queries sit at key slots write_index + 0..t-1 of a cache; None: keys = queries
 
 
@@ -58,6 +58,13 @@ def masking(segment_ids_bt: Array, kv_segment_bs: Array | None = None, write_ind
         return Masking(dense, segment_ids_bt, segment_ids_bt, None)
     dense = attention_mask(segment_ids_bt, write_index + jnp.broadcast_to(jnp.arange(t), (b, t)), kv_segment_bs)
     return Masking(dense, segment_ids_bt, kv_segment_bs, write_index)
+
+
+def explicit_masking(mask_bts: Array) -> Masking:
+    """A given causal [b, t, t] mask that segment ids cannot express (`score.py`'s shared-context rows,
+    whose continuations see the context and themselves only): the dense kernels take it; splash,
+    which reads only segment ids, runs XLA's attention on it instead (`attend`)."""
+    return Masking(mask_bts, None, None, None)
 
 
 def _masked_scores(q_bthf: Array, k_bshf: Array, mask_bts: Array) -> Array:
@@ -118,6 +125,21 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
+def cached_attention(q_bthf: Array, k_bksf: Array, v_bksf: Array, mask_bts: Array) -> Array:
+    """Attention over a KV cache laid out [b, k, s, f] (`kv_cache.init_cache`), for decoding: each group of
+    g = h / k query heads attends its kv head's keys where they lie. `xla_attention` would repeat the
+    keys and values up to h heads, a copy of g times the cache in every layer of every decode step.
+    The same numerics as `xla_attention` (scores in the compute dtype, softmax in fp32); no gradient rule."""
+    b, t, h, f = q_bthf.shape
+    k = k_bksf.shape[1]
+    q_bkgtf = q_bthf.reshape(b, t, k, h // k, f).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtf,bksf->bkgts", q_bkgtf, k_bksf) * (f ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = _softmax_stats(scores)[0]
+    out_bkgtf = jnp.einsum("bkgts,bksf->bkgtf", probs.astype(v_bksf.dtype), v_bksf)
+    return out_bkgtf.transpose(0, 3, 1, 2, 4).reshape(b, t, h, f)
+
+
 def cudnn_refusal(q_bthf: Array) -> str | None:
     """Why cuDNN flash attention cannot run on these queries, or None if it may (it can still
     refuse the shapes at trace time): it needs a GPU, half precision, head_dim a multiple of 8 <= 128."""
@@ -176,7 +198,7 @@ def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking
 
     auto: splash on a TPU, cuDNN flash attention on a GPU, XLA's implementation elsewhere (the reason
     logged once). splash (or auto on a TPU) decoding ONE token into a cache runs `xla_attention`
-    (a single query row has nothing to tile); a shape the kernel refuses is an error with splash,
+    (a single query row has nothing to tile), as does an explicit mask (logged once); a shape the kernel refuses is an error with splash,
     XLA's attention (logged once) with auto.
     """
     if kind == "xla":
@@ -187,6 +209,10 @@ def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking
     if kind not in ("splash", "auto"):
         raise ValueError(f"model.attention={kind!r}: not one of {', '.join(KERNELS)}")
     if q_bthf.shape[1] == 1:
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    if mask.q_segment_bt is None:  # `explicit_masking`: no segment ids to hand the kernel
+        _log_once("attention: XLA's implementation instead of splash attention: an explicit mask (shared-context "
+                  "scoring rows) that segment ids cannot express")
         return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
     blocks = splash_blocks or attention_splash.SplashBlocks()
     if kind == "splash":

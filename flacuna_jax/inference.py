@@ -38,14 +38,30 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, params) chosen by the `add_model_args` arguments."""
-    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant, a.attention)
+    """(model, params) chosen by the `add_model_args` arguments, laid out for decoding (`layers`)."""
+    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant, a.attention,
+                              layers="unrolled")
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
-                       dtype: Any = jnp.float32, base_quant: str = "none", attention: str = "xla") -> tuple[Any, Any]:
+                       dtype: Any = jnp.float32, base_quant: str = "none", attention: str = "xla",
+                       layers: str = "scan") -> tuple[Any, Any]:
     """(model, params) of the base model with an adapter or a training run's LoRA folded in (or, on a
-    quantized base, beside it)."""
+    quantized base, beside it). `layers="unrolled"`: one weight buffer per layer, what decoding and
+    scoring run fastest on (`model.unrolled`; a quantized base stays scanned); "scan": the stacked
+    layout training uses (`params["layers"]`)."""
+    if layers not in ("scan", "unrolled"):
+        raise ValueError(f"layers must be scan or unrolled, got {layers!r}")
+    model, params = _load(model_dir, adapter, run, dtype, base_quant, attention)
+    if layers == "unrolled":
+        from flacuna_jax.model import unrolled
+
+        return unrolled(model, params)
+    return model, params
+
+
+def _load(model_dir: str, adapter: str | None, run: str | None, dtype: Any, base_quant: str,
+          attention: str) -> tuple[Any, Any]:
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lora import fold_lora, merge_params
     from flacuna_jax.model import LoraSpec, Runtime

@@ -65,7 +65,7 @@ def generation_eos_ids(model_dir: str | Path, config_eos: int | None) -> tuple[i
 
 class FlacunaLM(TemplateLM):
     """lm-eval's `LM` on our scorer and decoder; the LoRA of an adapter or run is folded into the base
-    (kept beside it on a quantized base)."""
+    (kept beside it on a quantized base), loaded with one weight buffer per layer (`model.unrolled`)."""
 
     def __init__(self, model: str, adapter: str | None = None, run: str | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_gen_toks: int = 256, seed: int = 1234,
@@ -83,7 +83,7 @@ class FlacunaLM(TemplateLM):
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by flacuna_jax: give a number")
         self.model_dir, self.adapter, self.run, self.dtype = str(model), adapter, run, dtype
-        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant)
+        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant, layers="unrolled")
         self._use(net, params, load_tokenizer(tokenizer or model),
                   generation_eos_ids(model, net.config.eos_token_id), batch_size, max_gen_toks, seed)
 

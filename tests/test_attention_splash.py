@@ -145,7 +145,7 @@ def warnings_seen(monkeypatch, caplog):
 
 def test_attend_chooses_the_kernel(warnings_seen, monkeypatch):
     """splash, and auto on a TPU (the backend name simulated), run the splash kernel, except for one
-    decoded token (XLA's attention over the cache); a shape the kernel refuses is an error with splash and
+    decoded token (XLA's attention over the cache) and an explicit mask (XLA's, logged once); a shape the kernel refuses is an error with splash and
     XLA's attention, logged once, with auto; interpret mode off a TPU is said once."""
     calls = []
     monkeypatch.setattr(S, "splash_attention", lambda q, k, v, mask, blocks: calls.append(
@@ -162,6 +162,10 @@ def test_attend_chooses_the_kernel(warnings_seen, monkeypatch):
     np.testing.assert_array_equal(A.attend("splash", q[:, :1], cache_k, cache_v, one),
                                   A.xla_attention(q[:, :1], cache_k, cache_v, one.dense_bts))
     assert len(calls) == 2
+    explicit = A.explicit_masking(A.masking(seg).dense_bts)  # score.py's shared-context rows: no segment ids
+    for _ in range(2):
+        np.testing.assert_array_equal(A.attend("splash", q, k, v, explicit), A.xla_attention(q, k, v, explicit.dense_bts))
+    assert len(calls) == 2 and sum("an explicit mask" in w for w in warnings_seen()) == 1
     A.attend("auto", q, k, v, A.masking(seg))  # on CPU: XLA's implementation (no cuDNN), logged
     assert len(calls) == 2 and "instead of cuDNN" in warnings_seen()[-1]
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
@@ -179,7 +183,7 @@ def test_attend_chooses_the_kernel(warnings_seen, monkeypatch):
                                       A.xla_attention(q, k, v, A.masking(seg).dense_bts))
     assert warnings_seen()[-1] == ("attention: XLA's implementation instead of splash attention: queries (2, 12, 4, 16) "
                                    "float32: q_block_size=128 should divide q_seq_len=200.")
-    assert sum("splash" in w for w in warnings_seen()) == 1
+    assert sum("should divide" in w for w in warnings_seen()) == 1
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert S._interpret() and S._interpret()
     assert sum("interpret mode on the cpu backend" in w for w in warnings_seen()) == 1
