@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the repo root, the child-process environment, JSON lines.
+"""What the benchmark scripts share: the repo root, the child-process environment, JSON lines, the
+machine and its load.
 
 Benchmarks that need fresh XLA flags or a separate accelerator client (the planner's fake devices,
 the two sides of `mfu`, every benchmark under `run_all`) run as `python -m ...` children; a child
@@ -56,6 +57,47 @@ def run_json(args: list[str], env: dict[str, str] | None = None, timeout: float 
         tail = [line for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()][-3:]
         raise BenchError(f"exit {proc.returncode}: " + " | ".join(tail or ["no output"]))
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Load:
+    """The machine's load around a measurement: `with Load() as load: ...`, then `load.fields()`.
+
+    A ratio against another program measured while the 1-minute load average exceeds the core count
+    is not a measurement of either side (the two compete with other work for the cores, and torch's
+    threads lose more than XLA's when starved): it is flagged `"loaded": true`, and run_all reports it
+    so instead of met / NOT met."""
+
+    def __enter__(self) -> "Load":
+        self.before = load_average()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.after = load_average()
+
+    @property
+    def loaded(self) -> bool:
+        return max(self.before[0], self.after[0]) > (os.cpu_count() or 1)
+
+    def fields(self) -> dict:
+        return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_before": self.before,
+                "load_after": self.after, "loaded": self.loaded}
 
 
 def emit(result: dict) -> dict:

@@ -9,8 +9,10 @@ written to a temporary dir from fixed synthetic questions. The reference is what
 class does per example: `tokenizer(prompt)`, `model.generate(max_new_tokens, greedy)`, decode the new
 tokens. Ours is `flacuna_jax.evals.runner.Runner` (a task's prompts batched together, their shared
 header and shots prefilled once, the rest left-padded through the KV-cache decoder). examples/s for
-ours is reported cold (including XLA compiles) and warm (a second pass on the same shapes); the ratio (target >= 3x) is warm ours / reference, and `agree` counts the
-examples whose outputs are identical.
+ours is reported cold (including XLA compiles) and warm (a second pass on the same shapes); the ratio
+(target >= 3x) is warm ours / reference, and `agree` counts the examples whose outputs are identical.
+Ours loads the model as the eval CLI does (`layers="unrolled"`). The CPU model and the load average
+before and after are recorded; above the core count the line says `"loaded": true` (common.Load).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from benchmarks.common import emit
+    from benchmarks.common import Load, emit
     from flacuna_jax.evals import load_benchmark
     from flacuna_jax.evals.benchmark import Generate, Options
     from flacuna_jax.evals.runner import Runner
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
         paths = write_suite(Path(tmp), a.mmlu, a.bbh)
         benches = [load_benchmark(name, path, Options()) for name, path in paths.items()]
         tokenizer = load_tokenizer(a.model)
-        model, params = load_for_inference(a.model)
+        model, params = load_for_inference(a.model, layers="unrolled")
         runner = Runner(model, params, tokenizer, a.batch_size, progress_out=io.StringIO())
         work = [(b, b.examples(runner.fits_for(b.request))) for b in benches]
         n = sum(len(ex) for _, ex in work)
@@ -107,10 +109,11 @@ def main(argv=None) -> dict:
                 outs += [o[0] for o in runner.generate([e.prompt for e in examples], bench.request)]
             return outs, time.perf_counter() - start
 
-        _, cold = ours()
-        outputs, warm = ours()
-        prompts = [(e.prompt, b.request.max_new_tokens) for b, ex in work for e in ex]
-        reference, ref_s = reference_loop(a.model, prompts, a.threads)
+        with Load() as load:
+            _, cold = ours()
+            outputs, warm = ours()
+            prompts = [(e.prompt, b.request.max_new_tokens) for b, ex in work for e in ex]
+            reference, ref_s = reference_loop(a.model, prompts, a.threads)
     assert all(isinstance(b.request, Generate) for b, _ in work)
     ratio = (n / warm) / (n / ref_s)
     return emit({
@@ -119,7 +122,7 @@ def main(argv=None) -> dict:
         "ours_warm_examples_per_s": round(n / warm, 3), "reference_examples_per_s": round(n / ref_s, 3),
         "ratio": round(ratio, 2), "meets_target": ratio >= 3.0,
         "agree": sum(x == y for x, y in zip(outputs, reference)), "prompt_tokens_mean": round(
-            sum(len(tokenizer(p)["input_ids"]) for p, _ in prompts) / n, 1)})
+            sum(len(tokenizer(p)["input_ids"]) for p, _ in prompts) / n, 1), **load.fields()})
 
 
 if __name__ == "__main__":

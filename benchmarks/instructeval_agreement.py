@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 from benchmarks.common import ROOT, child_env, emit
@@ -244,10 +245,27 @@ def write_data(bb: Path, root: Path, sizes: dict[str, int | None]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ InstructEval's side
-def ie_child(config: dict) -> None:
-    """Runs in the child: InstructEval's modules on config["data"], every model call recorded to config["out"]."""
-    import types
+class Observed(str):
+    """An output of InstructEval's model call that notes each `startswith(label)` InstructEval applies to
+    it (the label and the verdict) in `entry`; `strip` keeps the note."""
 
+    entry: dict
+
+    def strip(self, *args):
+        out = Observed(str.strip(self, *args))
+        out.entry = self.entry
+        return out
+
+    def startswith(self, prefix, *args):
+        verdict = str.startswith(self, prefix, *args)
+        self.entry["label"], self.entry["correct"] = str(prefix), bool(verdict)
+        return verdict
+
+
+def import_instruct_eval(checkout: str | Path) -> types.SimpleNamespace:
+    """InstructEval's modules (bbh, crass, drop, hhh, mmlu, modeling) imported from a checkout, with
+    stub modules for what only its other model classes import and pydantic's v1 API under the name
+    `pydantic` (the code predates pydantic 2). Changes this process's sys.modules: run it in a child."""
     import datasets  # noqa: F401  (their import-time checks run before the stubs exist)
     import peft  # noqa: F401
     import pydantic.v1
@@ -268,10 +286,7 @@ def ie_child(config: dict) -> None:
         raise RuntimeError(f"InstructEval tried to download {args} (a data file is missing)")
 
     sys.modules["torchvision.datasets.utils"].download_url = no_download
-    sys.path.insert(0, config["checkout"])
-    import torch
-
-    torch.set_num_threads(config["threads"])
+    sys.path.insert(0, str(checkout))
     import bbh
     import crass
     import drop
@@ -279,23 +294,18 @@ def ie_child(config: dict) -> None:
     import mmlu
     import modeling
 
+    return types.SimpleNamespace(bbh=bbh, crass=crass, drop=drop, hhh=hhh, mmlu=mmlu, modeling=modeling)
+
+
+def ie_child(config: dict) -> None:
+    """Runs in the child: InstructEval's modules on config["data"], every model call recorded to config["out"]."""
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    ie = import_instruct_eval(config["checkout"])
+    bbh, crass, drop, hhh, mmlu, modeling = ie.bbh, ie.crass, ie.drop, ie.hhh, ie.mmlu, ie.modeling
     data = Path(config["data"])
     record: list[dict] = []
-
-    class Observed(str):
-        """IE's output text, noting each `startswith(label)` IE applies to it (its label and verdict)."""
-
-        entry: dict
-
-        def strip(self, *args):
-            out = Observed(str.strip(self, *args))
-            out.entry = self.entry
-            return out
-
-        def startswith(self, prefix, *args):
-            verdict = str.startswith(self, prefix, *args)
-            self.entry["label"], self.entry["correct"] = str(prefix), bool(verdict)
-            return verdict
 
     run, choice = modeling.CausalModel.run, modeling.CausalModel.get_choice
 
@@ -390,7 +400,7 @@ def run_ours(model_dir: str, paths: dict[str, str], batch_size: int) -> tuple[di
     from flacuna_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model, params = load_for_inference(model_dir)
+    model, params = load_for_inference(model_dir, layers="unrolled")  # as the eval CLI loads it
     runner = Runner(model, params, tokenizer, batch_size, eos_ids=stop_ids(model_dir, model, tokenizer))
     runs = {}
     for name, path in paths.items():

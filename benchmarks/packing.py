@@ -51,6 +51,18 @@ def prepare_data(tmp: str, which: str) -> tuple[str, str, str]:
     return paths["sample"], paths["tokenizer"], "embedded demo sample + demo tokenizer"
 
 
+def mode_config(model_dir: str, tokenizer: str, data: str, tmp: str, packing: bool, seq_len: int, rows: int,
+                steps: int):
+    """configs/demo.yaml on `data`, `rows` x `seq_len` per step: the two modes differ in data.packing only."""
+    from flacuna_jax.config import load_config
+
+    return load_config(ROOT / "configs/demo.yaml", [
+        f"model.path={model_dir}", f"tokenizer.path={tokenizer}", f"data.sources=[{data}]",
+        f"data.packing={str(packing).lower()}", "data.eval_fraction=0", f"data.cache_dir={tmp}/cache",
+        f"train.seq_len={seq_len}", f"train.global_batch_size={rows}", f"train.per_device_batch_size={rows}",
+        f"train.steps={steps}", f"output_dir={tmp}/run"])
+
+
 def measure(cfg, steps: int, warmup: int) -> dict:
     """Trained tokens/s of `cfg`'s pipeline + train step on one device, end to end."""
     import jax
@@ -99,7 +111,6 @@ def main(argv=None) -> dict:
     which.add_argument("--demo", action="store_const", dest="data", const="demo", help="the embedded sample")
     a = p.parse_args(argv)
 
-    from flacuna_jax.config import load_config
     from flacuna_jax.tiny import PRESETS, write_tiny_model
     from flacuna_jax.tokenizer import load_tokenizer
 
@@ -111,12 +122,7 @@ def main(argv=None) -> dict:
         result = {"benchmark": "packing", "data": what, "seq_len": a.seq_len, "rows": a.rows, "steps": a.steps,
                   "model": f"demo preset, vocab {shape.vocab_size}"}
         for mode, packing in (("packed", True), ("padded", False)):
-            cfg = load_config(ROOT / "configs/demo.yaml", [
-                f"model.path={model_dir}", f"tokenizer.path={tok}", f"data.sources=[{data}]",
-                f"data.packing={str(packing).lower()}", "data.eval_fraction=0", f"data.cache_dir={tmp}/cache",
-                f"train.seq_len={a.seq_len}", f"train.global_batch_size={a.rows}",
-                f"train.per_device_batch_size={a.rows}", f"train.steps={a.steps + a.warmup}",
-                f"output_dir={tmp}/run"])
+            cfg = mode_config(str(model_dir), tok, data, tmp, packing, a.seq_len, a.rows, a.steps + a.warmup)
             result[mode] = measure(cfg, a.steps, a.warmup)
     ratio = result["packed"]["trained_tokens_per_s"] / result["padded"]["trained_tokens_per_s"]
     result.update(ratio=round(ratio, 2), target_ratio=TARGET_RATIO, meets_target=ratio >= TARGET_RATIO,

@@ -1,10 +1,20 @@
 """Attention kernels over [b, t, h, f] queries and [b, s, k, f] keys/values (GQA: h = k * g).
 
-`attention_mask` builds the causal + segment mask every kernel takes (packed rows never attend
-across examples; padding is segment 0). `xla_attention` is the reference (transformers' eager
-numerics) with a custom gradient that recomputes the probabilities from q, k and per-row softmax
-statistics instead of storing [b, h, t, s] arrays. `fused_attention` asks `jax.nn.dot_product_attention`
-for cuDNN flash attention where it can run, and says why when it cannot.
+`masking` describes which keys each query sees (causal + segment ids: packed rows never attend
+across examples; padding is segment 0) in the forms the kernels take: a dense [b, t, s] mask and the
+segment ids with the queries' offset in a KV cache. `attend` is the one place `model.attention`
+chooses a kernel:
+
+- `xla_attention`, the reference (transformers' eager numerics), with a custom gradient that
+  recomputes the probabilities from q, k and per-row softmax statistics instead of storing
+  [b, h, t, s] arrays;
+- `fused_attention`: `jax.nn.dot_product_attention` asking for cuDNN flash attention where it can
+  run, saying why when it cannot;
+- `splash_attention` (`attention_splash.py`): JAX's Pallas splash attention kernel for TPUs, which
+  takes the segment ids and grouped KV heads directly, wrapped in `shard_map` over the mesh.
+
+What a padding query (segment 0) attends to differs between kernels (no loss, score or cache
+read ever uses it): compare kernels on the real rows.
 
 Array names carry their shapes: b batch, t query length, s key length, h query heads,
 k kv heads, f head dim.
@@ -13,11 +23,15 @@ k kv heads, f head dim.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from flacuna_jax import attention_splash
+
 Array = jax.Array
+KERNELS = ("xla", "dot_product", "splash", "auto")  # model.attention
 
 
 def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array) -> Array:
@@ -25,6 +39,33 @@ def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array)
     kv_index_s = jnp.arange(kv_segment_bs.shape[1])
     same = (q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]) & (kv_segment_bs[:, None, :] != 0)
     return same & (kv_index_s[None, None, :] <= q_index_bt[:, :, None])
+
+
+class Masking(NamedTuple):
+    """Which keys each query may attend, in the forms the kernels take."""
+
+    dense_bts: Array  # True where query t sees key s (XLA, cuDNN)
+    q_segment_bt: Array | None  # the queries' segment ids (0: padding); None: `explicit_masking`
+    kv_segment_bs: Array | None  # the keys' segment ids (for a cache: the cache's, this call's queries written in)
+    write_index: Array | None  # queries sit at key slots write_index + 0..t-1 of a cache; None: keys = queries
+
+
+def masking(segment_ids_bt: Array, kv_segment_bs: Array | None = None, write_index: Array | None = None) -> Masking:
+    """Self-attention over `segment_ids_bt`, or (both given) queries written into a cache at `write_index`."""
+    b, t = segment_ids_bt.shape
+    if kv_segment_bs is None:
+        dense = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
+        return Masking(dense, segment_ids_bt, segment_ids_bt, None)
+    q_index_bt = jnp.broadcast_to(jnp.reshape(write_index, (-1, 1)) + jnp.arange(t), (b, t))  # one index or one per row
+    dense = attention_mask(segment_ids_bt, q_index_bt, kv_segment_bs)
+    return Masking(dense, segment_ids_bt, kv_segment_bs, write_index)
+
+
+def explicit_masking(mask_bts: Array) -> Masking:
+    """A given causal [b, t, t] mask that segment ids cannot express (`score.py`'s shared-context rows,
+    whose continuations see the context and themselves only): the dense kernels take it; splash,
+    which reads only segment ids, runs XLA's attention on it instead (`attend`)."""
+    return Masking(mask_bts, None, None, None)
 
 
 def _masked_scores(q_bthf: Array, k_bshf: Array, mask_bts: Array) -> Array:
@@ -85,6 +126,21 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
+def cached_attention(q_bthf: Array, k_bksf: Array, v_bksf: Array, mask_bts: Array) -> Array:
+    """Attention over a KV cache laid out [b, k, s, f] (`kv_cache.init_cache`), for decoding: each group of
+    g = h / k query heads attends its kv head's keys where they lie. `xla_attention` would repeat the
+    keys and values up to h heads, a copy of g times the cache in every layer of every decode step.
+    The same numerics as `xla_attention` (scores in the compute dtype, softmax in fp32); no gradient rule."""
+    b, t, h, f = q_bthf.shape
+    k = k_bksf.shape[1]
+    q_bkgtf = q_bthf.reshape(b, t, k, h // k, f).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtf,bksf->bkgts", q_bkgtf, k_bksf) * (f ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = _softmax_stats(scores)[0]
+    out_bkgtf = jnp.einsum("bkgts,bksf->bkgtf", probs.astype(v_bksf.dtype), v_bksf)
+    return out_bkgtf.transpose(0, 3, 1, 2, 4).reshape(b, t, h, f)
+
+
 def cudnn_refusal(q_bthf: Array) -> str | None:
     """Why cuDNN flash attention cannot run on these queries, or None if it may (it can still
     refuse the shapes at trace time): it needs a GPU, half precision, head_dim a multiple of 8 <= 128."""
@@ -127,3 +183,48 @@ def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array
         _logged_fallbacks.add(reason)
         logging.getLogger(__name__).warning("attention: XLA's implementation instead of cuDNN flash attention: %s", reason)
     return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, **kw)
+
+
+_logged_choices: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_choices:
+        _logged_choices.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking, splash_blocks=None) -> Array:
+    """`model.attention` = `kind` on these queries and keys: xla | dot_product | splash | auto.
+
+    auto: splash on a TPU, cuDNN flash attention on a GPU, XLA's implementation elsewhere (the reason
+    logged once). splash (or auto on a TPU) decoding ONE token into a cache runs `xla_attention`
+    (a single query row has nothing to tile), as does an explicit mask (logged once); a shape the kernel refuses is an error with splash,
+    XLA's attention (logged once) with auto.
+    """
+    if kind == "xla":
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    if kind == "dot_product" or (kind == "auto" and jax.default_backend() != "tpu"):
+        return fused_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts, causal=mask.write_index is None,
+                               fallback=kind == "auto")
+    if kind not in ("splash", "auto"):
+        raise ValueError(f"model.attention={kind!r}: not one of {', '.join(KERNELS)}")
+    if q_bthf.shape[1] == 1:
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    if mask.q_segment_bt is None:  # `explicit_masking`: no segment ids to hand the kernel
+        _log_once("attention: XLA's implementation instead of splash attention: an explicit mask (shared-context "
+                  "scoring rows) that segment ids cannot express")
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    if mask.write_index is not None and jnp.ndim(mask.write_index) > 0:  # the kernel aligns one offset for all rows
+        _log_once("attention: XLA's implementation instead of splash attention: a cache written at one index per row")
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    blocks = splash_blocks or attention_splash.SplashBlocks()
+    if kind == "splash":
+        return attention_splash.splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
+    try:
+        return attention_splash.splash_attention(q_bthf, k_bskf, v_bskf, mask, blocks)
+    except (ValueError, NotImplementedError) as e:  # a shape the TPU kernel refuses at trace time
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        _log_once(f"attention: XLA's implementation instead of splash attention: queries {tuple(q_bthf.shape)} "
+                  f"{q_bthf.dtype}: {first_line}")
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 
 from flacuna_jax.config import Config, load_config
 from flacuna_jax.run_spec import spec_overrides
+from flacuna_jax.storage import run_path
 from flacuna_jax.train_state import TrainState
 
 ITEMS = ("params", "opt_state", "misc", "data", "spec")
@@ -42,20 +43,33 @@ class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).absolute() / "checkpoints"
+def checkpoint_dir(run_dir: str | os.PathLike) -> Any:
+    """`run_dir/checkpoints` as an epath.Path (a local dir or a bucket: storage.py)."""
+    return run_path(run_dir) / "checkpoints"
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager without its own preemption queries. Each save asks JAX's preemption sync point
+    with the GLOBAL step (on the saving thread and again from its finalize thread, steps later). JAX keeps
+    one counter per process, the last value passed in: those calls would overwrite the step count the
+    training loop reports (`preemption.py`), and a notice arriving then would set the agreed step to one
+    the loop has already passed, so the run would never stop. orbax only logs the answer; the training
+    loop decides when to save."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class Checkpointer:
     """Saves and restores `TrainState` + data-iterator state under `run_dir/checkpoints`."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = checkpoint_dir(run_dir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -100,7 +114,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def latest_complete_step(run_dir: str | Path) -> int | None:
+def latest_complete_step(run_dir: str | os.PathLike) -> int | None:
     """The latest complete checkpoint's step, read from the directory names alone (orbax renames a
     step's temporary directory to the bare number when it is complete), without opening a manager."""
     d = checkpoint_dir(run_dir)
@@ -108,8 +122,8 @@ def latest_complete_step(run_dir: str | Path) -> int | None:
     return max(steps, default=None)
 
 
-def stored_spec(ckpt_dir: Path, step: int) -> dict | None:
-    path = Path(ckpt_dir) / str(step) / "spec" / "metadata"
+def stored_spec(ckpt_dir: str | os.PathLike, step: int) -> dict | None:
+    path = run_path(ckpt_dir) / str(step) / "spec" / "metadata"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -125,14 +139,14 @@ def restore_params_numpy(manager: ocp.CheckpointManager, step: int) -> Any:
     return jax.tree.map(np.asarray, out["params"])
 
 
-def load_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, Any, Config]:
+def load_trainable(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, Config]:
     """(step, trainable params as numpy arrays, the run's Config) from a training run directory.
 
     `step=None` takes the latest complete checkpoint. The config is `run_dir/config.yaml`, as
     `python -m flacuna_jax.train` wrote it, with the checkpoint's spec (model, tokenizer, LoRA shape)
     on top: what the weights were trained as, whatever a later launch did to config.yaml.
     """
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointNotFound(f"{cfg_path} not found (is {run_dir} a training output_dir?)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
@@ -26,14 +27,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SplashConfig:
+    """Splash attention's tile sizes (multiples of 128; MaxText's sa_block_* defaults). A block larger than
+    the sequence (padded to a multiple of 128), or not dividing it, shrinks to the largest multiple of
+    128 that divides it."""
+
+    block_q: int = 512  # forward: query rows per grid step
+    block_kv: int = 512  # forward: key columns per grid step
+    block_kv_compute: int = 512  # forward: key columns per inner matmul (divides block_kv)
+    block_q_bwd: int = 512  # backward (dK/dV and dQ kernels): query rows
+    block_kv_bwd: int = 512  # backward: key columns
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # local Hugging Face LLaMA-family directory
     compute_dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     remat: str = "full"  # none | full | dots_saveable
     # xla | dot_product (cuDNN flash attention; on a GPU an error if it cannot run, elsewhere XLA's, logged)
-    # | auto (cuDNN where it can run, else XLA's implementation, the reason logged once)
+    # | splash (Pallas splash attention: TPUs; elsewhere the same kernel interpreted, slow, warned once)
+    # | auto (splash on a TPU, cuDNN on a GPU where it can run, else XLA's implementation, the reason logged once)
     attention: str = "xla"
+    splash: SplashConfig = field(default_factory=SplashConfig)
     base_quant: str = "none"  # none | int8 | nf4: the frozen decoder projections, as bitsandbytes (QLoRA)
     double_quant: bool = False  # nf4 only: quantize the block absmax too (bitsandbytes' compress_statistics)
 
@@ -156,7 +172,7 @@ _CHOICES = {
     "model.compute_dtype": tuple(FLOAT_DTYPES),
     "model.param_dtype": tuple(FLOAT_DTYPES),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "dot_product", "auto"),
+    "model.attention": ("xla", "dot_product", "splash", "auto"),
     "model.base_quant": BASE_QUANTS,
     "data.on_bad_record": ("error", "skip"),
     "data.overlong": ("truncate", "drop"),
@@ -167,6 +183,7 @@ _POS = (lambda v: v > 0, "> 0")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 _UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 _AXIS = (lambda v: v > 0 or v == -1, "> 0 or -1 (fills the remaining devices)")
+_LANES = (lambda v: v > 0 and v % 128 == 0, "a positive multiple of 128")
 # Every numeric key and the values it accepts (NaN and infinities never; None where a key is
 # optional means unset). tests/test_config.py checks that every numeric key is listed.
 _RANGES = {
@@ -179,6 +196,7 @@ _RANGES = {
     "optim.b1": _UNIT, "optim.b2": _UNIT, "optim.eps": _POS, "optim.momentum": _UNIT,
     "lora.rank": _POS, "lora.alpha": _POS, "lora.dropout": _UNIT,
     "mesh.data": _AXIS, "mesh.fsdp": _AXIS, "mesh.tensor": _AXIS,
+    **{f"model.splash.{k}": _LANES for k in ("block_q", "block_kv", "block_kv_compute", "block_q_bwd", "block_kv_bwd")},
     "checkpoint.every": _POS, "checkpoint.keep": _POS, "log.every": _POS,
     "eval.every": _NONNEG, "eval.max_batches": _NONNEG, "eval.k": _NONNEG, "eval.max_examples": _POS,
 }
@@ -284,6 +302,9 @@ def _validate(cfg: Config) -> None:
             continue
         if not (math.isfinite(value) and ok(value)):
             raise ConfigError(f"config key '{key}': must be {text}, got {value!r}")
+    if cfg.model.splash.block_kv % cfg.model.splash.block_kv_compute:
+        raise ConfigError(f"config key 'model.splash.block_kv_compute': {cfg.model.splash.block_kv_compute} does not "
+                          f"divide model.splash.block_kv={cfg.model.splash.block_kv}")
     for i, s in enumerate(cfg.data.sources):
         if not (math.isfinite(s.weight) and s.weight >= 0):
             raise ConfigError(f"config key 'data.sources[{i}].weight': must be a finite number >= 0, got {s.weight}")
@@ -299,7 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads YAML `path` (or defaults when None), applies `key=value` overrides, validates."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = epath.Path(path)  # a local file or a run's config.yaml in a bucket (storage.py)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

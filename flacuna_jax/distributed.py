@@ -3,9 +3,13 @@
 Call `initialize()` before any other JAX call. It decides, in this order:
 
 1. `COORDINATOR_ADDRESS`, `NUM_PROCESSES`, `PROCESS_ID` (and optionally `LOCAL_DEVICE_IDS`) set
-   explicitly (`launch/multihost.sh`, `launch/cpu_sim.sh`, k8s, ssh): use them.
-2. Under SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's own cluster
-   detection.
+   explicitly (`launch/multihost.sh`, `launch/slurm.sbatch`, `launch/cpu_sim.sh`, k8s, ssh): use
+   them; each process sees all of its host's devices unless `LOCAL_DEVICE_IDS` says otherwise.
+2. Under SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1) without them (e.g.
+   `srun python -m flacuna_jax.train` run directly), or with `FLACUNA_DISTRIBUTED=auto`
+   (`launch/tpu_vm.sh` sets it on every worker of a Cloud TPU VM slice): JAX's own cluster detection
+   (under SLURM on GPUs its default is one device per process, the one numbered by the task's local
+   id; on a TPU VM, the worker's index and its peers' addresses come from the TPU metadata server).
 3. Otherwise: a single process, nothing to initialise.
 
 On CPU, collectives across processes go through gloo (`JAX_PLATFORMS=cpu`).
@@ -13,22 +17,33 @@ On CPU, collectives across processes go through gloo (`JAX_PLATFORMS=cpu`).
 In a multi-process job every line this process writes to stdout/stderr from Python starts with
 `[p<index>/<count>] ` (C++ logs from XLA, gloo and gRPC are not prefixed).
 
-A process that dies must not leave the others hanging. Three mechanisms bound that:
+A process that dies must not leave the others hanging. These mechanisms bound that:
 
-- The coordination service's heartbeat (`HEARTBEAT_TIMEOUT_S`, default 30 s; JAX's own default is
-  100 s): when a process stops sending heartbeats, the service marks the job failed and JAX
-  terminates every other process ("Terminating process because the JAX distributed service detected
-  fatal errors"; SIGABRT, exit code 134). When the coordinator (process 0) itself dies, the others
-  fail their next heartbeat or error poll at once. This also stops a process blocked inside a
-  collective that never completes (NCCL waits forever for a dead peer).
-- A collective that notices the dead peer first (gloo: "Connection closed by peer") raises
-  `JaxRuntimeError`; the uncaught-exception hook installed here prints it with a one-line
+- A collective that notices the dead peer (gloo: "Connection closed by peer" or "reset by peer")
+  raises `JaxRuntimeError`; the uncaught-exception hook installed here prints it with a one-line
   explanation and exits at once with `EXIT_PEER_FAILURE` (other uncaught exceptions: exit code 1).
-- That hook skips JAX's shutdown barrier on the way out (`os._exit` after flushing). Without it a
+- When the coordinator (process 0, which hosts the coordination service) dies, the others fail their
+  next error poll at once and JAX terminates them ("another task died"; SIGABRT, exit code 134).
+- The coordination service's heartbeat (`HEARTBEAT_TIMEOUT_S`, default 100 s, JAX's own default and
+  MaxText's): a process that has sent no heartbeat for that long is declared dead and JAX terminates
+  every other process ("Terminating process because the JAX distributed service detected fatal
+  errors"; SIGABRT, exit code 134). It bounds what the first two cannot see: a host
+  that vanishes without closing its connections, or peers blocked in a collective that never
+  completes (NCCL waits forever for a dead peer). Why not shorter: heartbeats are sent by a
+  background thread that a busy or swapping host can starve; a timeout shorter than the worst stall
+  kills healthy jobs (seen with 10 s on a loaded 2-core machine while two processes compiled; MaxText
+  users running large models raise it well above 100 s). A hang of at most 100 s after a host is lost
+  costs far less than a healthy run killed. Tests and `cpu_sim.sh` use the same default: a process
+  killed there closes its sockets, so the others stop through the first two within seconds.
+- The hook skips JAX's shutdown barrier on the way out (`os._exit` after flushing). Without it a
   process that failed alone would wait in that barrier for peers blocked in a collective, up to
   `shutdown_timeout_seconds` (300 s), then abort.
 
 `INIT_TIMEOUT_S` (default 300) bounds the wait for every process to join at start-up.
+
+SIGTERM is not a failure: `jax.distributed.initialize` also starts JAX's preemption service, whose
+SIGTERM handler keeps the process running; the training loop then stops every process after the same
+step, saved (`preemption.py`, exit code 75).
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ import traceback
 import jax
 
 EXIT_PEER_FAILURE = 4  # a cross-process operation failed: another process probably died
-DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's default and MaxText's (why not shorter: the module docstring)
 # Text of runtime errors that mean "a peer or the coordination service went away".
 _PEER_SIGNS = ("gloo", "connection closed", "connection reset", "connection refused", "heartbeat", "unavailable",
                "deadline_exceeded", "nccl", "coordination service", "barrier")
@@ -68,7 +83,10 @@ def initialize() -> None:
     num = _int_env("NUM_PROCESSES")
     pid = _int_env("PROCESS_ID")
     heartbeat = _int_env("HEARTBEAT_TIMEOUT_S") or DEFAULT_HEARTBEAT_TIMEOUT_S
-    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1
+    auto = os.environ.get("FLACUNA_DISTRIBUTED", "")
+    if auto not in ("", "auto"):
+        raise SystemExit(f"error: FLACUNA_DISTRIBUTED={auto!r}: the only value is 'auto' (JAX finds the job itself)")
+    cluster = (_int_env("SLURM_NTASKS") or 1) > 1 or (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1 or auto == "auto"
     if not coordinator and not cluster:
         return
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):

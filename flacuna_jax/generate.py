@@ -9,10 +9,12 @@ training saw) unless `--raw`. Temperature 0 is greedy; otherwise temperature + n
 
 How decoding runs. A batch of prompts is LEFT-padded to a bucketed width (powers of two: few
 compiles) with segment id 0 on the padding and positions counted from each row's first real token
-(HF's attention_mask / position_ids in `generate`). One jitted function does the prefill, then the
-whole token loop as one `lax.while_loop` over a cache of width + max_new_tokens slots; the loop
-stops when every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python
-between tokens.
+(HF's attention_mask / position_ids in `generate`). One jitted function does the prefill (only its
+last position goes through the output projection), then the whole token loop as one `lax.while_loop`
+over a cache of width + max_new_tokens slots (`kv_cache.py`, written in place); the loop stops when
+every row has emitted EOS (rows that finished emit `pad_id`). Nothing returns to Python between
+tokens. With the model in the unrolled layout (`model.unrolled`, what the CLI loads) each decode step
+reads every layer's weights where they lie instead of copying them out of a stacked array first.
 
 Shared prefixes. Few-shot evaluation prompts of one task start with the same header and shots (MMLU:
 ~90% of each prompt), and sampled rows repeat one prompt. `plan_batches` orders prompts so that such
@@ -46,19 +48,39 @@ import numpy as np
 
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
-from flacuna_jax.model import init_cache
+from flacuna_jax.kv_cache import init_cache, prepend_prefix
 
 TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
 
 
 # ------------------------------------------------------------------------------ sampling
 
-def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Next token [b]: argmax when temperature == 0, else temperature + nucleus (top-p) sampling.
+def warp_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The logits sampling draws from: transformers' TemperatureLogitsWarper, then TopPLogitsWarper.
 
-    Nucleus: keep the most probable tokens whose cumulative probability, before adding each, is
-    below top_p (so the top token always stays), then sample among them. A `lax.cond` on the
-    (traced) temperature skips the vocabulary sort when decoding greedily.
+    Divided by the temperature first (so it changes which tokens the nucleus keeps), then the
+    nucleus exactly as transformers computes it: sort ascending, and drop each token whose
+    cumulative probability from the least probable one up to itself is <= 1 - top_p; the top token
+    always stays. Equal logits at the cut: the higher token id is kept (transformers' ascending
+    sort order when it is stable; torch's is, on small vocabularies). top_p >= 1 keeps every token,
+    as transformers then adds no top-p warper. `temperature` and `top_p` are scalars or one per row.
+    """
+    temperature, top_p = (jnp.asarray(x, jnp.float32) for x in (temperature, top_p))
+    temperature, top_p = (x[:, None] if x.ndim else x for x in (temperature, top_p))
+    scaled_bv = logits_bv.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    order_bv = jnp.argsort(scaled_bv, axis=-1, stable=True)  # ascending, ties by id
+    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+    cum_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+    drop_sorted_bv = (cum_bv <= 1 - top_p).at[:, -1].set(False)
+    drop_bv = jnp.zeros_like(drop_sorted_bv).at[jnp.arange(drop_sorted_bv.shape[0])[:, None], order_bv].set(
+        drop_sorted_bv)
+    return jnp.where(drop_bv & (top_p < 1), -jnp.inf, scaled_bv)
+
+
+def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next token [b]: argmax when temperature == 0, else a draw from `warp_logits` (temperature,
+    then nucleus top-p, as transformers' `generate(do_sample=True)`). A `lax.cond` on the (traced)
+    temperature skips the vocabulary sort when decoding greedily.
     """
     logits_bv = logits_bv.astype(jnp.float32)
 
@@ -66,14 +88,7 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
     def nucleus(_):
-        scaled_bv = logits_bv / jnp.maximum(temperature, 1e-6)
-        order_bv = jnp.argsort(-scaled_bv, axis=-1)
-        sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        kept_bv = jnp.where(before_bv < top_p, sorted_bv, -jnp.inf)
-        choice_b = jax.random.categorical(rng, kept_bv, axis=-1)
-        return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jax.random.categorical(rng, warp_logits(logits_bv, temperature, top_p), axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
@@ -185,7 +200,7 @@ def make_prefill(model: Any):
 
     def prefill(params, ids_1p, segment_ids_1p):
         positions_1p = jnp.maximum(jnp.cumsum(segment_ids_1p, axis=1) - 1, 0).astype(jnp.int32)
-        cache = init_cache(model.config, 1, ids_1p.shape[1], model.runtime.compute_dtype)
+        cache = init_cache(model.config, 1, ids_1p.shape[1], model.runtime.compute_dtype, model.runtime.layers)
         return model.apply({"params": params}, ids_1p, positions_1p, segment_ids_1p, cache=cache)[1]
 
     return jax.jit(prefill)
@@ -214,18 +229,18 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         b, width = ids_bt.shape
         variables = {"params": params}
         positions_bt = jnp.maximum(jnp.cumsum(segment_ids_bt, axis=1) - 1, 0).astype(jnp.int32)
-        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype)
+        cache = init_cache(model.config, b, width + n_new, model.runtime.compute_dtype, model.runtime.layers)
         if prefix is not None:  # the prefix's slots first, then the rows' own
-            cache = {name: jnp.concatenate([jnp.broadcast_to(prefix[name], prefix[name].shape[:axis] + (b,)
-                                                             + prefix[name].shape[axis + 1:]), cache[name]], axis=axis + 1)
-                     for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": prefix["index"]}
+            cache = prepend_prefix(prefix, cache)
             positions_bt = positions_bt + jnp.sum(prefix["segment_ids"])
-        logits_btv, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache)
+        last_b1 = jnp.full((b, 1), width - 1, jnp.int32)  # left padding: the last slot is real
+        logits_b1v, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache,
+                                        logits_at_bm=last_b1)  # the output projection of that slot only
         state = {
             "step": jnp.zeros((), jnp.int32),
             "tokens": jnp.full((b, n_new), spec.pad_id, jnp.int32),
             "cache": cache,
-            "logits": logits_btv[:, -1].astype(jnp.float32),  # left padding: the last slot is real
+            "logits": logits_b1v[:, 0].astype(jnp.float32),
             "done": jnp.zeros((b,), bool),
             "position": positions_bt[:, -1] + 1,
             "rng": rng,

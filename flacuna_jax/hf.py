@@ -194,7 +194,17 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise CheckpointError(f"{path}: .bin checkpoints need torch (pip install torch) for its safe "
                               f"weights_only loader; or convert the checkpoint to safetensors") from None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # the pickle names something other than tensors: never run it
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: torch's weights_only loader found more than tensors in this "
+                              f"pickle (it could run code); convert the checkpoint to safetensors from a source "
+                              f"you trust ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
 
     def to_numpy(t):
         if t.dtype == torch.bfloat16:

@@ -17,12 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flacuna_jax.attention import KERNELS
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant."""
+    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant, --attention."""
     p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     src = p.add_mutually_exclusive_group()
@@ -31,22 +32,41 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (LoRA applied on top, unfolded)")
+    p.add_argument("--attention", choices=KERNELS, default="xla",
+                   help="attention kernel, as model.attention in training: xla (the reference), dot_product (cuDNN), "
+                        "splash (TPU; one decoded token uses xla), auto (splash on a TPU, cuDNN on a GPU, else XLA's)")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, params) chosen by the `add_model_args` arguments."""
-    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant)
+    """(model, params) chosen by the `add_model_args` arguments, laid out for decoding (`layers`)."""
+    return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant, a.attention,
+                              layers="unrolled")
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
-                       dtype: Any = jnp.float32, base_quant: str = "none") -> tuple[Any, Any]:
+                       dtype: Any = jnp.float32, base_quant: str = "none", attention: str = "xla",
+                       layers: str = "scan") -> tuple[Any, Any]:
     """(model, params) of the base model with an adapter or a training run's LoRA folded in (or, on a
-    quantized base, beside it)."""
+    quantized base, beside it). `layers="unrolled"`: one weight buffer per layer, what decoding and
+    scoring run fastest on (`model.unrolled`; a quantized base stays scanned); "scan": the stacked
+    layout training uses (`params["layers"]`)."""
+    if layers not in ("scan", "unrolled"):
+        raise ValueError(f"layers must be scan or unrolled, got {layers!r}")
+    model, params = _load(model_dir, adapter, run, dtype, base_quant, attention)
+    if layers == "unrolled":
+        from flacuna_jax.model import unrolled
+
+        return unrolled(model, params)
+    return model, params
+
+
+def _load(model_dir: str, adapter: str | None, run: str | None, dtype: Any, base_quant: str,
+          attention: str) -> tuple[Any, Any]:
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lora import fold_lora, merge_params
     from flacuna_jax.model import LoraSpec, Runtime
 
-    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, base_quant=base_quant)
+    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, attention=attention, base_quant=base_quant)
     model, params = load_pretrained(model_dir, runtime)
     if adapter is None and run is None:
         return model, params

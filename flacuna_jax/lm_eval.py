@@ -65,7 +65,7 @@ def generation_eos_ids(model_dir: str | Path, config_eos: int | None) -> tuple[i
 
 class FlacunaLM(TemplateLM):
     """lm-eval's `LM` on our scorer and decoder; the LoRA of an adapter or run is folded into the base
-    (kept beside it on a quantized base)."""
+    (kept beside it on a quantized base), loaded with one weight buffer per layer (`model.unrolled`)."""
 
     def __init__(self, model: str, adapter: str | None = None, run: str | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_gen_toks: int = 256, seed: int = 1234,
@@ -83,7 +83,7 @@ class FlacunaLM(TemplateLM):
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by flacuna_jax: give a number")
         self.model_dir, self.adapter, self.run, self.dtype = str(model), adapter, run, dtype
-        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant)
+        net, params = load_for_inference(str(model), adapter, run, DTYPES[dtype], base_quant, layers="unrolled")
         self._use(net, params, load_tokenizer(tokenizer or model),
                   generation_eos_ids(model, net.config.eos_token_id), batch_size, max_gen_toks, seed)
 
@@ -231,8 +231,11 @@ class FlacunaLM(TemplateLM):
         texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         # A row stopped on a stop string's tokens whose text does not contain the string (a tokenizer
         # that decodes them differently in context) would end too early: decode it again without stops.
+        # Not a row that ended at EOS (lm-eval adds the EOS text to `until`; EOS ends a row anyway).
+        eos = set(self.generator.eos_ids)
         again = [i for i, (x, t) in enumerate(zip(ids, texts))
-                 if ends_with_any(x, stops) and postprocess_generated_text(t, until, None) == t]
+                 if ends_with_any(x, stops) and not (x and x[-1] in eos)
+                 and postprocess_generated_text(t, until, None) == t]
         if again:
             redo = self.generator.generate_ids([prompts[i] for i in again], max_gen, temperature, top_p, self.seed)
             for i, x in zip(again, redo):

@@ -8,14 +8,17 @@ Every `log.every` steps one JSON line goes to `output_dir/metrics.jsonl`:
     tokens        trained (loss-mask) tokens in the step's global batch
     tokens_per_s  processed tokens (global batch x seq_len, padding included) per second of wall time
     step_time_s   wall time of the step (host to host: data, dispatch, compute)
-    mfu           model FLOPs utilisation, only where the device's peak is known (H100, bf16)
+    mfu           model FLOPs utilisation against the device's spec dense peak, where known (bf16 on
+                  H100/H200, TPU v4/v5e/v5p/v6e: accelerators.py)
     eval_loss     when this step evaluated the held-out split
     eval/<task>/acc, eval/<task>/n   when this step scored the `eval.tasks` multiple-choice tasks
     skipped_steps updates skipped so far because the loss or a gradient was not finite
     data_*        the data loader's counters (truncated, dropped, bad records skipped)
 
 Only process 0 writes. On a resume, lines after the restored step are dropped first, so the file
-reads like one uninterrupted run.
+reads like one uninterrupted run. The file is rewritten whole at each log through a temporary
+sibling (`storage.write_text_atomic`), so the same code writes it on a local disk and in a bucket
+(`output_dir: gs://...`, which has no append); TensorBoard's writer reaches a bucket itself.
 """
 
 from __future__ import annotations
@@ -25,23 +28,10 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-PEAK_FLOPS = {  # spec-sheet dense FLOP/s per device (MFU's denominator, as PaLM and MaxText define it),
-    # by (device kind substring, compute dtype); the first match wins, so the PCIe/NVL parts come first
-    ("H100 PCIe", "bfloat16"): 756e12,
-    ("H100 NVL", "bfloat16"): 835e12,
-    ("H100", "bfloat16"): 989e12,  # H100 SXM; a measured dense bf16 matmul reaches ~798e12 (DESIGN.md)
-    ("H200", "bfloat16"): 989e12,
-}
-
-
-def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
-    for (kind, dtype), value in PEAK_FLOPS.items():
-        if kind in device_kind and dtype == compute_dtype:
-            return value
-    return None
+from flacuna_jax.accelerators import peak_flops  # noqa: F401 - MFU's denominator, per chip (accelerators.py)
+from flacuna_jax.storage import run_path, write_text_atomic
 
 
 def flops_per_token(config: Any, seq_len: int, finetune: str) -> float:
@@ -60,10 +50,10 @@ def flops_per_token(config: Any, seq_len: int, finetune: str) -> float:
     return 2 * n + attention + 2 * n + 2 * attention + weight_grads
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keeps the lines with step <= last_step (and drops a half-written last line)."""
+def kept_lines(path: Any, last_step: int) -> list[str]:
+    """The lines of `path` (if any) with step <= last_step; a half-written line is dropped."""
     if not path.is_file():
-        return
+        return []
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -72,13 +62,18 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue
         if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
+    return kept
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def truncate_jsonl(path: Any, last_step: int) -> None:
+    """Keeps the lines with step <= last_step (and drops a half-written last line)."""
+    path = run_path(path)
+    if path.is_file():
+        write_text_atomic(path, "".join(k + "\n" for k in kept_lines(path, last_step)))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in run_path(path).read_text().splitlines() if line.strip()]
 
 
 def _fmt_eval(record: dict) -> str:
@@ -88,22 +83,22 @@ def _fmt_eval(record: dict) -> str:
 class MetricsLogger:
     """Writes metric records (process 0 only) and shows progress."""
 
-    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True,
+    def __init__(self, output_dir: str | os.PathLike, total_steps: int, start_step: int = 0, enabled: bool = True,
                  tensorboard: bool = True, progress: bool | None = None):
         self.enabled, self.total, self.start = enabled, total_steps, start_step
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self._file = self._tb = self._bar = None
+        out = run_path(output_dir)
+        self.path = out / "metrics.jsonl"
+        self._lines: list[str] = []
+        self._tb = self._bar = None
         self._t0 = time.time()
         if not enabled:
             return
-        if start_step > 0:
-            truncate_jsonl(self.path, start_step)
-        elif self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "a")
+        out.mkdir(parents=True, exist_ok=True)
+        self._lines = kept_lines(self.path, start_step) if start_step > 0 else []
+        write_text_atomic(self.path, "".join(k + "\n" for k in self._lines))  # a fresh run: an empty file
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
@@ -130,9 +125,8 @@ class MetricsLogger:
         # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else
                       round(v, 6) if isinstance(v, float) and k.endswith("_s") else v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._lines.append(json.dumps(record))
+        write_text_atomic(self.path, "".join(k + "\n" for k in self._lines))
         step = record["step"]
         if self._tb is not None:
             for k, v in record.items():
@@ -159,7 +153,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._file is not None:
-            self._file.close()
         if self._tb is not None:
             self._tb.close()

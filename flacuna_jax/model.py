@@ -3,8 +3,9 @@
 LLaMA 1/2/3: RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
 attention, SwiGLU MLP, tied or untied embeddings. Attention masks are causal plus segment ids, with
 per-segment positions, so several examples packed in one row never see each other. An optional KV
-cache supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers` axis on
-every layer parameter) and optionally rematerialised. The attention kernels live in `attention.py`;
+cache (`kv_cache.py`) supports decoding. Layers are `nn.scan`-ned (one compiled layer, a leading `layers`
+axis on every layer parameter) and optionally rematerialised; for decoding, `Runtime(layers="unrolled")`
+runs one module per layer on one weight buffer per layer (`unrolled`). The attention kernels live in `attention.py`;
 like its XLA attention, the SwiGLU product here has a custom gradient that keeps fewer activations
 than autodiff would (only its two inputs; same values, gradients equal up to rounding).
 
@@ -26,6 +27,7 @@ k kv heads, g query heads per kv head, f head dim, l layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flacuna_jax import quant
-from flacuna_jax.attention import attention_mask, fused_attention, xla_attention
+from flacuna_jax import attention
+from flacuna_jax.attention_splash import SplashBlocks
+from flacuna_jax.kv_cache import init_cache, write_cache, write_slots  # noqa: F401  init_cache: re-exported, model.init_cache
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -109,9 +113,11 @@ class Runtime:
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"  # none | full | dots_saveable
-    attention: str = "xla"  # xla | dot_product (cuDNN on a GPU, or an error) | auto (cuDNN where it can run)
+    attention: str = "xla"  # attention.KERNELS: xla | dot_product (cuDNN) | splash (Pallas, TPU) | auto (attention.attend)
     base_quant: str = "none"  # none | int8 | nf4: the decoder layers' projections (quant.py)
     double_quant: bool = False  # nf4: the block absmax quantized too
+    splash_blocks: SplashBlocks = SplashBlocks()  # splash attention's tile sizes
+    layers: str = "scan"  # scan | unrolled (inference: each layer's weights its own buffer, see `unstack_layers`)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -254,9 +260,10 @@ class Attention(nn.Module):
     bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, cache: dict | None = None,
+    def __call__(self, x_btd: Array, positions_bt: Array, mask: attention.Masking, cache: dict | None = None,
                  write_index: Array | None = None, rows_b: Array | None = None,
                  adapter_b: Array | None = None) -> tuple[Array, dict | None]:
+        """`cache`: this layer's keys/values {"k", "v"} [b, k, s, f] (`init_cache`)."""
         c = self.config
         b, t, _ = x_btd.shape
         q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b, adapter_b)
@@ -268,25 +275,18 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(c)
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
         if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
-            k_btkf = write_at(cache["k"], k_btkf.astype(cache["k"].dtype), write_index)
-            v_btkf = write_at(cache["v"], v_btkf.astype(cache["v"].dtype), write_index)
-            cache = {"k": k_btkf, "v": v_btkf}
-        k_btkf, v_btkf = k_btkf.astype(q_bthf.dtype), v_btkf.astype(q_bthf.dtype)
-        if self.runtime.attention == "xla":
-            o = xla_attention(q_bthf, k_btkf, v_btkf, mask_bts)
-        else:  # causal unless decoding into a cache
-            o = fused_attention(q_bthf, k_btkf, v_btkf, mask_bts, causal=cache is None,
-                                fallback=self.runtime.attention == "auto")
+            cache = write_cache(cache, {"k": k_btkf, "v": v_btkf}, write_index)
+            k_bksf, v_bksf = cache["k"].astype(q_bthf.dtype), cache["v"].astype(q_bthf.dtype)
+            if self.runtime.attention == "xla":
+                o = attention.cached_attention(q_bthf, k_bksf, v_bksf, mask.dense_bts)
+            else:  # the other kernels take keys [b, s, k, f]
+                o = attention.attend(self.runtime.attention, q_bthf, k_bksf.transpose(0, 2, 1, 3),
+                                     v_bksf.transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
+        else:
+            o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim),
                                                                           rows_b, adapter_b)
         return out, cache
-
-
-def write_at(cache_bs: Array, new_bt: Array, index: Array) -> Array:
-    """`new_bt` written into the cache along axis 1 at `index`: one scalar for every row, or one per row [b]."""
-    if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice_in_dim(cache_bs, new_bt, index, axis=1)
-    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache_bs, new_bt, index)
 
 
 @jax.custom_vjp
@@ -332,12 +332,12 @@ class DecoderLayer(nn.Module):
     bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask_bts: Array, write_index: Array | None,
+    def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask: attention.Masking, write_index: Array | None,
                  rows_b: Array | None = None, adapter_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
         attn = Attention(c, rt, self.lora, self.deterministic, self.bank, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask_bts, cache, write_index, rows_b, adapter_b)
+        attn_out, cache = attn(x, positions_bt, mask, cache, write_index, rows_b, adapter_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
         h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, self.bank, name="mlp")(x, rows_b, adapter_b)
@@ -361,25 +361,32 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
                  *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False,
-                 rows_b: Array | None = None, adapter_b: Array | None = None):
+                 rows_b: Array | None = None, mask_bts: Array | None = None, logits_at_bm: Array | None = None,
+                 adapter_b: Array | None = None):
         """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1).
         `adapter_b`: each row's adapter in `bank` (default 0, the base). `cache["index"]`: where this
-        call's keys/values are written, a scalar or one index per row."""
+        call's keys/values are written, a scalar or one index per row.
+        `mask_bts`: an attention mask [b, t, t] (True: query t sees key s) instead of the causal +
+        segment one, e.g. a shared context whose continuations do not see each other (`score.py`); it
+        must be causal (no key after its query), and is not taken with a cache.
+        `logits_at_bm`: positions [b, m]; the logits (or hidden states) returned are those at these
+        positions only, [b, m, vocab]: the output projection runs where it is read."""
         c, rt = self.config, self.runtime
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if mask_bts is not None and cache is not None:
+            raise ValueError("mask_bts is not taken with a cache (the cache's mask comes from its segment ids)")
         if cache is None:
             write_index = None
-            mask = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
+            mask = attention.masking(segment_ids_bt) if mask_bts is None else attention.explicit_masking(mask_bts)
             layer_cache = None
         else:
             write_index = cache["index"]
-            kv_segments = write_at(cache["segment_ids"], segment_ids_bt, write_index)
-            q_index_bt = jnp.broadcast_to(jnp.reshape(write_index, (-1, 1)) + jnp.arange(t), (b, t))
-            mask = attention_mask(segment_ids_bt, q_index_bt, kv_segments)
+            kv_segments = write_slots(cache["segment_ids"], segment_ids_bt, write_index, slot_axis=1)
+            mask = attention.masking(segment_ids_bt, kv_segments, write_index)
             layer_cache = {"k": cache["k"], "v": cache["v"]}
 
         embedding = self.param("embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -389,16 +396,35 @@ class Llama(nn.Module):
         layer_cls = DecoderLayer
         if rt.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[rt.remat], prevent_cse=False)
-        layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, rt, self.lora, deterministic, self.bank, name="layers")
-        h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b, adapter_b)
+        if rt.layers == "unrolled":
+            # One module per layer (params "layers_0", "layers_1", ...: `unstack_layers`), and a cache of one
+            # array per layer (`init_cache(..., layers="unrolled")`). A scanned layer's weights and cache are
+            # sliced out of stacked arrays, and XLA copies each slice before its matmuls, in every layer of
+            # every decode step; here each matmul reads them where they lie, and each cache is written in place.
+            if layer_cache is not None and not isinstance(layer_cache["k"], (tuple, list)):
+                raise ValueError("an unrolled model's cache holds one array per layer: init_cache(..., layers='unrolled')")
+            new_k, new_v = [], []
+            for i in range(c.num_layers):
+                layer = layer_cls(c, rt, self.lora, deterministic, self.bank, name=f"layers_{i}")
+                one = None if layer_cache is None else {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
+                h, one = layer(h, one, positions_bt, mask, write_index, rows_b, adapter_b)
+                if one is not None:
+                    new_k.append(one["k"])
+                    new_v.append(one["v"])
+            new_layer_cache = None if layer_cache is None else {"k": tuple(new_k), "v": tuple(new_v)}
+        else:
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, rt, self.lora, deterministic, self.bank, name="layers")
+            h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b, adapter_b)
         h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
+        if logits_at_bm is not None:
+            h = jnp.take_along_axis(h, logits_at_bm[:, :, None].astype(jnp.int32), axis=1)
         if return_hidden:
             out = h
         elif c.tie_word_embeddings:
@@ -416,10 +442,41 @@ class Llama(nn.Module):
         return params["lm_head"]["kernel"]
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+def unstack_layers(tree: dict) -> dict:
+    """A tree with a stacked "layers" subtree (every leaf [l, ...]: params, LoRA factors, shardings'
+    shapes) -> one subtree per layer, "layers_0" ... "layers_{l-1}", what `Runtime(layers="unrolled")`
+    reads. The stacked leaves are dropped from `tree` as they are split (`tree` is emptied of "layers"),
+    so a model is never twice in memory when nothing else holds them."""
+    stacked = tree.pop("layers")
+    leaves, treedef = jax.tree.flatten(stacked)
+    del stacked
+    n = leaves[0].shape[0]
+    per_layer: list[list[Any]] = [[] for _ in range(n)]
+    while leaves:
+        leaf = leaves.pop(0)
+        for i in range(n):
+            per_layer[i].append(leaf[i])
+        del leaf
+    return {**tree, **{f"layers_{i}": jax.tree.unflatten(treedef, per_layer[i]) for i in range(n)}}
+
+
+def unrolled(model: "Llama", params: dict) -> tuple["Llama", dict]:
+    """(model, params) for decoding: one module and one weight buffer per layer (`Runtime.layers`), the
+    stacked `params` consumed (`unstack_layers`). Decode steps read each weight once instead of copying
+    it out of the stack first (measured on SmolLM2, CPU: ~1.6-2x the tokens/s at batch 1-8); compiling
+    the unrolled layers takes longer (~5x for a 30-layer decoder), which a long evaluation or a server
+    repays many times over. A quantized base stays scanned: its kernels are dequantized into new
+    buffers inside each matmul either way, so unrolling would only add compile time."""
+    if model.runtime.layers == "unrolled" or model.runtime.base_quant != "none":
+        return model, params
+    return model.clone(runtime=dataclasses.replace(model.runtime, layers="unrolled")), unstack_layers(params)
+
+
+def stack_layers(tree: dict) -> dict:
+    """The inverse of `unstack_layers` (a new tree; `tree` is left as it is)."""
+    names = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])}
 
 
 def abstract_params(model: Llama, seq_len: int = 8) -> tuple[Any, Any]:

@@ -179,9 +179,12 @@ def _read_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
         f = SafetensorsFile(st)
         return {k: f.get(k) for k in f.keys()}
     if bin_.is_file():
-        from flacuna_jax.hf import _load_bin  # torch.load(weights_only=True): never unpickles code
+        from flacuna_jax.hf import CheckpointError, _load_bin  # torch.load(weights_only=True): never unpickles code
 
-        return _load_bin(bin_)
+        try:
+            return _load_bin(bin_)
+        except CheckpointError as e:
+            raise AdapterError(str(e)) from None
     raise AdapterError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (or {ADAPTER_BIN})")
 
 

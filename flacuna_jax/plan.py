@@ -1,12 +1,14 @@
 """Ahead-of-time memory planner: compile the train step on abstract shapes, report per-device memory.
 
-    python -m flacuna_jax.plan --config configs/flacuna_13b.yaml --devices 4 [--arch llama_13b] [--json]
+    python -m flacuna_jax.plan --config configs/flacuna_13b.yaml --devices 4 [--arch llama_13b] [--chip v5e] [--json]
 
 No weight is allocated: parameters, optimizer state and the batch are `ShapeDtypeStruct`s with
 their shardings on a mesh of N devices (fake CPU devices when this machine has fewer), the step is
 lowered and compiled, and XLA's memory analysis gives the temporaries. Parameters and optimizer
 state are counted exactly from their per-device shard shapes. `--arch` names a `tiny.PRESETS`
-shape for when `model.path` is not on this machine.
+shape for when `model.path` is not on this machine. `--chip` (v4, v5e, v5p, v6e, h100, h200, ...)
+takes the memory of one chip of that kind for the "fits" verdict (`accelerators.py`, with sources);
+`--device-memory` gives it directly.
 
 Planning on fake CPU devices for a GPU/TPU run (`--target accelerator`, the default): XLA:CPU has
 no bf16 matmul, so it up-casts every bf16 weight to fp32, and its loop-invariant code motion then
@@ -23,6 +25,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+
+from flacuna_jax.accelerators import CHIPS
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides (value parsed as YAML)")
     p.add_argument("--devices", type=int, required=True, help="number of devices in the mesh")
     p.add_argument("--arch", help="a tiny.PRESETS shape (e.g. llama_13b) instead of model.path/config.json")
-    p.add_argument("--device-memory", default="80GB", help="memory of one device, for the fits verdict: 80GB (10^9), 24GiB (2^30) (default 80GB)")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--chip", choices=sorted(CHIPS), help="the accelerator planned for: its memory per chip is the "
+                        "fits verdict's limit (TPU v4 32 GB, v5e 16 GB, v5p 95 GB, v6e 32 GB; GPUs as named)")
+    memory.add_argument("--device-memory", help="memory of one device, for the fits verdict: 80GB (10^9), 24GiB (2^30) "
+                        "(default 80GB)")
     p.add_argument("--target", choices=("accelerator", "cpu"), default="accelerator",
                    help="the run being planned: on a GPU/TPU (default) or on CPU (see above)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -133,19 +141,20 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError(f"{e}; pass --arch with one of {', '.join(sorted(PRESETS))} to plan without it") from None
         if len(jax.devices()) < a.devices:
             raise ConfigError(f"--devices {a.devices}: only {len(jax.devices())} devices visible")
-        limit = parse_size(a.device_memory)
+        limit = CHIPS[a.chip].memory_bytes if a.chip else parse_size(a.device_memory or "80GB")
         result = plan(cfg, config, jax.devices()[:a.devices])
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.json:
-        print(json.dumps({**result.to_json(), "device_memory": limit, "fits": result.total <= limit}))
+        print(json.dumps({**result.to_json(), "chip": a.chip, "device_memory": limit, "fits": result.total <= limit}))
         return
     d, f, t = result.mesh
     print(f"mesh data={d} fsdp={f} tensor={t}, {result.accum} accumulation step(s), compiled in {result.compile_s:.1f}s")
     print(f"per device:  params {_gb(result.params)}  optimizer {_gb(result.optimizer)}  "
           f"temp {_gb(result.temp)}  total {_gb(result.total)}")
     print(f"model FLOPs per step: {result.flops_per_step:.3e}")
-    print(f"{'fits' if result.total <= limit else 'does NOT fit'} in {_gb(limit).strip()} per device")
+    chip = f" (one {a.chip})" if a.chip else ""
+    print(f"{'fits' if result.total <= limit else 'does NOT fit'} in {_gb(limit).strip()} per device{chip}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ class SegmentTokenizer:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"tokenizer not found: {path}")
             from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         return HFSegmentTokenizer(tokenizer)
 
     def encode_texts(self, texts: list[str], first: bool) -> list[list[int]]:

@@ -22,4 +22,11 @@ def load_tokenizer(path: str | Path):
         raise TokenizerError(f"tokenizer directory not found: {path}")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise TokenizerError(f"{path}: the tokenizer needs its own code (auto_map in tokenizer_config.json names "
+                             f"a class transformers does not have); flacuna_jax never runs a checkpoint's code: "
+                             f"use a standard tokenizer (tokenizer.json / tokenizer.model)") from None

@@ -18,6 +18,10 @@ optimizer state), whatever `model.param_dtype` the frozen base is stored in. Glo
 mesh.fsdp) x gradient-accumulation steps. Non-finite updates are skipped and counted;
 train.max_nonfinite_steps of them in a row stop the run (exit code 3), the last checkpoint intact.
 
+SIGTERM (preemption, time limit, pod deletion; in a multi-process job sent to any one process) stops
+the run after the step in progress (every process after the same step), checkpoints that step, waits
+for the save and exits with code 75; re-running the same command resumes from it (`preemption.py`).
+
 Writes into output_dir: config.yaml, metrics.jsonl (one line per log.every steps), tensorboard/,
 checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.convert export`.
 """
@@ -25,10 +29,10 @@ checkpoints/<step>/ (never the frozen base). Export with `python -m flacuna_jax.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -40,9 +44,11 @@ from flacuna_jax.config import Config, ConfigError, dump_config, load_config
 from flacuna_jax.lora import count_params, init_lora_params, merge_params, split_params
 from flacuna_jax.metrics import MetricsLogger, flops_per_token, peak_flops
 from flacuna_jax.model import abstract_params
+from flacuna_jax.preemption import EXIT_PREEMPTED, PreemptionWatch
 from flacuna_jax.run_spec import check_resume, run_spec
 from flacuna_jax.sharding import make_mesh, tree_shardings
 from flacuna_jax.step import make_eval_step
+from flacuna_jax.storage import run_path, write_text_atomic
 from flacuna_jax.train_compile import (MASTER_DTYPE, batch_layout, compile_train_step, configured_train_step,
                                        master_shapes, model_options)
 from flacuna_jax.train_data import DataFeed
@@ -51,7 +57,7 @@ from flacuna_jax.train_policy import (NonFiniteError, is_eval_step, is_log_step,
 from flacuna_jax.train_state import abstract_state, init_train_state, state_shardings
 
 EXIT_NONFINITE = 3
-__all__ = ["NonFiniteError", "build_model", "main", "run"]
+__all__ = ["EXIT_NONFINITE", "EXIT_PREEMPTED", "NonFiniteError", "build_model", "main", "run"]
 
 
 def adapter_params(cfg: Config, model: Any, p_shapes: Any, p_shard: Any) -> Any:
@@ -137,20 +143,19 @@ class Session:
     mfu_per_s: float | None  # model FLOPs of a step / (peak FLOP/s x devices)
 
 
-def _write_config(out: Path, cfg: Config) -> None:
+def _write_config(out: Any, cfg: Config) -> None:
     text = dump_config(cfg)
     cfg_file = out / "config.yaml"
     if cfg_file.is_file() and cfg_file.read_text() != text:
         print(f"note: {cfg_file} differs from this config; it is replaced (the checkpoints keep their spec)", flush=True)
-    (out / "config.yaml.tmp").write_text(text)
-    (out / "config.yaml.tmp").replace(cfg_file)
+    write_text_atomic(cfg_file, text)
 
 
 def setup(cfg: Config) -> tuple[Session, Any]:
     """(Session, TrainState): the model, data, compiled step and restored or fresh state, all checked;
     `output_dir/config.yaml` is written last, when nothing was refused."""
     main = jax.process_index() == 0
-    out = Path(cfg.output_dir)
+    out = run_path(cfg.output_dir)  # a local dir or a bucket (gs://...): storage.py
     say = (lambda s: print(distributed.log_prefix() + s, flush=True)) if main else (lambda s: None)
     if main:
         print("resolved config:\n" + dump_config(cfg), flush=True)
@@ -194,6 +199,11 @@ def setup(cfg: Config) -> tuple[Session, Any]:
 
     eval_fn = make_eval_step(model, mesh, p_shard, f_shard, loss_chunk=cfg.train.loss_chunk) if feed.has_eval else None
     suite = eval_suite(cfg, model, feed.tokenizer) if cfg.eval.tasks else None
+    # The suite runs on the sharded training weights: a splash kernel (a Mosaic call, which XLA cannot
+    # partition by itself) must see the mesh to run under shard_map.
+    splash = cfg.model.attention in ("splash", "auto")
+    def kernel_mesh():
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if splash else contextlib.nullcontext()
 
     def evaluate(state: Any) -> dict:
         metrics = {}
@@ -204,7 +214,8 @@ def setup(cfg: Config) -> tuple[Session, Any]:
                 total, count = total + float(s), count + float(n)
             metrics["eval_loss"] = total / max(count, 1.0)
         if suite is not None:  # the multiple-choice tasks, scored by the eval CLI's own code
-            metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
+            with kernel_mesh():
+                metrics.update({f"eval/{k}": v for k, v in suite(merge_params(state.params, frozen)).items()})
         return metrics
 
     peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
@@ -216,8 +227,9 @@ def setup(cfg: Config) -> tuple[Session, Any]:
     return session, state
 
 
-def train_loop(s: Session, state: Any) -> tuple[int, dict]:
-    """The recipe: for each step, batch -> step -> log -> maybe eval -> maybe save. (last step, last line)"""
+def train_loop(s: Session, state: Any, watch: PreemptionWatch) -> tuple[int, dict, bool]:
+    """The recipe: for each step, batch -> step -> log -> maybe eval -> maybe save; after a step at which
+    `watch` says stop, save it and return. (last step, last line, whether it stopped early)"""
     cfg, step, last = s.cfg, s.start, {}
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     batch = s.feed.next_batch() if step < s.total_steps else None
@@ -232,10 +244,15 @@ def train_loop(s: Session, state: Any) -> tuple[int, dict]:
         m = jax.device_get(m)
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
+        # The same answer on every process (after the last step there is nothing left to stop).
+        stopping = step < s.total_steps and watch.reached(step - s.start)
         if too_many_nonfinite(m, cfg.train.max_nonfinite_steps):
             raise nonfinite_error(m, cfg.train.max_nonfinite_steps, step, s.ckpt.directory, s.ckpt.latest_step())
         s.log.step(step, float(m["loss"]), tokens_per_step / dt)
         evaluating = is_eval_step(step, cfg.eval.every, s.total_steps, s.evaluate is not None)
+        if evaluating and stopping:  # the grace period is for the checkpoint, not an evaluation
+            s.say(f"step {step}: evaluation skipped (stopping for SIGTERM)")
+            evaluating = False
         if is_log_step(step, cfg.log.every, s.total_steps, evaluating):
             rec = step_record(step, m, dt, tokens_per_step, s.mfu_per_s)
             if evaluating:
@@ -244,24 +261,35 @@ def train_loop(s: Session, state: Any) -> tuple[int, dict]:
             rec.update(s.feed.counters(data_state))
             s.log.log(rec)  # written (fsync) before this step's checkpoint can exist: a resume never loses a line
             last = rec
-        if is_save_step(step, cfg.checkpoint.every, s.total_steps):
+        if stopping or is_save_step(step, cfg.checkpoint.every, s.total_steps):
             s.ckpt.save(step, state, data_state, s.spec)
-    return step, last
+        if stopping:
+            return step, last, True
+    return step, last, False
 
 
 def run(cfg: Config) -> dict:
-    """Trains per `cfg`; returns a summary. Raises NonFiniteError after too many skipped updates."""
+    """Trains per `cfg`; returns a summary (`preempted`: stopped by SIGTERM after `steps`, that step saved).
+    Raises NonFiniteError after too many skipped updates."""
     session, state = setup(cfg)
-    if session.start >= session.total_steps:
-        session.say(f"already at step {session.start} of {session.total_steps}: nothing to train")
-    try:
-        step, last = train_loop(session, state)
-    finally:
-        session.ckpt.close()  # waits for the async saves in flight: never exit before they are complete
-        session.log.close()
+    with PreemptionWatch() as watch:  # SIGTERM from here on: saved at a step boundary
+        if session.start >= session.total_steps:
+            session.say(f"already at step {session.start} of {session.total_steps}: nothing to train")
+        else:
+            session.say(watch.describe())
+        try:
+            step, last, preempted = train_loop(session, state, watch)
+        finally:
+            session.ckpt.close()  # waits for the async saves in flight: never exit before they are complete
+            session.log.close()
+    if preempted:  # every process says so: each host's log tells why it stopped
+        print(f"{distributed.log_prefix()}stopped by SIGTERM after step {step} of {session.total_steps}: checkpoint "
+              f"{step} saved in {session.ckpt.directory}; re-run the same command to resume (exit code "
+              f"{EXIT_PREEMPTED})", flush=True)
+        return {"steps": step, "last": last, "total_steps": session.total_steps, "preempted": True}
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
     session.say(f"done: {step} steps{'; ' + summary if summary else ''}; checkpoints in {session.ckpt.directory}")
-    return {"steps": step, "last": last, "total_steps": session.total_steps}
+    return {"steps": step, "last": last, "total_steps": session.total_steps, "preempted": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,12 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     from flacuna_jax.hf import CheckpointError
     from flacuna_jax.tokenizer import TokenizerError
     try:
-        run(cfg)
+        summary = run(cfg)
     except (ConfigError, DataError, CheckpointError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE) from None
+    if summary["preempted"]:
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from flacuna_jax.attention_splash import SplashBlocks
 from flacuna_jax.config import Config, ConfigError
 from flacuna_jax.model import LoraSpec, Runtime
 from flacuna_jax.step import abstract_batch, make_train_step
@@ -26,8 +27,10 @@ MASTER_DTYPE = jnp.float32
 
 def model_options(cfg: Config) -> tuple[Runtime, LoraSpec | None]:
     """(Runtime, LoraSpec or None for finetune=full): how the config runs the model."""
+    sp = cfg.model.splash
     runtime = Runtime(jnp.dtype(cfg.model.compute_dtype), jnp.dtype(cfg.model.param_dtype), cfg.model.remat,
-                      cfg.model.attention, cfg.model.base_quant, cfg.model.double_quant)
+                      cfg.model.attention, cfg.model.base_quant, cfg.model.double_quant,
+                      SplashBlocks(sp.block_q, sp.block_kv, sp.block_kv_compute, sp.block_q_bwd, sp.block_kv_bwd))
     if cfg.finetune != "lora":
         return runtime, None
     return runtime, LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))

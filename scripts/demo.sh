@@ -5,7 +5,8 @@
 #   3. LoRA training with configs/demo.yaml                               (flacuna_jax.train)
 #   4. export: PEFT adapter + merged HF dir                               (flacuna_jax.convert)
 #   5. load the merged dir with transformers and print a generation
-#   6. the same prompt through flacuna_jax.generate with the PEFT adapter (the same greedy tokens)
+#   6. the same prompt through flacuna_jax.generate with the PEFT adapter; fails unless the greedy
+#      tokens are the same                                                 (scripts/demo_same_tokens.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -39,22 +40,15 @@ echo "== 4. export peft + merged"
 rm -rf "$OUT/peft" "$OUT/merged"   # the demo's own previous exports (export refuses to mix into them)
 $PY -m flacuna_jax.convert export --run "$RUN" --format peft --out "$OUT/peft"
 $PY -m flacuna_jax.convert export --run "$RUN" --format merged --out "$OUT/merged"
+QUESTION="Write a Python function add(a, b) that returns the sum of a and b."
 echo "== 5. generate with transformers from $OUT/merged"
-$PY - "$OUT/merged" <<'PYEOF'
-import sys
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-from flacuna_jax import templates
-path = sys.argv[1]
-tok = AutoTokenizer.from_pretrained(path)
-model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-question = "Write a Python function add(a, b) that returns the sum of a and b."
-ids = templates.encode_generation_prompt([], question, templates.SegmentTokenizer.load(tok))
-with torch.no_grad():
-    out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id)
-print(f"USER: {question}\nASSISTANT: {tok.decode(out[0, len(ids):], skip_special_tokens=True)}")
-PYEOF
-echo "== 6. the same prompt with our JAX decoder: base model + exported PEFT adapter"
+$PY scripts/demo_same_tokens.py hf --merged "$OUT/merged" --prompt "$QUESTION" --max-new-tokens 40 \
+  --out "$OUT/transformers_tokens.json"
+echo "== 6. the same prompt with our JAX decoder: base model + exported PEFT adapter (the same tokens, checked)"
+$PY scripts/demo_same_tokens.py prompt --prompt "$QUESTION" --out "$OUT/prompt.jsonl"
 $PY -m flacuna_jax.generate --model "$OUT/model" --adapter "$OUT/peft" --max-new-tokens 40 \
-  --prompt "Write a Python function add(a, b) that returns the sum of a and b."
+  --data "$OUT/prompt.jsonl" --out "$OUT/flacuna_jax_tokens.jsonl"
+$PY -c "import json, sys; print('ASSISTANT (flacuna_jax):', json.loads(open(sys.argv[1]).readline())['completion'])" \
+  "$OUT/flacuna_jax_tokens.jsonl"
+$PY scripts/demo_same_tokens.py check "$OUT/transformers_tokens.json" "$OUT/flacuna_jax_tokens.jsonl"
 echo "== demo done in $(( $(date +%s) - T0 ))s"

@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 
 
-def write_char_tokenizer(out: Path, add_bos: bool = True) -> Path:
+def write_char_tokenizer(out: Path, add_bos: bool = True, fuse: bool = False) -> Path:
     """A fast tokenizer, one token per printable ASCII character, BOS added unless add_bos=False (as
-    SmolLM2's byte-level BPE adds none): no training needed."""
-    from tokenizers import Tokenizer, models, processors
+    SmolLM2's byte-level BPE adds none): no training needed. Without a decoder, `decode` puts a
+    space between tokens; `fuse=True` decodes them joined, the text as written ("\n\n" stays a blank line)."""
+    from tokenizers import Tokenizer, decoders, models, processors
 
     chars = sorted(set(string.printable) - set("\x0b\x0c"))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if fuse:
+        tok.decoder = decoders.Fuse()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out.mkdir(parents=True, exist_ok=True)
@@ -42,6 +45,30 @@ def hf_logits(ref, ids: np.ndarray, **kw) -> np.ndarray:
 
 
 CHAR_VOCAB = 101  # tests/helpers.write_char_tokenizer: 3 specials + 98 printable characters
+
+
+def greedy_requests(ref, tokenizer, contexts, n_new: int = 3) -> list[tuple[str, str]]:
+    """(context, continuation) pairs for a char-tokenizer model: per context, the continuation that
+    IS the greedy decoding of `ref` (transformers, one token per character; cut before any special
+    token), then the same with its last character changed (not greedy, the log-likelihood lower)."""
+    import torch
+
+    out = []
+    for context in contexts:
+        ids = tokenizer(context)["input_ids"]
+        with torch.no_grad():
+            logits = None
+            new = []
+            for _ in range(n_new):
+                logits = ref(torch.tensor([ids + new])).logits[0, -1]
+                new.append(int(logits.argmax()))
+        chars = tokenizer.convert_ids_to_tokens([t for t in new[:next((i for i, t in enumerate(new) if t < 3), n_new)]])
+        if not chars:
+            continue
+        greedy = "".join(chars)
+        other = next(c for c in "zq" if c != greedy[-1])
+        out += [(context, greedy), (context, greedy[:-1] + other)]
+    return out
 SCALES = {"embed_tokens": 50.0, "lm_head": 25.0}  # std 1.0 and 0.5; every other matrix std 0.1
 
 
@@ -86,3 +113,31 @@ def slow_steps_path() -> str:
 
     root = Path(__file__).resolve().parents[1]
     return os.pathsep.join([str(root / "tests" / "slow_steps"), str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls exec, which writes `marker` (a loader that runs it fails the test)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pickle code ran')",))
+
+
+def write_code_running_bin(path: Path, tensors: dict, marker: Path) -> Path:
+    """torch.save of real tensors plus one entry whose unpickling runs code (writes `marker`)."""
+    import torch
+
+    torch.save({**tensors, "payload": RunsCodeWhenUnpickled(marker)}, path)
+    return path
+
+
+def write_remote_code(model_dir: Path, marker: Path, module: str = "custom_code") -> None:
+    """A `module.py` in the dir that writes `marker` when imported: what `auto_map` entries would run."""
+    (model_dir / f"{module}.py").write_text(
+        f"open({str(marker)!r}, 'w').write('remote code ran')\n"
+        "from transformers import PreTrainedTokenizerFast, LlamaConfig, LlamaForCausalLM\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")

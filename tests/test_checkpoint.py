@@ -1,4 +1,5 @@
-"""Orbax checkpoints: exact round trip with shardings, keep-K, leftovers of a crashed save, load_trainable."""
+"""Orbax checkpoints: exact round trip with shardings, keep-K, leftovers of a crashed save, load_trainable,
+JAX's preemption counter left to the training loop."""
 
 import numpy as np
 import jax
@@ -77,3 +78,19 @@ def test_load_trainable(tmp_path):
         checkpoint.load_trainable(tmp_path, step=6)
     with pytest.raises(checkpoint.CheckpointNotFound, match="config.yaml"):
         checkpoint.load_trainable(tmp_path / "nothing")
+
+
+def test_saving_leaves_jax_preemption_counter_alone(tmp_path, monkeypatch):
+    """orbax's own manager asks JAX's preemption sync point with the global step on every save (and from its
+    finalize thread); ours must not: JAX keeps the last value per process, and the training loop's count
+    (steps of this launch, preemption.py) would be overwritten."""
+    from jax.experimental import multihost_utils
+
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step) or False)
+    state, _ = _state(sharding.make_mesh(1, -1, 1))
+    ck = checkpoint.Checkpointer(tmp_path, keep=2)
+    for step in (3, 4):
+        ck.save(step, state, {})
+    ck.close()
+    assert ck.all_steps() == [3, 4] and asked == []

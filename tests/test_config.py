@@ -71,3 +71,36 @@ def test_range_table_covers_every_numeric_key():
     keys = set(numeric_keys(config.Config))
     assert keys and keys == set(config._RANGES), keys ^ set(config._RANGES)
     load_config(None)  # the defaults pass
+
+
+def test_splash_attention_and_its_block_sizes():
+    from flacuna_jax.attention_splash import SplashBlocks
+    from flacuna_jax.train_compile import model_options
+
+    cfg = load_config(None, ["model.attention=splash", "model.splash.block_q=256", "model.splash.block_kv=1024",
+                             "model.splash.block_kv_compute=256", "model.splash.block_q_bwd=128",
+                             "model.splash.block_kv_bwd=384"])
+    runtime, _ = model_options(cfg)
+    assert runtime.attention == "splash" and runtime.splash_blocks == SplashBlocks(256, 1024, 256, 128, 384)
+    with pytest.raises(ConfigError, match=r"'model\.splash\.block_kv': must be a positive multiple of 128, got 100"):
+        load_config(None, ["model.splash.block_kv=100"])
+    with pytest.raises(ConfigError, match=r"'model\.splash\.block_kv_compute': 384 does not divide "
+                                          r"model\.splash\.block_kv=512"):
+        load_config(None, ["model.splash.block_kv_compute=384"])
+    with pytest.raises(ConfigError, match=r"'model\.attention': 'flash' is not one of xla, dot_product, splash, auto"):
+        load_config(None, ["model.attention=flash"])
+    from flacuna_jax import attention, config
+
+    assert config._CHOICES["model.attention"] == attention.KERNELS  # the kernels attention.attend knows
+
+
+def test_tpu_config_is_the_paper_recipe_with_splash_and_a_bucket():
+    from pathlib import Path
+
+    from flacuna_jax.config import to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    paper, tpu = (to_dict(load_config(root / f"configs/{name}.yaml")) for name in ("flacuna_13b", "flacuna_13b_tpu"))
+    assert tpu["model"].pop("attention") == "splash" and paper["model"].pop("attention") == "dot_product"
+    assert tpu.pop("output_dir").startswith("gs://") and paper.pop("output_dir") == "runs/flacuna_13b"
+    assert tpu == paper

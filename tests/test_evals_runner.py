@@ -156,8 +156,10 @@ def test_cli_end_to_end(model_dir, tok_dir, tmp_path, capsys):
     assert b["hhh"]["score"] == pytest.approx(sum(hhh_scores) / 4)
     assert all(r["correct"] in (0.0, 0.5, 1.0) and r["label"] == "A" for r in records if r["benchmark"] == "hhh")
     printed = capsys.readouterr().out
-    assert "| VICUNA-13B  |          50.6 |" in printed and "| tiny " in printed and "MMLU (0-shot)" in printed
-    assert "Harmlessness" in printed and "| VICUNA-13B  |         60.3 |" in printed
+    # --shots 0: the paper's 0-shot Table 3 rows (not Table 2's few-shot block); DROP, not in Table 3, on its own line
+    assert "layout of the Flacuna paper's Table 3" in printed and "| VICUNA-13B  |          48.3 |" in printed
+    assert "| tiny " in printed and "MMLU (0-shot)" in printed and "\ndrop: " in printed
+    assert "Harmlessness" in printed and "| VICUNA-13B  |         62.0 |" in printed  # the paper's Table 4
 
 
 def test_cli_input_errors_are_one_line(model_dir, tok_dir, tmp_path):
@@ -193,3 +195,65 @@ def test_cli_humaneval_executes_the_completions(model_dir, tok_dir, tmp_path):
         "Please complete the following Python code without providing any additional tasks such as testing or "
         "explanations\ndef f") for r in records)
     assert all(filter_code(r["output"]) == r["output"] for r in records)
+
+
+@pytest.fixture(scope="module")
+def blank_line_model(tmp_path_factory):
+    """The decisive model with its lm_head edited so that one prompt's greedy completion runs into a
+    blank line after some code, and the others never do: EOS never wins, and the row of "\\n" takes
+    the row of "n" plus the direction of the final hidden state after a "\\n" (so "\\n" follows "\\n")."""
+    from safetensors.numpy import load_file, save_file
+
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    tok_dir = write_char_tokenizer(tmp_path_factory.mktemp("fused_chars"), fuse=True)
+    tok = load_tokenizer(tok_dir)
+    path = write_decisive_model(tmp_path_factory.mktemp("blank_line"), dataclasses.replace(
+        tiny.PRESETS["mha"], vocab_size=CHAR_VOCAB), seed=7)
+    ref = hf_reference(path)
+    with torch.no_grad():
+        outs = [ref(torch.tensor([tok(f"abc{c}\n")["input_ids"]]), output_hidden_states=True) for c in "xyz12"]
+    h = torch.stack([o.hidden_states[-1][0, -1] for o in outs]).mean(0)
+    top = max(float(o.logits[0, -1].max()) for o in outs)
+    tensors = load_file(path / "model.safetensors")
+    w = tensors["lm_head.weight"]
+    newline, n = tok.convert_tokens_to_ids("\n"), tok.convert_tokens_to_ids("n")
+    w[2] = 0
+    w[newline] = w[n] + (h / h.dot(h) * 1.5 * top).numpy()
+    w[n] = 0
+    save_file(tensors, path / "model.safetensors")
+    return path, tok_dir
+
+
+def test_humaneval_early_stop_equals_a_full_budget_decode(blank_line_model):
+    """HumanEval rows stop in the loop at the blank line that ends the executed completion (the
+    runner's stop table): the completions equal transformers' full-budget greedy decode post-processed
+    (fix_indents + filter_code), in a batch where one row stops early and the others run to the budget."""
+    from flacuna_jax.evals import humaneval as he
+    from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    path, tok_dir = blank_line_model
+    tokenizer, budget = load_tokenizer(tok_dir), 64
+    problems = [he.Problem(f"Toy/{i}", f"def f{i}(x):\n    return x + {i}", "def check(c):\n    pass\n", f"f{i}")
+                for i in range(4)]
+    bench = he.HumanEvalBenchmark(problems, Generate(budget))
+    runner = Runner(*load_for_inference(str(path)), tokenizer, batch_size=BATCH, progress_out=io.StringIO())
+    decoded = []
+    generate_ids = runner.generator.generate_ids
+    runner.generator.generate_ids = lambda *a, **kw: decoded.extend(generate_ids(*a, **kw)) or decoded[-len(a[0]):]
+    scored = runner.run(bench).scored
+
+    ref = hf_reference(path)
+    full = []
+    for e in bench.examples():
+        inputs = tokenizer(e.prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = ref.generate(**inputs, max_new_tokens=budget, do_sample=False, pad_token_id=0)
+        full.append(tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    assert [s.output for s in scored] == [he.postprocess(t) for t in full]
+    stopped = [i for i, ids in enumerate(decoded) if len(ids) < budget]
+    assert len(stopped) == 1 and all(len(ids) == budget for i, ids in enumerate(decoded) if i not in stopped)
+    i = stopped[0]
+    assert he.completion_is_final(tokenizer.decode(decoded[i])) and len(full[i]) == budget > len(decoded[i])
+    assert scored[i].output.strip() and "\n\n" in full[i].lstrip("\n")  # code, then the blank line it was cut at

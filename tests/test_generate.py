@@ -188,17 +188,124 @@ def test_cache_decode_logits_equal_full_forward(loaded):
     assert np.abs(cached_bnv - expected_bnv).max() <= LOGIT_TOL
 
 
-def test_sampling_rules():
+def _hf_warped(logits, temperature, top_p):
+    """What transformers' `generate(do_sample=True)` samples from: its temperature warper, then its
+    top-p warper (added only when top_p < 1, as `_get_logits_processor` does)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, torch.tensor(np.asarray(logits, np.float32)))
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.numpy()
+
+
+KEPT_SET_CASES = [  # (logits [b, v], temperature, top_p): the temperature decides what top-p keeps
+    (np.log([[0.5, 0.2, 0.15, 0.1, 0.05]]), 0.5, 0.8),  # sharper: keeps {0, 1}
+    (np.log([[0.5, 0.2, 0.15, 0.1, 0.05]]), 1.0, 0.8),  # keeps {0, 1, 2}
+    (np.log([[0.5, 0.2, 0.15, 0.1, 0.05]]), 2.0, 0.8),  # flatter: keeps {0, 1, 2, 3}
+    ([[1.0, 1.0, 1.0, 1.0, 0.5]], 1.0, 0.5),  # equal logits at the cut: which of them stays
+    ([[0.0, 2.0, 2.0, 2.0, 0.0, 2.0, 2.0]], 0.7, 0.5),
+    ([[3.0, -1.0, 0.5, 2.5], [0.0, 0.1, 0.2, 0.3]], 1.3, 0.9),  # rows are independent
+    ([[30.0, 0.0, 0.0, -80.0, -200.0]], 1.0, 1.0),  # top_p = 1 keeps the float32 tail too
+    ([[2.0, 1.0, 0.0, -1.0]], 5.0, 1e-3),  # only the top token, whatever the temperature
+]
+
+
+@pytest.mark.parametrize("logits,temperature,top_p", KEPT_SET_CASES)
+def test_warped_logits_equal_transformers_warpers(logits, temperature, top_p):
+    from flacuna_jax.generate import warp_logits
+
+    ref = _hf_warped(logits, temperature, top_p)
+    ours = np.asarray(warp_logits(jnp.asarray(logits, jnp.float32), jnp.float32(temperature), jnp.float32(top_p)))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))  # the exact kept set
+    np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def test_warped_logits_equal_transformers_on_a_large_vocabulary():
+    """Random rows of a 2048-token vocabulary, drawn (first seed that qualifies) so that no token's
+    cumulative probability lies within 2e-6 of the top-p cut: there, float32 rounding of either
+    side's cumulative sum (torch sums in another order) may decide it."""
+    from flacuna_jax.generate import warp_logits
+
+    settings = ((0.6, 0.9), (1.0, 0.5), (1.7, 0.95))
+
+    def clear_of_the_cut(logits):
+        for temperature, top_p in settings:
+            cum = torch.sort(torch.softmax(torch.tensor(logits).double() / temperature, -1), -1).values.cumsum(-1)
+            if ((cum - (1 - top_p)).abs() <= 2e-6).any():
+                return False
+        return True
+
+    logits = next(x for x in (np.random.default_rng(seed).normal(0.0, 3.0, (2, 2048)).astype(np.float32)
+                              for seed in range(100)) if clear_of_the_cut(x))
+    for temperature, top_p in settings:
+        ref = _hf_warped(logits, temperature, top_p)
+        ours = np.asarray(warp_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p)))
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+        assert 1 < np.isfinite(ref).sum(-1).min() and np.isfinite(ref).sum(-1).max() < 2048
+
+
+def _chi2_sf(x, df):
+    """P(X >= x) for a chi-square variable with df degrees of freedom (closed forms for integer df)."""
+    import math
+
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for i in range(1, df // 2):
+            term *= (x / 2) / i
+            total += term
+        return math.exp(-x / 2) * total
+    term = math.sqrt(2 * x / math.pi) * math.exp(-x / 2)  # df = 1: erfc(sqrt(x / 2)); then + each odd step
+    total, sf = 0.0, math.erfc(math.sqrt(x / 2))
+    for k in range(3, df + 1, 2):
+        total += term
+        term *= x / k
+    return sf + total
+
+
+SAMPLING_LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5], np.float32)
+SAMPLING_T, SAMPLING_P, DRAWS = 0.7, 0.92, 20000  # keeps 4 tokens; 5 at T=1 or after
+FALSE_FAILURE = 1e-6  # the chance that a correct sampler's seeded draws fail the frequency check
+
+
+def _probs(warped):
+    e = np.exp(warped - warped.max())
+    return e / e.sum()
+
+
+def test_sampled_frequencies_follow_transformers_distribution():
+    """20000 seeded draws from `sample_next` (temperature 0.7, top-p 0.92) against the distribution
+    transformers samples from: no dropped token ever drawn, and a chi-square goodness-of-fit test
+    over the kept tokens at a false-failure probability of 1e-6 (for a sampler that is right, over
+    random seeds; the seed here is fixed, so the test is deterministic). The same logits under each
+    plausible mistake (temperature ignored, inverted, applied after the top-p cut, or used for the cut
+    but not for the draw) give another kept set or frequencies whose expected chi-square is over 10x
+    the critical value: each fails."""
+    expected = _probs(_hf_warped(SAMPLING_LOGITS[None], SAMPLING_T, SAMPLING_P)[0])
+    kept = expected > 0
+    rows = jnp.broadcast_to(jnp.asarray(SAMPLING_LOGITS), (DRAWS, SAMPLING_LOGITS.size))
+    draws = np.asarray(sample_next(rows, jax.random.key(1), jnp.float32(SAMPLING_T), jnp.float32(SAMPLING_P)))
+    counts = np.bincount(draws, minlength=SAMPLING_LOGITS.size)
+    assert counts[~kept].sum() == 0 and kept.sum() >= 3
+    stat = float((((counts - DRAWS * expected) ** 2)[kept] / (DRAWS * expected[kept])).sum())
+    assert _chi2_sf(stat, int(kept.sum()) - 1) > FALSE_FAILURE, (counts, DRAWS * expected)
+
+    critical = next(x / 10 for x in range(1, 10000) if _chi2_sf(x / 10, int(kept.sum()) - 1) < FALSE_FAILURE)
+    top_p_first = _hf_warped(_hf_warped(SAMPLING_LOGITS[None], 1.0, SAMPLING_P), SAMPLING_T, 1.0)[0]
+    for wrong in (_hf_warped(SAMPLING_LOGITS[None], 1.0, SAMPLING_P)[0],  # temperature ignored
+                  _hf_warped(SAMPLING_LOGITS[None], 1 / SAMPLING_T, SAMPLING_P)[0],  # inverted
+                  top_p_first,  # the cut made before dividing by the temperature
+                  np.where(kept, SAMPLING_LOGITS, -np.inf)):  # the right cut, the draw from unscaled logits
+        q = _probs(wrong)
+        assert ((q > 0) != kept).any() or DRAWS * ((q - expected)[kept] ** 2 / expected[kept]).sum() > 10 * critical
+
+
+def test_sampling_greedy_at_zero_temperature_and_per_draw_keys():
     logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
-    keys = jax.random.split(jax.random.key(0), 400)
-    greedy = sample_next(logits, keys[0], jnp.float32(0), jnp.float32(1))
-    assert int(greedy[0]) == 1
-    draw = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(1), jnp.float32(0.6))[0])(keys)
-    assert set(np.asarray(draw).tolist()) == {1, 3}  # nucleus 0.6: 0.4 + 0.3 (the 0.3 starts below 0.6)
-    draw = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(1), jnp.float32(1.0))[0])(keys)
-    assert set(np.asarray(draw).tolist()) == {0, 1, 2, 3}
-    tiny_p = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(5), jnp.float32(1e-3))[0])(keys)
-    assert set(np.asarray(tiny_p).tolist()) == {1}
+    assert int(sample_next(logits, jax.random.key(0), jnp.float32(0), jnp.float32(1))[0]) == 1
+    keys = jax.random.split(jax.random.key(0), 64)
+    draws = jax.vmap(lambda k: sample_next(logits, k, jnp.float32(1), jnp.float32(1.0))[0])(keys)
+    assert set(np.asarray(draws).tolist()) == {0, 1, 2, 3}
 
 
 def test_sampled_generation_is_seeded(loaded):

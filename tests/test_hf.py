@@ -57,6 +57,58 @@ def test_bin_checkpoint_through_weights_only(tiny_model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(np.float32))
 
 
+def test_bin_whose_pickle_runs_code_is_refused_and_nothing_runs(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.helpers import write_code_running_bin
+
+    src = tiny_model_dir("mha")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    marker = tmp_path / "code_ran"
+    path = write_code_running_bin(tmp_path / "pytorch_model.bin", load_file(src / "model.safetensors"), marker)
+    with pytest.raises(hf.CheckpointError, match=r"pytorch_model\.bin: refused: .*weights_only") as e:
+        hf.load_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: a loader that unpickles code runs it
+    assert marker.exists()
+
+
+def test_remote_code_in_config_is_never_run(tiny_model_dir, char_tokenizer_dir, tmp_path):
+    """auto_map in config.json / tokenizer_config.json: ignored where a standard class reads the
+    checkpoint (our LLaMA, the fast tokenizer), refused in one line where only its code could;
+    the module it names is never imported."""
+    from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.tokenizer import TokenizerError, load_tokenizer
+    from tests.helpers import write_remote_code
+
+    d = _copy(tiny_model_dir("mha"), tmp_path / "m")
+    _copy(char_tokenizer_dir, d)
+    marker = tmp_path / "code_ran"
+    write_remote_code(d, marker)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "custom_code.CustomConfig", "AutoModelForCausalLM": "custom_code.CustomModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": [None, "custom_code.CustomTokenizer"]}
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+    model, _ = load_for_inference(str(d))
+    assert model.config == hf.load_hf_config(tiny_model_dir("mha"))
+    tok = load_tokenizer(d)
+    assert "custom_code" not in type(tok).__module__
+    assert tok("a b")["input_ids"] == load_tokenizer(char_tokenizer_dir)("a b")["input_ids"]
+    (d / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "tokenizer_class": "CustomTokenizer"}))
+    with pytest.raises(TokenizerError, match=r"needs its own code .* never runs") as e:
+        load_tokenizer(d)
+    assert "\n" not in str(e.value)
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "custom", "architectures": ["CustomModel"]}))
+    with pytest.raises(hf.CheckpointError, match="not LLaMA-family"):
+        hf.load_pretrained(d)
+    assert not marker.exists()
+
+
 def test_bin_without_torch_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
     import sys
     shutil.copy(tiny_model_dir("mha") / "config.json", tmp_path / "config.json")

@@ -2,8 +2,14 @@
 
 Tasks are lm-eval YAMLs written here over local JSON files (nothing is downloaded): multiple choice
 (acc, acc_norm), generate_until (exact_match, and every generated text) and a rolling-loglikelihood
-perplexity task. The model is a decisive random LLaMA (tests.helpers.write_decisive_model) with a
-window of 64 tokens, so few-shot contexts are left-truncated and documents span several windows.
+perplexity task, and loglikelihood tasks whose continuations are, half of them, the reference's greedy
+decoding (so `is_greedy` and its `acc` are both True and False). The model is a decisive random LLaMA
+(tests.helpers.write_decisive_model) with a window of 64 tokens, so few-shot contexts are
+left-truncated and documents span several windows. Every field is compared: log-likelihoods and
+perplexities (1e-4 relative), is_greedy, acc, acc_norm, exact_match and each generated text (equal),
+for the base model, `adapter=` (PEFT's PeftModel on the hf side), `run=` (a training checkpoint of the
+same factors) and `base_quant=nf4` (the hf side holding bitsandbytes' quantize/dequantize round trip of
+the same weights in fp32, not its bf16 CPU matmul), with the adapter on top.
 """
 
 import dataclasses
@@ -14,7 +20,7 @@ import numpy as np
 import pytest
 
 from flacuna_jax import tiny
-from tests.helpers import CHAR_VOCAB, write_decisive_model
+from tests.helpers import CHAR_VOCAB, greedy_requests, hf_reference, write_decisive_model
 
 LOGLIK_RTOL = 1e-4
 WINDOW = 64
@@ -33,6 +39,40 @@ def model_dir(tmp_path_factory, char_tokenizer_dir):
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+GREEDY_CONTEXTS = ("red:", "the dog", "seven", "a cat ran", "x")
+
+
+def _greedy_task(task_dir, name, model_dir, peft_dir=None):
+    """A zero-shot loglikelihood task (metrics acc = is_greedy, perplexity) over continuations that
+    are greedy for transformers' model of `model_dir` (+ the PEFT adapter), and near misses that are not."""
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    ref = hf_reference(model_dir)
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        ref = PeftModel.from_pretrained(ref, str(peft_dir)).eval()
+    rows = [{"context": c, "continuation": x} for c, x in greedy_requests(ref, load_tokenizer(model_dir), GREEDY_CONTEXTS)]
+    assert len(rows) >= 6, "too few contexts whose greedy continuation is printable"
+    data = _write_jsonl(task_dir / f"{name}.jsonl", rows)
+    (task_dir / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+target_delimiter: ""
+num_fewshot: 0
+metric_list:
+  - metric: acc
+  - metric: perplexity
+""")
+    return name, rows
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +144,19 @@ def _evaluate(model, model_args, task_dir, tasks, **kw):
 
 
 @pytest.fixture(scope="module")
-def both(model_dir, task_dir):
-    """(hf results, ours) on all three tasks, with 2-shot multiple choice."""
+def our_lm(model_dir):
     from flacuna_jax.lm_eval import FlacunaLM
 
-    tasks = ["flj_mc", "flj_gen", "flj_ppl"]
+    return FlacunaLM(model=str(model_dir), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def both(model_dir, task_dir, our_lm):
+    """(hf results, ours) on all four tasks, with 2-shot multiple choice."""
+    tasks = ["flj_mc", "flj_gen", "flj_ppl", _greedy_task(task_dir, "flj_greedy", model_dir)[0]]
     fewshot = {"num_fewshot": 2}
     ref = _evaluate("hf", {"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}, task_dir, tasks, **fewshot)
-    ours = _evaluate(FlacunaLM(model=str(model_dir), batch_size=4), None, task_dir, tasks, **fewshot)
+    ours = _evaluate(our_lm, None, task_dir, tasks, **fewshot)
     return ref, ours
 
 
@@ -119,15 +164,34 @@ def _metric(results, task, name):
     return results["results"][task][f"{name},none"]
 
 
+def _assert_loglikelihood_task_equal(ref, ours, task):
+    """Every response (log-likelihood, is_greedy) and acc of a loglikelihood or multiple-choice task."""
+    ref_resps = [[tuple(r[0]) for r in s["resps"]] for s in ref["samples"][task]]
+    our_resps = [[tuple(r[0]) for r in s["resps"]] for s in ours["samples"][task]]
+    np.testing.assert_allclose([[ll for ll, _ in x] for x in our_resps], [[ll for ll, _ in x] for x in ref_resps],
+                               rtol=LOGLIK_RTOL)
+    assert [[g for _, g in x] for x in our_resps] == [[g for _, g in x] for x in ref_resps]
+    assert _metric(ours, task, "acc") == _metric(ref, task, "acc")
+    return [[g for _, g in x] for x in ref_resps]
+
+
 def test_multiple_choice_acc_identical_to_hf(both):
     ref, ours = both
-    for name in ("acc", "acc_norm"):
-        assert _metric(ours, "flj_mc", name) == _metric(ref, "flj_mc", name)
-    ref_ll = [[r[0][0] for r in s["resps"]] for s in ref["samples"]["flj_mc"]]
-    our_ll = [[r[0][0] for r in s["resps"]] for s in ours["samples"]["flj_mc"]]
-    np.testing.assert_allclose(our_ll, ref_ll, rtol=LOGLIK_RTOL)
+    _assert_loglikelihood_task_equal(ref, ours, "flj_mc")
+    assert _metric(ours, "flj_mc", "acc_norm") == _metric(ref, "flj_mc", "acc_norm")
     # few-shot contexts outgrow the 64-token window: left truncation is exercised
     assert max(len(s["arguments"][0][0]) for s in ours["samples"]["flj_mc"]) > WINDOW
+
+
+def test_greedy_continuations_are_greedy_as_in_hf(both):
+    """is_greedy (and lm-eval's acc, which is it) on continuations that are greedy for the model: a
+    backend answering a constant is_greedy fails."""
+    ref, ours = both
+    greedy = _assert_loglikelihood_task_equal(ref, ours, "flj_greedy")
+    assert [g for (g,) in greedy] == [True, False] * (len(greedy) // 2) and len(greedy) >= 6
+    assert _metric(ours, "flj_greedy", "acc") == 0.5
+    np.testing.assert_allclose(_metric(ours, "flj_greedy", "perplexity"), _metric(ref, "flj_greedy", "perplexity"),
+                               rtol=LOGLIK_RTOL)
 
 
 def test_generate_until_identical_to_hf(both):
@@ -151,17 +215,156 @@ def test_rolling_perplexity_matches_hf(both):
     assert max(len(s["arguments"][0][0]) for s in ours["samples"]["flj_ppl"]) > 2 * WINDOW  # several windows
 
 
-def test_cli_runs_lm_eval_with_our_model(model_dir, task_dir, tmp_path, local_tasks_only):
-    """`python -m flacuna_jax.lm_eval` (in process): lm-eval's flags, `--model flacuna_jax` implied, results written."""
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    """A PEFT adapter with random A and B (B != 0) on q_proj, v_proj and down_proj: it changes the answers."""
+    from benchmarks.parity import random_factors
+    from flacuna_jax import hf, peft_io
+    from flacuna_jax.model import LoraSpec
+
+    config = hf.load_hf_config(model_dir)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    factors = random_factors(config, spec, seed=3)
+    out = peft_io.save_adapter(tmp_path_factory.mktemp("lm_eval_adapter") / "adapter", factors, spec, config.num_layers)
+    return out, spec, factors
+
+
+def _run_dir(path, spec, factors):
+    """A training run's checkpoint holding `factors` (what `run=` folds into the base)."""
+    from flacuna_jax import checkpoint, optim, train_state
+    from flacuna_jax.config import Config, LoraConfig, OptimConfig, dump_config
+
+    cfg = Config(output_dir=str(path), lora=LoraConfig(rank=spec.rank, alpha=spec.alpha, targets=spec.targets))
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(dump_config(cfg))
+    tx, _ = optim.make_optimizer(OptimConfig(), 10)
+    ck = checkpoint.Checkpointer(path)
+    ck.save(2, train_state.init_train_state(factors, tx, 0), {})
+    ck.close()
+    return path
+
+
+def _nf4_round_trip_dir(model_dir, out):
+    """The model with each decoder projection replaced by bitsandbytes' NF4 quantize -> dequantize
+    round trip in fp32 (blocks of 64, fp32 absmax): the weights an NF4 base computes with."""
+    import shutil
+
+    import bitsandbytes.functional as F
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, w in tensors.items():
+        if any(f".{p}." in name for p in projections):
+            packed, state = F.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type="nf4")
+            tensors[name] = F.dequantize_4bit(packed, state).to(torch.float32).contiguous()
+            assert not torch.equal(tensors[name], w)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+VARIANT_TASKS = {"num_fewshot": 1, "limit": 6}
+
+
+@pytest.fixture(scope="module")
+def peft_reference(model_dir, task_dir, adapter_dir):
+    """`--model hf` with `peft=` the adapter: a greedy task made for that model, 1-shot multiple choice."""
+    adapter, _, _ = adapter_dir
+    greedy_task, rows = _greedy_task(task_dir, "flj_greedy_adapter", model_dir, peft_dir=adapter)
+    from flacuna_jax.tokenizer import load_tokenizer
+
+    base_rows = greedy_requests(hf_reference(model_dir), load_tokenizer(model_dir), GREEDY_CONTEXTS)
+    assert [(r["context"], r["continuation"]) for r in rows] != base_rows  # the adapter changes the greedy answers
+    ref = _evaluate("hf", {"pretrained": str(model_dir), "peft": str(adapter), "dtype": "float32", "device": "cpu"},
+                    task_dir, [greedy_task, "flj_mc"], **VARIANT_TASKS)
+    return greedy_task, ref
+
+
+def _assert_variant_equal(ref, ours, greedy_task):
+    greedy = _assert_loglikelihood_task_equal(ref, ours, greedy_task)
+    assert [g for (g,) in greedy] == [True, False] * (len(greedy) // 2)
+    _assert_loglikelihood_task_equal(ref, ours, "flj_mc")
+    assert _metric(ours, "flj_mc", "acc_norm") == _metric(ref, "flj_mc", "acc_norm")
+
+
+@pytest.mark.parametrize("variant", ["adapter", "run"])
+def test_adapter_and_run_identical_to_hf_with_peft(variant, model_dir, task_dir, adapter_dir, peft_reference, tmp_path):
+    """`adapter=` a PEFT dir, and `run=` a training checkpoint holding the same factors, against
+    `--model hf` with `peft=` that adapter: every field of a greedy loglikelihood task (made for the
+    adapted model: an adapter that was ignored fails it) and of 1-shot multiple choice. (Generation
+    runs on the same folded parameters: `test_quantized_base_with_adapter_identical_to_hf_with_peft`.)"""
+    from flacuna_jax.lm_eval import FlacunaLM
+
+    adapter, spec, factors = adapter_dir
+    greedy_task, ref = peft_reference
+    args = {"adapter": str(adapter)} if variant == "adapter" else {"run": str(_run_dir(tmp_path / "run", spec, factors))}
+    ours = _evaluate(FlacunaLM(model=str(model_dir), batch_size=4, **args), None, task_dir, [greedy_task, "flj_mc"],
+                     **VARIANT_TASKS)
+    _assert_variant_equal(ref, ours, greedy_task)
+
+
+def test_quantized_base_with_adapter_identical_to_hf_with_peft(model_dir, task_dir, adapter_dir, tmp_path):
+    """`base_quant=nf4` with `adapter=` (the factors on top of the NF4 base, not folded) against `--model
+    hf` on bitsandbytes' NF4 quantize -> dequantize round trip of the same weights in fp32, `peft=` the
+    adapter: every field of a greedy loglikelihood task, 1-shot multiple choice and generate_until."""
+    from flacuna_jax.lm_eval import FlacunaLM
+
+    adapter, _, _ = adapter_dir
+    hf_dir = _nf4_round_trip_dir(model_dir, tmp_path / "nf4_round_trip")
+    greedy_task, _ = _greedy_task(task_dir, "flj_greedy_nf4", hf_dir, peft_dir=adapter)
+    tasks = [greedy_task, "flj_mc", "flj_gen"]
+    ref = _evaluate("hf", {"pretrained": str(hf_dir), "peft": str(adapter), "dtype": "float32", "device": "cpu"},
+                    task_dir, tasks, **VARIANT_TASKS)
+    ours = _evaluate(FlacunaLM(model=str(model_dir), batch_size=4, adapter=str(adapter), base_quant="nf4"), None,
+                     task_dir, tasks, **VARIANT_TASKS)
+    _assert_variant_equal(ref, ours, greedy_task)
+    assert [s["resps"][0][0] for s in ours["samples"]["flj_gen"]] == [s["resps"][0][0] for s in ref["samples"]["flj_gen"]]
+    assert _metric(ours, "flj_gen", "exact_match") == _metric(ref, "flj_gen", "exact_match")
+
+
+def test_sampling_is_seeded_and_honours_temperature_and_top_p(our_lm):
+    """do_sample through lm-eval's generation kwargs: the same seed gives the same texts, another seed
+    other texts; a top_p that keeps only the top token gives the greedy texts whatever the temperature.
+    (That the draws follow transformers' temperature and top-p warpers: tests/test_generate.py.)
+    flj_gen's stop strings, length and (2-shot) prompt width: the decoder `both` compiled is reused."""
+    from lm_eval.api.instance import Instance
+
+    def requests(**gen):
+        return [Instance("generate_until", {}, (c, {"until": ["#", "\n", "M n"], "max_gen_toks": 12, **gen}), i)
+                for i, c in enumerate(("red: blue\n\nthe dog: seven\n\nan old map: tea\n\nred:",
+                                       "x: quiet night\n\nriver: green\n\nthe dog:", "tea: a cat\n\nseven: x\n\ntea:",
+                                       "an old map: river\n\nblue: red\n\nquiet night:"))]
+
+    hot = {"do_sample": True, "temperature": 3.0, "top_p": 0.95}
+    seed = our_lm.seed
+    try:
+        our_lm.seed = 1
+        first = our_lm.generate_until(requests(**hot))
+        assert our_lm.generate_until(requests(**hot)) == first
+        our_lm.seed = 2
+        assert our_lm.generate_until(requests(**hot)) != first
+    finally:
+        our_lm.seed = seed
+    greedy = our_lm.generate_until(requests(do_sample=False))
+    assert our_lm.generate_until(requests(do_sample=True, temperature=3.0, top_p=1e-6)) == greedy != first
+
+
+def test_cli_runs_lm_eval_with_our_model(model_dir, task_dir, tmp_path, local_tasks_only, both):
+    """`python -m flacuna_jax.lm_eval` (in process): lm-eval's flags, `--model flacuna_jax` implied,
+    results written, and the same acc / acc_norm as `--model hf` gave on the same settings."""
     from flacuna_jax.lm_eval import main
 
     main(["--model_args", f"model={model_dir},dtype=float32", "--tasks", "flj_mc", "--include_path", str(task_dir),
-          "--num_fewshot", "1", "--limit", "6", "--batch_size", "4", "--output_path", str(tmp_path / "out")])
+          "--num_fewshot", "2", "--batch_size", "4", "--output_path", str(tmp_path / "out")])
     [path] = list((tmp_path / "out").rglob("results_*.json"))
     results = json.loads(path.read_text())
     assert results["config"]["model"] == "flacuna_jax"
-    assert results["n-samples"]["flj_mc"]["effective"] == 6
-    assert 0.0 <= results["results"]["flj_mc"]["acc,none"] <= 1.0
+    assert results["n-samples"]["flj_mc"]["effective"] == 14
+    ref, _ = both
+    for name in ("acc", "acc_norm"):
+        assert results["results"]["flj_mc"][f"{name},none"] == _metric(ref, "flj_mc", name)
 
 
 def test_registered_and_bad_arguments_are_refused(model_dir):

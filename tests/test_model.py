@@ -9,7 +9,7 @@ import torch
 from benchmarks.parity import logit_delta
 from flacuna_jax import hf
 from flacuna_jax.model import (Attention, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
-from tests.helpers import hf_reference
+from tests.helpers import hf_logits, hf_reference
 
 LOGIT_TOL = 1e-4  # max |delta logits|, fp32
 LAYER_TOL = 1e-5  # max |delta| of one layer's output, fp32
@@ -63,7 +63,7 @@ def test_rope_matches(tiny_model_dir, preset):
 
 @pytest.mark.parametrize("preset", ["mha", "gqa"])
 def test_attention_matches(tiny_model_dir, preset):
-    from flacuna_jax.attention import attention_mask
+    from flacuna_jax.attention import masking
 
     path = tiny_model_dir(preset)
     model, params = hf.load_pretrained(path)
@@ -72,8 +72,7 @@ def test_attention_matches(tiny_model_dir, preset):
     x = np.random.default_rng(0).standard_normal((2, 9, c.hidden_size)).astype(np.float32)
     pos = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
     seg = np.ones((2, 9), np.int32)
-    mask = attention_mask(seg, pos, seg)
-    ours, _ = Attention(c, Runtime()).apply({"params": _layer0(params)["attn"]}, x, pos, mask)
+    ours, _ = Attention(c, Runtime()).apply({"params": _layer0(params)["attn"]}, x, pos, masking(seg))
     with torch.no_grad():
         tx = torch.from_numpy(x)
         pe = ref.rotary_emb(tx, torch.from_numpy(pos.copy()).long())
@@ -157,11 +156,45 @@ def test_bf16_compute_close_to_fp32(tiny_model_dir):
     model16, params16 = hf.load_pretrained(path, Runtime(compute_dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
     ids = _ids(model.config.vocab_size, (2, 32))
-    l32 = np.asarray(model.apply({"params": params32}, ids))
-    l16 = np.asarray(model16.apply({"params": params16}, ids)).astype(np.float32)
+    l32 = np.asarray(jax.jit(model.apply)({"params": params32}, ids))
+    l16 = np.asarray(jax.jit(model16.apply)({"params": params16}, ids)).astype(np.float32)  # jitted: eager bf16 is slow
     assert np.isfinite(l16).all()
     assert np.abs(l16 - l32).max() <= 0.05 * np.abs(l32).max()
     assert (l16.argmax(-1) == l32.argmax(-1)).mean() >= 0.9
+
+
+def _dot_generals(jaxpr):
+    """(operand dtypes, rhs shape) of every dot_general in a jaxpr, nested ones (scan, remat, custom vjp) included."""
+    from jax._src import core
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(jnp.dtype(v.aval.dtype) for v in eqn.invars), tuple(eqn.invars[1].aval.shape)))
+        for sub in core.jaxprs_in_params(eqn.params):
+            found += _dot_generals(sub)
+    return found
+
+
+@pytest.mark.parametrize("compute, stored", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+def test_every_matmul_runs_in_compute_dtype(tiny_model_dir, compute, stored):
+    """The traced forward (what XLA compiles) with LoRA on q_proj and v_proj (fp32 factors, as
+    training keeps them): every dot_general, projections, LoRA factors, attention and lm_head, takes
+    both operands in model.compute_dtype, whatever dtype the weights are stored in."""
+    from flacuna_jax.model import Llama, LoraSpec, abstract_params
+
+    model = Llama(hf.load_hf_config(tiny_model_dir("gqa")), Runtime(compute_dtype=compute, param_dtype=stored),
+                  LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj")))
+    shapes, _ = abstract_params(model)
+    shapes = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, jnp.float32 if "lora" in str(path[-1]) else x.dtype), shapes)
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(stored), jnp.dtype(jnp.float32)}
+    traced = jax.make_jaxpr(lambda p: model.apply({"params": p}, np.zeros((2, 8), np.int32)))(shapes)
+    dots = _dot_generals(traced.jaxpr)
+    # 7 projections + 2 x 2 LoRA factors + q.k and p.v + lm_head
+    assert len(dots) == 7 + 4 + 2 + 1
+    assert [d for d in dots if d[0] != (jnp.dtype(compute),) * 2] == []
+    assert traced.out_avals[0].dtype == jnp.dtype(compute)
 
 
 def _rel_err(a, b):
@@ -205,3 +238,73 @@ def test_swiglu_gradient_equals_autodiff():
     np.testing.assert_array_equal(swiglu(gate, up), jax.nn.silu(gate) * up)
     for a, b in zip(ours, theirs):
         assert _rel_err(a, b) <= 1e-6
+
+
+def _unrolled(model, params):
+    from flacuna_jax.model import unrolled
+
+    return unrolled(model, dict(params))  # a shallow copy: `unrolled` consumes the stacked tree it is given
+
+
+@pytest.mark.parametrize("preset", ["gqa", "tied"])
+def test_unrolled_layers_equal_the_scan_and_transformers(tiny_model_dir, preset):
+    """Runtime(layers="unrolled"): one module and one weight buffer per layer, for decoding; the same
+    logits as the scan and as transformers, and a KV cache decode written in place equal to the full
+    forward. unstack_layers / stack_layers round-trip exactly."""
+    from flacuna_jax.model import stack_layers
+
+    path = tiny_model_dir(preset)
+    model, params = hf.load_pretrained(path)
+    umodel, uparams = _unrolled(model, params)
+    assert umodel.runtime.layers == "unrolled" and "layers" not in uparams
+    assert sorted(k for k in uparams if k.startswith("layers_")) == [f"layers_{i}" for i in range(model.config.num_layers)]
+    assert jax.tree.all(jax.tree.map(np.array_equal, stack_layers(uparams), params))
+    ids = _ids(model.config.vocab_size, (2, 12))
+    full = np.asarray(jax.jit(umodel.apply)({"params": uparams}, ids))
+    assert np.abs(full - np.asarray(jax.jit(model.apply)({"params": params}, ids))).max() <= LOGIT_TOL
+    assert np.abs(full - hf_logits(hf_reference(path), ids)).max() <= LOGIT_TOL
+    with pytest.raises(ValueError, match="one array per layer"):
+        umodel.apply({"params": uparams}, ids[:, :2], cache=init_cache(model.config, batch=2, max_len=16))
+    cache = init_cache(model.config, batch=2, max_len=16, layers="unrolled")
+    step = jax.jit(lambda p, x, pos, c: umodel.apply({"params": p}, x, pos, jnp.ones_like(x), cache=c))
+    logits, cache = step(uparams, ids[:, :5], np.broadcast_to(np.arange(5, dtype=np.int32), (2, 5)), cache)
+    got = [np.asarray(logits)]
+    for t in range(5, 12):
+        logits, cache = step(uparams, ids[:, t:t + 1], np.full((2, 1), t, np.int32), cache)
+        got.append(np.asarray(logits))
+    assert int(cache["index"]) == 12 and len(cache["k"]) == model.config.num_layers
+    assert np.abs(np.concatenate(got, axis=1) - full).max() <= LOGIT_TOL
+
+
+def test_unrolled_keeps_a_quantized_base_scanned(tiny_model_dir):
+    """A quantized kernel is dequantized into a new buffer inside its matmul either way: no layout change."""
+    from flacuna_jax.model import unrolled
+
+    model, params = hf.load_pretrained(tiny_model_dir("mha"), Runtime(base_quant="int8"))
+    same_model, same = unrolled(model, params)
+    assert same_model is model and same is params and "layers" in same
+
+
+def test_logits_at_and_an_explicit_mask(tiny_model_dir):
+    """logits_at_bm returns exactly the logits of those positions; mask_bts replaces the causal +
+    segment mask: a context with two continuations that each see the context and themselves gives
+    each continuation the logits it has after the context alone."""
+    model, params = hf.load_pretrained(tiny_model_dir("gqa"))
+    v = model.config.vocab_size
+    apply = jax.jit(lambda ids, pos=None, mask=None, at=None: model.apply({"params": params}, ids, pos, mask_bts=mask,
+                                                                          logits_at_bm=at))
+    ctx, a, b = _ids(v, (1, 7), 1)[0], _ids(v, (1, 3), 2)[0], _ids(v, (1, 4), 3)[0]
+    alone_a, alone_b = np.asarray(apply(np.stack([np.concatenate([ctx, a, b[:1]]), np.concatenate([ctx, b])])))
+    picked = np.asarray(apply(np.concatenate([ctx, b])[None], at=np.array([[6, 2, 0]], np.int32)))
+    np.testing.assert_array_equal(picked[0], alone_b[[6, 2, 0]])
+
+    row = np.concatenate([ctx, a, b])[None]
+    branch = np.array([0] * 7 + [1] * 3 + [2] * 4)
+    pos = np.concatenate([np.arange(7), np.arange(7, 10), np.arange(7, 11)])[None].astype(np.int32)
+    causal = np.tril(np.ones((14, 14), bool))
+    mask = causal & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    shared = np.asarray(apply(row, pos, mask[None]))[0]
+    assert np.abs(shared[:10] - alone_a[:10]).max() <= LOGIT_TOL
+    assert np.abs(shared[10:] - alone_b[7:]).max() <= LOGIT_TOL
+    with pytest.raises(ValueError, match="mask_bts is not taken with a cache"):
+        model.apply({"params": params}, ctx[None], mask_bts=causal[None, :7, :7], cache=init_cache(model.config, 1, 8))

@@ -141,6 +141,25 @@ def test_reads_adapter_model_bin_through_weights_only(tiny_model_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back, factors)
 
 
+def test_adapter_bin_whose_pickle_runs_code_is_refused_and_nothing_runs(tiny_model_dir, tmp_path):
+    from tests.helpers import write_code_running_bin
+
+    config = hf.load_hf_config(tiny_model_dir("gqa"))
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("o_proj",))
+    out = peft_io.save_adapter(tmp_path / "a", random_factors(config, spec), spec, config.num_layers)
+    f = SafetensorsFile(out / "adapter_model.safetensors")
+    tensors = {k: torch.from_numpy(np.array(f.get(k))) for k in f.keys()}
+    del f
+    (out / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    write_code_running_bin(out / "adapter_model.bin", tensors, marker)
+    with pytest.raises(peft_io.AdapterError, match=r"adapter_model\.bin: refused: .*weights_only"):
+        peft_io.load_adapter(out, config)
+    assert not marker.exists()
+    torch.load(out / "adapter_model.bin", weights_only=False)  # the payload is live
+    assert marker.exists()
+
+
 def test_saves_factors_sharded_over_devices(tiny_model_dir, tmp_path):
     """Factors split over 8 devices are gathered whole (the field's empty-adapter failure is a partial save)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

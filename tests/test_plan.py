@@ -89,9 +89,25 @@ def test_cli_errors_are_one_line():
     assert r.returncode != 0 and "'lots'" in r.stderr
 
 
+# The README's planned figures (GB = 1e9 bytes) and the margin a test holds them to: XLA's temporaries may
+# move a little with the compiler; a change of 3% (~0.35 GB here) is a regression to look at, not noise.
+README_GB = {"flacuna_13b on 4": {"total": 11.3, "params": 6.5, "optimizer": 0.03, "temp": 4.7},
+             "flacuna_13b_qlora on 1": {"total": 11.5, "params": 7.23, "temp": 4.2}}
+MARGIN = 0.03
+
+
+def assert_as_in_readme(out, figures):
+    got = out["per_device_bytes"]
+    for key, gb in figures.items():
+        # README's figures are rounded to their last digit: allow that rounding plus the margin
+        slack = MARGIN * gb + 0.5 * 10 ** -(len(str(gb).split(".")[1]))
+        assert abs(got[key] / 1e9 - gb) <= slack, (key, got[key] / 1e9, gb)
+
+
 def test_flacuna_13b_plans_on_four_fake_devices():
-    """The paper recipe compiles on abstract 13B shapes on this CPU machine (the 20 GB target: benchmarks/)."""
-    r = run_cli("--config", "configs/flacuna_13b.yaml", "--arch", "llama_13b", "--devices", "4", "--json")
+    """The paper recipe compiles on abstract 13B shapes on this CPU machine (the 20 GB target: benchmarks/),
+    with the per-device figures the README states, and fits four v5p chips."""
+    r = run_cli("--config", "configs/flacuna_13b.yaml", "--arch", "llama_13b", "--devices", "4", "--json", "--chip", "v5p")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     c = PRESETS["llama_13b"]
@@ -100,7 +116,21 @@ def test_flacuna_13b_plans_on_four_fake_devices():
     a, b = lora_qv_factors(c, 8)  # fp32; A split over fsdp, B whole
     assert a + b == 6_553_600
     assert params == 2 * ((base_param_count(c) - norms) // 4 + norms) + 4 * (a // 4 + b)
-    assert out["accumulation_steps"] == 16 and out["fits"] is True
+    assert out["accumulation_steps"] == 16
+    assert_as_in_readme(out, README_GB["flacuna_13b on 4"])
+    assert out["chip"] == "v5p" and out["device_memory"] == 95e9 and out["fits"] is True
+
+
+def test_flacuna_13b_qlora_plans_on_one_chip():
+    """configs/flacuna_13b_qlora.yaml as written (NF4 + double quantization) on ONE device: the README's
+    ~11.5 GB, which fits a 16 GB v5e (and the 24 GB GPU it was written for)."""
+    r = run_cli("--config", "configs/flacuna_13b_qlora.yaml", "--arch", "llama_13b", "--devices", "1", "--json",
+                "--chip", "v5e")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["accumulation_steps"] == 64 and out["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert_as_in_readme(out, README_GB["flacuna_13b_qlora on 1"])
+    assert out["chip"] == "v5e" and out["device_memory"] == 16e9 and out["fits"] is True
 
 
 def test_vicuna_7b_fits_one_80gb_gpu_with_matmul_outputs_saved():

@@ -10,10 +10,9 @@ from flacuna_jax import score
 from tests.helpers import hf_reference
 
 
-def _reference(model_dir, tokenizer, context, continuation):
+def _reference(ref, tokenizer, context, continuation):
     whole = tokenizer(context + continuation)["input_ids"]
     n_ctx = len(tokenizer(context)["input_ids"])
-    ref = hf_reference(model_dir)
     with torch.no_grad():
         logits = ref(torch.tensor([whole])).logits[0].double()
     logp = torch.log_softmax(logits, -1)
@@ -24,26 +23,34 @@ def _reference(model_dir, tokenizer, context, continuation):
     return ll, greedy, len(whole) - n_ctx
 
 
-def test_score_cli_matches_transformers(tiny_model_dir, char_tokenizer_dir, tmp_path):
-    from flacuna_jax.tokenizer import load_tokenizer
+def test_score_cli_matches_transformers(char_tokenizer_dir, tmp_path):
+    """On a decisive model (tests.helpers.write_decisive_model) with continuations that ARE its
+    greedy decoding and others that are not: loglik, is_greedy and num_tokens of every request."""
+    import dataclasses
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir("gqa"), model_dir)
+    from flacuna_jax import tiny
+    from flacuna_jax.tokenizer import load_tokenizer
+    from tests.helpers import CHAR_VOCAB, greedy_requests, write_decisive_model
+
+    model_dir = write_decisive_model(tmp_path / "model", dataclasses.replace(tiny.PRESETS["gqa"], vocab_size=CHAR_VOCAB),
+                                     seed=5)
     for f in char_tokenizer_dir.iterdir():
         shutil.copy(f, model_dir / f.name)
-    reqs = [("The capital of France is", " Paris"), ("2 + 2 =", " 4"), ("Q: ", "a much longer continuation, with punctuation!"),
-            ("x" * 40, "y"), ("", "hello")]
+    tok = load_tokenizer(model_dir)
+    ref = hf_reference(model_dir)
+    reqs = greedy_requests(ref, tok, ["The capital of France is", "2 + 2 =", "Q: why?", "x" * 40], n_new=3)
+    reqs += [("Q: ", "a much longer continuation, with punctuation!"), ("", "hello")]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"context": c, "continuation": x}) + "\n" for c, x in reqs))
     score.main(["--model", str(model_dir), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
                 "--batch-size", "2"])
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    tok = load_tokenizer(model_dir)
     assert len(got) == len(reqs)
-    for (c, x), g in zip(reqs, got):
-        ll, greedy, n = _reference(model_dir, tok, c, x)
+    expected = [_reference(ref, tok, c, x) for c, x in reqs]
+    for g, (ll, greedy, n) in zip(got, expected):
         assert g["num_tokens"] == n
         assert abs(g["loglik"] - ll) <= 1e-3
         assert g["is_greedy"] == greedy
+    assert [g["is_greedy"] for g in got[:8]] == [True, False] * 4  # the greedy ones are greedy here too
 
 
 def test_malformed_line_names_its_number(tmp_path):

@@ -1,4 +1,10 @@
-"""Vicuna v1.1 template: golden strings, exact masks, equality with full-string tokenization."""
+"""Vicuna v1.1 template: golden strings, exact masks, equality with full-string tokenization.
+
+The golden strings are FastChat's: fastchat/conversation.py `get_conv_template("vicuna_v1.1")` as
+fastchat/train/train.py's `preprocess` fills it, at FastChat v0.2.18 (commit d578599c, 5 July 2023;
+v0.2.36, b21d0f78, renders them the same). `scripts/fastchat_template_check.py --fastchat DIR` renders
+GOLDEN and GENERATION_GOLDEN with FastChat's own code from a checkout and says whether they still agree.
+"""
 
 import pytest
 
@@ -74,10 +80,16 @@ def test_golden_masks_hand_checked(tokenizer_dir):
     assert enc.mask == [0] * len(prompt) + [1] * (len(answer) + 1)
 
 
-def test_generation_prompt():
-    p = T.generation_prompt([("Hi", "Hello!")], "How are you?")
-    assert p == S + " USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT:"
-    assert T.generation_prompt([], "Q", system="Sys") == "Sys USER: Q ASSISTANT:"
+GENERATION_GOLDEN = [  # (history, question, system or None, FastChat's prompt with the assistant's message None)
+    ([("Hi", "Hello!")], "How are you?", None, S + " USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT:"),
+    ([], "Q", "Sys", "Sys USER: Q ASSISTANT:"),
+]
+
+
+@pytest.mark.parametrize("history,question,system,expected", GENERATION_GOLDEN)
+def test_generation_prompt(history, question, system, expected):
+    kw = {} if system is None else {"system": system}
+    assert T.generation_prompt(history, question, **kw) == expected
 
 
 def test_generation_prompt_ids_prefix_training_ids(tokenizer_dir):

@@ -1,4 +1,4 @@
-"""The training CLI: exact resume after kill -9, non-finite stop, configs, metrics."""
+"""The training CLI: exact resume after SIGTERM and kill -9, non-finite stop, configs, metrics."""
 
 import json
 import os
@@ -40,20 +40,38 @@ def overrides(assets, out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch(assets, out, sleep=0.0, **extra):
+def launch(assets, out, sleep=0.0, env=None, log=None, **extra):
+    """`python -m flacuna_jax.train` in a subprocess; `env`: more variables (tests/slow_steps hooks),
+    `log`: a file for its output (else a pipe)."""
     # Launches share a persistent compilation cache: the same program, compiled once.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               SLOW_STEP_S=str(sleep), PYTHONPATH=slow_steps_path(), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             SLOW_STEP_S=str(sleep), PYTHONPATH=slow_steps_path(), JAX_COMPILATION_CACHE_DIR=assets["jax_cache"],
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(env or {}))
     cmd = [sys.executable, "-m", "flacuna_jax.train", "--config", str(ROOT / "configs/demo.yaml"),
            *overrides(assets, out, **extra)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = open(log, "w") if log else subprocess.PIPE
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=output, stderr=subprocess.STDOUT, text=True)
+    finally:
+        if log:
+            output.close()  # the child has its own copy
 
 
-def finish(proc):
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out[-3000:]
+def finish(proc, code=0):
+    out, _ = proc.communicate(timeout=900)  # a hang guard only: a launch takes ~45 s at load 9 on 2 cores
+    assert proc.returncode == code, (out or "")[-3000:]
     return out
+
+
+@pytest.fixture
+def procs():
+    """Training subprocesses a test starts; one still running at teardown (the test failed) is killed."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def complete_steps(out):
@@ -61,13 +79,43 @@ def complete_steps(out):
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
+def test_sigterm_and_kill9_then_rerun_is_bit_identical(assets, tmp_path, procs):
+    """One run, interrupted twice, logs exactly the losses of an uninterrupted run and ends with the
+    same weights: SIGTERM while step 5 runs -> step 5 saved (a second SIGTERM while that save is in flight
+    changes nothing; step 5's evaluation is skipped, the only difference), exit code 75; the same command
+    resumes at step 5; kill -9 just after a later checkpoint, maybe while its async save is in flight; the
+    same command resumes and finishes."""
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
     finish(launch(assets, ref_dir))
+
+    # The run waits before reading batch 6, i.e. while step 5 is dispatched and before it is checked,
+    # logged, evaluated or saved (tests/slow_steps); SIGTERM arrives there, then it may go on.
+    release, log = tmp_path / "release", tmp_path / "sigterm.log"
+    procs.append(launch(assets, crash_dir, log=log, env={"PAUSE_AT_BATCH": "6", "PAUSE_UNTIL": str(release),
+                                                         "SIGTERM_AFTER_SAVE": "5"}))
+    proc = procs[-1]
+    deadline = time.time() + 900  # a hang guard only
+    while time.time() < deadline and proc.poll() is None and "paused before batch 6 " not in log.read_text():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped:\n" + log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    release.touch()
+    finish(proc, code=train.EXIT_PREEMPTED)
+    text = log.read_text()
+    assert train.EXIT_PREEMPTED == 75 and "on SIGTERM: stop after the step in progress" in text, text[-3000:]
+    assert "SIGTERM to myself while checkpoint 5 is being saved" in text, text[-3000:]
+    assert "step 5: evaluation skipped (stopping for SIGTERM)" in text, text[-3000:]
+    stopped = [x for x in text.splitlines() if x.startswith("stopped by SIGTERM")]
+    assert stopped == [f"stopped by SIGTERM after step 5 of 10: checkpoint 5 saved in "
+                       f"{checkpoint.checkpoint_dir(crash_dir)}; re-run the same command to resume (exit code 75)"]
+    assert complete_steps(crash_dir) == [4, 5] and "step 6/10" not in text
+    assert [r["step"] for r in read_jsonl(crash_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
     # Kill just after a checkpoint, while its async save may still be in flight.
-    for kill_after, delay in ((4, 0.2),):
-        proc = launch(assets, crash_dir, sleep=0.3)
-        deadline = time.time() + 120
+    for kill_after, delay in ((6, 0.2),):
+        procs.append(launch(assets, crash_dir, sleep=0.3))
+        proc = procs[-1]
+        deadline = time.time() + 900  # a hang guard only
         while time.time() < deadline and proc.poll() is None:
             steps = complete_steps(crash_dir)
             if steps and steps[-1] >= kill_after:
@@ -77,7 +125,8 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
         time.sleep(delay)
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        out = proc.communicate()[0]
+        assert "resuming from checkpoint step 5 in " in out, out[-2000:]
         assert complete_steps(crash_dir)[-1] < 10
     out = finish(launch(assets, crash_dir))
     assert re.search(r"resuming from checkpoint step \d+ in ", out), out[-2000:]
@@ -85,7 +134,9 @@ def test_kill9_then_rerun_is_bit_identical(assets, tmp_path):
     ref, got = read_jsonl(ref_dir / "metrics.jsonl"), read_jsonl(crash_dir / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 11))
     for key in ("loss", "grad_norm", "lr", "tokens", "eval_loss", "skipped_steps", "data_packing_efficiency"):
-        assert [r.get(key) for r in got] == [r.get(key) for r in ref], key
+        want = [None if (key, r["step"]) == ("eval_loss", 5) else r.get(key) for r in ref]
+        assert [r.get(key) for r in got] == want, key
+    assert ref[4]["eval_loss"] is not None
     s1, p1, cfg = checkpoint.load_trainable(ref_dir)
     s2, p2, _ = checkpoint.load_trainable(crash_dir)
     assert s1 == s2 == 10 and cfg.train.steps == 10
@@ -120,17 +171,22 @@ def test_in_training_eval_tasks_equal_the_eval_cli(assets, tmp_path):
 
 
 def test_nonfinite_steps_stop_the_run_with_checkpoint_intact(assets, tmp_path, capsys):
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides(
+    """Through the CLI's main: NonFiniteError becomes exit code 3 and one 'error:' line on stderr."""
+    argv = ["--config", str(ROOT / "configs/demo.yaml"), *overrides(
         assets, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_norm": 0.0,
                              "train.max_nonfinite_steps": 2, "checkpoint.every": 1, "train.steps": 20, "mesh.tensor": 2,
-                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4}))
-    with pytest.raises(train.NonFiniteError, match="2 consecutive steps"):
-        train.run(cfg)
-    assert "train step compiled in" in capsys.readouterr().out
+                             "eval.every": 0, "lora.dropout": 0.0, "mesh.fsdp": 4})]
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == train.EXIT_NONFINITE == 3
+    captured = capsys.readouterr()
+    assert "train step compiled in" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 consecutive steps" in errors[0], captured.err[-2000:]
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert lines[-1]["skipped_steps"] >= 1
     step, params, _ = checkpoint.load_trainable(tmp_path)
-    assert 1 <= step < 20
+    assert 1 <= step < 20 and f"(step {step})" in errors[0]  # the message names the last good checkpoint
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

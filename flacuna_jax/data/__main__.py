@@ -1,4 +1,4 @@
-"""``python -m flacuna_jax.data preview|stats`` (see ``cli.py``)."""
+"""``python -m flacuna_jax.data preview|stats|build`` (see ``cli.py``)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""``python -m flacuna_jax.data preview|stats``: look at the data exactly as training sees it.
+"""``python -m flacuna_jax.data preview|stats|build``: look at the data exactly as training sees it,
+or build FLAN-Mini from its sources.
 
     python -m flacuna_jax.data preview --config CFG [key=value ...] --num 3
         examples after template + mask (before packing); trained spans shown as ⟦...⟧
@@ -7,6 +8,11 @@
         loss_mask[i] is 1 when input_ids[i] is trained (an assistant answer token or its EOS)
     python -m flacuna_jax.data stats --config CFG [key=value ...]
         records, skipped bad records, tokens, truncations/drops, packing efficiency (JSON)
+
+    python -m flacuna_jax.data build --recipe configs/flan_mini.yaml --out DIR [--scale F] [--seed N]
+            [--workers N] [--zip] [--tokenizer TOK [--token-sample N]] [--cache-dir DIR]
+        FLAN-Mini from its sources (``flan_mini/``): DIR/flan_mini.json (or .json.zip),
+        DIR/stats.json and DIR/DATA_CARD.md
 
 Overrides are ``key=value`` with YAML values, e.g. ``data.sources='[{path: a.json, weight: 2}]'``.
 """
@@ -96,13 +102,49 @@ def stats(args, stdout=None) -> None:
     stdout.write(json.dumps(out, indent=1) + "\n")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flacuna_jax.data build",
+                                description="Build FLAN-Mini from its sources, as a recipe says.")
+    p.add_argument("--recipe", required=True, help="recipe YAML (configs/flan_mini.yaml: the paper's Table 1)")
+    p.add_argument("--out", required=True, help="output directory (flan_mini.json, stats.json, DATA_CARD.md)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every count (0.01: a quick build)")
+    p.add_argument("--seed", type=int, default=None, help="sampling and templating seed (default: the recipe's)")
+    p.add_argument("--workers", type=int, default=1, help="processes building sources in parallel "
+                   "(the output does not depend on it)")
+    p.add_argument("--zip", action="store_true", help="write flan_mini.json.zip (the release's layout)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for the card's token lengths")
+    p.add_argument("--token-sample", type=int, default=None, help="records per source whose tokens are counted "
+                   "(the first in key order: a uniform sample; 0: all; default 10000)")
+    p.add_argument("--cache-dir", default=None, help="datasets cache (default: datasets' own)")
+    return p
+
+
+def build(argv, stdout=None) -> None:
+    from flacuna_jax.data import flan_mini
+
+    args = build_parser().parse_args(argv)
+    stats = flan_mini.build(flan_mini.load_recipe(args.recipe), args.out, scale=args.scale, seed=args.seed,
+                            workers=args.workers, zip_output=args.zip, tokenizer=args.tokenizer,
+                            cache_dir=args.cache_dir,
+                            token_sample=flan_mini.mixer.TOKEN_SAMPLE if args.token_sample is None else args.token_sample)
+    (stdout or sys.stdout).write(json.dumps(stats["output"]) + "\n")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = ("preview", "stats")
+    commands = ("preview", "stats", "build")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m flacuna_jax.data {{{','.join(commands)}}} --config CFG "
-              "[key=value ...] [--num N] [--jsonl]", file=sys.stderr)
+              "[key=value ...] [--num N] [--jsonl]  |  build --recipe R --out DIR [--scale F] [--seed N]",
+              file=sys.stderr)
         return 2
+    if argv[0] == "build":
+        try:
+            build(argv[1:])
+        except (DataError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     p = argparse.ArgumentParser(prog=f"python -m flacuna_jax.data {argv[0]}")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="key=value overrides (YAML values)")

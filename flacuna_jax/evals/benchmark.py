@@ -1,8 +1,10 @@
 """The contract between a benchmark and the runner (`flacuna_jax.evals.runner`).
 
-A benchmark module (mmlu, bbh, drop, crass, hhh, humaneval) exposes one function
+A benchmark module (mmlu, bbh, drop, crass, hhh, humaneval, impact) exposes one function
 
     load(path: str, options: Options) -> Benchmark
+
+(impact's also takes the judge that reviews its answers, `judge=`, and `prompt_style=`)
 
 that reads the benchmark's published files (raising `BenchmarkInputError` with a one-line message
 naming the file and line/record) and returns a `Benchmark`. The runner then does, per benchmark:
@@ -36,8 +38,10 @@ programs in parallel in a sandbox); a prefix-rule benchmark uses `prefix_correct
 is what goes to preds.jsonl ("the completion that was executed" for HumanEval, the first sample's
 when several), `Scored.correct` a bool or a fraction (HHH: mean over both slot orders; HumanEval:
 the problem's unbiased pass@1 estimate c/n), `Scored.detail` anything else the aggregate needs
-(HumanEval: {"n": samples, "c": passed}). `aggregate(scored) -> Result`; `micro_average` and
-`mean_over_tasks` are the two InstructEval aggregates.
+(HumanEval: {"n": samples, "c": passed}; `detail["pred_fields"]` adds fields to its preds.jsonl line).
+`aggregate(scored) -> Result`; `micro_average` and `mean_over_tasks` are the two InstructEval
+aggregates. A benchmark may also have `summary(scored) -> dict`, extra keys for its results.json entry
+(IMPACT: both averages, the judge).
 """
 
 from __future__ import annotations

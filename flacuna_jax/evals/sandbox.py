@@ -9,27 +9,31 @@ program returned); "failed" that it raised (any BaseException, SystemExit includ
 exception as the reason; "timed out" that it ran past `timeout` seconds of wall-clock time; "crashed"
 that its process ended without a verdict (a signal, a CPU or file-size limit, `os._exit`).
 
-How a program is contained. This file is also the child's entry point (`python -I -S -B
-sandbox.py --child ...`; stdlib only, so the child imports nothing of the project). The child:
+How a program is contained: a child process (`sandbox_child.py`, run as `python -I -S -B`; stdlib
+only) in a new session with stdin from /dev/null, stdout and stderr to one pipe that the parent drains
+continuously and keeps only the first `output_bytes` of, a minimal environment, and rlimits on address
+space (`memory_bytes`), CPU seconds, file size, open files, core dumps and processes + threads. What
+else holds depends on what the kernel allows, strongest first (`Outcome.isolation` names it):
 
-- runs in a new session (process group) with stdin from /dev/null, stdout and stderr to one pipe that
-  the parent drains continuously and keeps only the first `output_bytes` of, and a minimal environment;
-- works in its own temporary directory (cwd, HOME, TMPDIR), removed afterwards;
-- enters new network and PID namespaces (`unshare(2)`, needs CAP_SYS_ADMIN, e.g. root): no network at
-  all (not even loopback); a PID 1 of ours runs the program (as PID 2, so signals reach it as anywhere)
-  and dies when the child's outer process does (PR_SET_PDEATHSIG), and with PID 1 the kernel kills
-  every process in the namespace: nothing the program starts outlives it;
-- when started as root, drops to an unprivileged uid of its own (one per worker slot), keeping only
-  CAP_DAC_READ_SEARCH so it can still read the interpreter's files wherever they are installed (here
-  under /root): it can write nothing but its own directory (and world-writable dirs such as /tmp), can
-  signal none of our processes, and gains no privileges through exec (PR_SET_NO_NEW_PRIVS);
-- sets rlimits: address space (`memory_bytes`), CPU seconds, file size, open files, no core dumps, and
-  processes + threads (RLIMIT_NPROC, enforced only for a non-root uid, hence the uid drop);
-- where a namespace or the uid drop is not available (no CAP_SYS_ADMIN, not root) it falls back to a
-  Python audit hook installed before the program runs: without the network namespace it refuses
-  sockets and subprocesses; without the uid drop it refuses writing, deleting, renaming and
-  chmod outside its directory. An audit hook binds only Python code in that process, so this is a
-  weaker guard; `Outcome.isolation` says which protections were in effect.
+- as root (this repository's CI, most GPU boxes): new mount, network, PID and IPC namespaces. The file
+  system is the machine's, read-only, with /run, the caller's home (/root) and any directory others
+  may not enter hidden (only the interpreter's own files are bound back), a /dev of its own (null,
+  zero, full, random, urandom, tty: no GPU, fuse or kvm device); /tmp and /dev/shm are
+  private tmpfs of at most `disk_bytes` each, and the program's directory (cwd, HOME, TMPDIR) is in
+  that /tmp, so nothing it writes outlives it. No network at all, loopback included; it sees and can
+  signal only its own processes, and when it ends or is killed the kernel kills everything it started.
+  It runs as a uid of its own (one per worker slot) with no capabilities at all (effective, permitted,
+  inheritable, ambient, bounding), no_new_privs, and a seccomp filter (`sandbox_seccomp`: no sockets,
+  ptrace, mount, unshare, keyrings, bpf, ...). `STRONGEST` is this mode's isolation string;
+- as an ordinary user, where user namespaces are allowed: the same, but the program keeps the
+  caller's uid, so it can read what the caller can (outside the caller's home, hidden), and its
+  process limit counts the caller's processes too;
+- with no namespaces (a container without CAP_SYS_ADMIN, user namespaces off): no capabilities (as
+  root a uid of its own, where the interpreter is readable by others, else root's CAP_DAC_READ_SEARCH
+  is kept and the isolation says so), seccomp refusing sockets, any new process and any signal to
+  another process, and a Python audit hook refusing writes outside its directory. The audit hook
+  binds only Python code: ctypes gets past it, and the program can read whatever its uid can.
+A mode weaker than `STRONGEST` is logged once per process (a warning naming what is missing).
 
 The wall clock starts when the child reports that the program is about to run (so a slow start on a
 loaded machine does not eat into the program's `timeout`, as InstructEval times only its `exec`), and
@@ -38,196 +42,43 @@ on expiry the whole process group is killed (SIGKILL).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import queue
+import selectors
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
-_CLONE_NEWNET, _CLONE_NEWPID = 0x40000000, 0x20000000
-_PR_SET_PDEATHSIG, _PR_SET_KEEPCAPS, _PR_SET_NO_NEW_PRIVS = 1, 8, 38
-_CAP_DAC_READ_SEARCH = 2
-_SIGKILL = 9
-# The child's settings, passed as argv in this order (no json in the child: it would cost 40 ms a run).
-_CHILD_ARGS = ("result_fd", "program_path", "uid", "timeout", "memory_bytes", "processes", "file_bytes",
-               "open_files", "namespaces", "drop_privileges")
+from flacuna_jax.evals import sandbox_child
+
+STRONGEST = "mntns+netns+pidns+ipcns+uid+nocaps+seccomp"  # as root, where the kernel allows all of it
 _UID_BASE = 1_500_000_000  # sandbox uids: _UID_BASE + (our pid % 100000) * _MAX_WORKERS + slot
 _MAX_WORKERS = 32
-
-
-# ------------------------------------------------------------------------------ the child
-
-def _libc():
-    import ctypes
-
-    return ctypes, ctypes.CDLL(None, use_errno=True)
-
-
-def _unshare(flags: int) -> bool:
-    _, libc = _libc()
-    return libc.unshare(flags) == 0
-
-
-def _drop_privileges(uid: int) -> None:
-    """setresuid/gid to `uid`, keeping only CAP_DAC_READ_SEARCH (if we had it), no new privileges."""
-    ctypes, libc = _libc()
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
-    if libc.capget(ctypes.byref(header), data) != 0 or libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "capget/prctl failed")
-    kept = data[0].permitted & (1 << _CAP_DAC_READ_SEARCH)
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    data[0].effective = data[0].permitted = kept
-    data[0].inheritable = data[1].effective = data[1].permitted = data[1].inheritable = 0
-    if libc.capset(ctypes.byref(header), data) != 0 or libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "capset/prctl failed")
-
-
-def _set_limits(cfg: dict) -> None:
-    import resource
-
-    cpu = int(cfg["timeout"]) + 2
-    for which, value in ((resource.RLIMIT_AS, cfg["memory_bytes"]), (resource.RLIMIT_CPU, cpu),
-                         (resource.RLIMIT_FSIZE, cfg["file_bytes"]), (resource.RLIMIT_NOFILE, cfg["open_files"]),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["processes"])):
-        resource.setrlimit(which, (value, value))
-
-
-def _processes_of(uid: int) -> int:
-    """Processes and threads of `uid` now (from /proc)."""
-    count = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid == uid:
-                count += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            pass
-    return count
-
-
-def _install_guard(workdir: str, network: bool, files: bool) -> None:
-    """The fallback: an audit hook refusing what the kernel could not be made to refuse."""
-    root = os.path.realpath(workdir) + os.sep
-    spawn = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn")
-    changes = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
-               "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile")
-
-    def outside(path) -> bool:
-        if isinstance(path, int):
-            return False  # an fd: its opening was checked
-        return not os.path.realpath(os.fsdecode(path)).startswith(root)
-
-    def hook(event: str, args: tuple) -> None:
-        if network and (event.startswith("socket.") or event in spawn):
-            raise PermissionError(f"sandbox: {event} refused")
-        if files and event == "open" and args[0] is not None and outside(args[0]):
-            mode, flags = args[1], args[2]
-            if (mode and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-                raise PermissionError(f"sandbox: writing {args[0]!r} refused")
-        if files and event in changes and args and outside(args[0]):
-            raise PermissionError(f"sandbox: {event} {args[0]!r} refused")
-
-    sys.addaudithook(hook)
-
-
-def _run_in_namespace(program, cfg: dict, report) -> None:
-    """Limits, guards, then the program: reports 'ready' and the verdict on the result pipe."""
-    dropped = False
-    if cfg["drop_privileges"] and os.geteuid() == 0:
-        try:
-            _drop_privileges(cfg["uid"])
-            dropped = True
-        except OSError:  # e.g. a container without CAP_SETUID: the audit-hook guard stands in (and says so)
-            pass
-    if not dropped and os.geteuid() != 0:  # RLIMIT_NPROC counts all of this uid's processes
-        cfg = dict(cfg, processes=cfg["processes"] + _processes_of(os.getuid()))
-    _set_limits(cfg)
-    if not (cfg["isolated_net"] and dropped):
-        _install_guard(os.getcwd(), network=not cfg["isolated_net"], files=not dropped)
-    report("ready", "uid" if dropped else "")
-    me = os.getpid()
-    try:
-        exec(program, {})  # an empty namespace, as InstructEval's exec_globals
-        verdict = ("passed", "")
-    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail a program too
-        verdict = ("failed", f"{type(e).__name__}: {e}")
-    if os.getpid() != me:  # a process the program forked got here: only the program's own verdict counts
-        os._exit(0)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001 - the program may have closed or replaced it
-            pass
-    report(*verdict)
-    os._exit(0)
-
-
-def _child_main(argv: list[str]) -> None:
-    import site  # -S skipped it (its .pth files cost ~0.1 s a program); the packages stay importable
-
-    sys.path.extend(p for p in site.getsitepackages() if p not in sys.path)
-    cfg = {key: (value if key == "program_path" else int(float(value)) if key == "timeout" else int(value))
-           for key, value in zip(_CHILD_ARGS, argv)}
-    fd = cfg["result_fd"]
-
-    def report(event: str, detail: str = "") -> None:
-        """One line on the result pipe: an event ('namespaces', 'ready' or a status) and one-line detail."""
-        os.write(fd, f"{event}\t{' '.join(detail.split())[:300]}\n".encode("utf-8", "replace"))
-
-    with open(cfg["program_path"], encoding="utf-8") as f:
-        source = f.read()
-    try:
-        program_code = compile(source, "program.py", "exec")
-    except BaseException as e:  # noqa: BLE001 - a syntax error is the program's failure
-        report("ready")
-        report("failed", f"{type(e).__name__}: {e}")
-        return
-    isolated = bool(cfg["namespaces"]) and _unshare(_CLONE_NEWNET | _CLONE_NEWPID)
-    cfg["isolated_net"] = isolated
-    report("namespaces", "netns+pidns" if isolated else "")
-    if not isolated:
-        _run_in_namespace(program_code, cfg, report)
-    init = os.fork()  # PID 1 of the new namespace: when it dies the kernel kills everything in it
-    if init == 0:  # (should we die before the death signal is armed, the parent's killpg reaches it)
-        _, libc = _libc()
-        libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
-        program = os.fork()  # the program is PID 2, so signals reach it as they would anywhere
-        if program == 0:
-            _run_in_namespace(program_code, cfg, report)
-        _exit_as(program, fd)
-    _exit_as(init, fd)
-
-
-def _exit_as(pid: int, fd: int) -> None:
-    """Waits for child `pid` and exits as it did (a signal as 128 + its number)."""
-    os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    _child_main(sys.argv[2:])
-    sys.exit(0)
-
-
-# ------------------------------------------------------------------------------ the parent
-
-import dataclasses  # noqa: E402 - the child above needs none of this
-import signal  # noqa: E402
-import queue  # noqa: E402
-import selectors  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from typing import Sequence  # noqa: E402
+_CHILD_MODULES = ("sandbox_fs", "sandbox_privileges", "sandbox_seccomp", "sandbox_child")
+# The child's entry: its modules come compiled, as one marshal file (compiling ~1000 lines in every
+# child would cost ~15 ms a program, and its bytecode cache may be off, as PYTHONDONTWRITEBYTECODE does)
+_CHILD_MAIN = """import marshal, sys
+with open(sys.argv[1], "rb") as f:
+    modules = marshal.load(f)
+for name, path, code in modules:
+    module = type(sys)(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    exec(code, module.__dict__)
+sys.modules["sandbox_child"].main(sys.argv[2:])
+"""
+_child_code: bytes | None = None
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +90,17 @@ class Limits:
     open_files: int = 256
     output_bytes: int = 8192  # stdout + stderr kept (the rest is read and dropped)
     startup_timeout: float = 60.0  # to get from exec of the interpreter to the program's first line
-    namespaces: bool = True  # network + PID namespaces if the kernel lets us (else the audit-hook guard)
-    drop_privileges: bool = True  # as root: run the program as an unprivileged uid
+    disk_bytes: int = 64 << 20  # each of its private tmpfs (/tmp with its directory, /dev/shm)
+    namespaces: bool = True  # mount, network, PID, IPC namespaces if the kernel lets us (else the weak mode)
+    drop_privileges: bool = True  # as root: run the program as an unprivileged uid of its own
+
+    def __post_init__(self):
+        # a zero would not mean "nothing": to tmpfs, size=0 is no limit at all
+        for name in ("timeout", "memory_bytes", "processes", "file_bytes", "open_files", "startup_timeout", "disk_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.output_bytes < 0:
+            raise ValueError(f"Limits.output_bytes must be >= 0, got {self.output_bytes!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +110,7 @@ class Outcome:
     output: str = ""  # the first Limits.output_bytes of stdout + stderr
     output_bytes: int = 0  # how much it wrote in all
     seconds: float = 0.0  # wall-clock time of the program
-    isolation: str = ""  # e.g. "netns+pidns+uid" or "audit-hook(network,files)"
+    isolation: str = ""  # what held, e.g. STRONGEST or "uid+nocaps+seccomp+audit-hook(files,processes)"
 
     @property
     def passed(self) -> bool:
@@ -258,7 +118,8 @@ class Outcome:
 
     @property
     def result(self) -> str:
-        """InstructEval's result string: "passed", "timed out", "failed: <reason>", "crashed: <reason>"."""
+        """InstructEval's result format, "passed", "timed out", "failed: <reason>" ("crashed: <reason>"),
+        with the exception's type in the reason (InstructEval's has only its message)."""
         return self.status if not self.reason else f"{self.status}: {self.reason}"
 
 
@@ -275,19 +136,43 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _exit_reason(code: int) -> str:
-    if code > 128 and code - 128 in signal.valid_signals():
-        name = signal.Signals(code - 128).name
+    """Why the child ended: a signal is -N from the program's own process (no namespaces) or 128 + N
+    from the outer one that waited for it."""
+    signum = -code if code < 0 else code - 128
+    if signum > 0 and signum in signal.valid_signals():
+        name = signal.Signals(signum).name
         why = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)", "SIGKILL": " (killed)"}
         return f"killed by {name}{why.get(name, '')}"
     return f"exited with code {code} before the program finished"
 
 
-def _isolation(namespaces: bool | None, uid_dropped: bool | None) -> str:
-    if namespaces is None:
-        return "none (nothing ran)"
-    kernel = (["netns", "pidns"] if namespaces else []) + (["uid"] if uid_dropped else [])
-    hooked = ([] if namespaces else ["network"]) + ([] if uid_dropped else ["files"])
-    return "+".join(kernel + ([f"audit-hook({','.join(hooked)})"] if hooked else []))
+def _warn_once(isolation: str) -> None:
+    """A mode weaker than STRONGEST, logged once per process and mode."""
+    if isolation == STRONGEST or isolation.startswith("none"):
+        return
+    with _warned_lock:
+        if isolation in _warned:
+            return
+        _warned.add(isolation)
+    missing = [part for part in STRONGEST.split("+") if part not in isolation.split("+")]
+    _log.warning("sandbox: programs run with %s, without %s (see flacuna_jax/evals/sandbox.py for what this "
+                 "mode does not protect)", isolation, "+".join(missing) or "nothing")
+
+
+def _child_bundle() -> bytes:
+    """The child's modules, compiled once per process (a marshal of (name, path, code) triples)."""
+    global _child_code
+    if _child_code is None:
+        import marshal
+
+        here = os.path.dirname(os.path.abspath(sandbox_child.__file__))
+        modules = []
+        for name in _CHILD_MODULES:
+            path = os.path.join(here, f"{name}.py")
+            with open(path, encoding="utf-8") as f:
+                modules.append((name, path, compile(f.read(), path, "exec")))
+        _child_code = marshal.dumps(modules)
+    return _child_code
 
 
 def run_program(source: str, limits: Limits = Limits(), slot: int = 0) -> Outcome:
@@ -307,20 +192,24 @@ def run_program(source: str, limits: Limits = Limits(), slot: int = 0) -> Outcom
         program_path = os.path.join(stage, "program.py")
         with open(os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
             f.write(source)
+        bundle_path = os.path.join(stage, "child.marshal")
+        with open(os.open(bundle_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(_child_bundle())
         if os.geteuid() == 0 and limits.drop_privileges:
             os.chown(workdir, uid, uid)
             os.chmod(stage, 0o711)  # the uid may pass through to its dir (program.py stays 0600, ours)
         read_fd, write_fd = os.pipe()
-        cfg = dict(dataclasses.asdict(limits), result_fd=write_fd, program_path=program_path, uid=uid)
-        argv = [str(int(v) if isinstance(v, bool) else v) for v in (cfg[k] for k in _CHILD_ARGS)]
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", *argv],
+        cfg = dict(dataclasses.asdict(limits), result_fd=write_fd, program_path=program_path, uid=uid,
+                   home=os.path.expanduser("~"))
+        argv = [str(int(v) if isinstance(v, bool) else v) for v in (cfg[k] for k in sandbox_child.ARGS)]
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _CHILD_MAIN, bundle_path, *argv],
                                 cwd=workdir, env=_minimal_env(workdir), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
                                 start_new_session=True)
         os.close(write_fd)
         write_fd = -1
         try:
-            return _supervise(proc, read_fd, limits)
+            outcome = _supervise(proc, read_fd, limits)
         finally:
             _kill_group(proc)
             proc.wait()
@@ -330,6 +219,8 @@ def run_program(source: str, limits: Limits = Limits(), slot: int = 0) -> Outcom
             if fd >= 0:
                 os.close(fd)
         _remove_tree(stage)
+    _warn_once(outcome.isolation)
+    return outcome
 
 
 class _Capture:
@@ -349,7 +240,7 @@ def _supervise(proc: subprocess.Popen, result_fd: int, limits: Limits) -> Outcom
     sel.register(proc.stdout, selectors.EVENT_READ, "output")
     sel.register(result_fd, selectors.EVENT_READ, "result")
     output, pending = _Capture(limits.output_bytes), b""
-    namespaces = uid_dropped = ready_at = verdict = None
+    isolation = ready_at = verdict = None
     started = time.monotonic()
     deadline = started + limits.startup_timeout
     timed_out = False
@@ -368,13 +259,13 @@ def _supervise(proc: subprocess.Popen, result_fd: int, limits: Limits) -> Outcom
                 *lines, pending = (pending + data).split(b"\n")
                 for line in lines:
                     event, _, detail = line.decode("utf-8", "replace").partition("\t")
-                    if event == "namespaces":
-                        namespaces = bool(detail)
-                    elif event == "ready" and ready_at is None:
-                        uid_dropped, ready_at = bool(detail), time.monotonic()
+                    if event == "ready" and ready_at is None:
+                        isolation, ready_at = detail, time.monotonic()
                         deadline = ready_at + limits.timeout
                     elif event in ("passed", "failed"):
                         verdict = (event, detail)
+                    elif event == "error":
+                        verdict = ("crashed", f"sandbox: {detail}")
     seconds = time.monotonic() - (ready_at or started)
     if verdict is None and not timed_out:  # the child ended without a verdict: how?
         try:
@@ -388,7 +279,7 @@ def _supervise(proc: subprocess.Popen, result_fd: int, limits: Limits) -> Outcom
     _drain(proc, output)
     sel.close()
     return Outcome(verdict[0], verdict[1], output.kept.decode("utf-8", "replace"), output.total,
-                   round(seconds, 3), _isolation(namespaces, uid_dropped))
+                   round(seconds, 3), "none (nothing ran)" if isolation is None else isolation)
 
 
 def _drain(proc: subprocess.Popen, output: _Capture, grace: float = 0.5) -> None:

@@ -65,7 +65,7 @@ def load_engine(a: argparse.Namespace):
 
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lm_eval import generation_eos_ids
-    from flacuna_jax.model import Runtime
+    from flacuna_jax.model import Runtime, unrolled
     from flacuna_jax.serve.adapters import build_bank, load_adapters, parse_named, place_bank
     from flacuna_jax.serve.api import ServedModel
     from flacuna_jax.serve.engine import Engine
@@ -93,6 +93,7 @@ def load_engine(a: argparse.Namespace):
 
         params = merge_params(place_bank(model, tree, mesh), params)
         served += [ServedModel(ad.name, i, ad.source, parent=base_id) for i, ad in enumerate(adapters, start=1)]
+    model, params = unrolled(model, params)  # one buffer per layer: what a decode step runs fastest on
     eos = set(generation_eos_ids(a.model, model.config.eos_token_id))
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))

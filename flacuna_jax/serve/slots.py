@@ -1,7 +1,8 @@
 """The decode slots on the device: their KV cache and the jitted functions that fill and advance it.
 
-The cache is the model's own layout (`model.init_cache`: k/v [layers, slots, width, kv heads, head
-dim], segment ids [slots, width]) with one write index per slot. Functions (compiled once per shape):
+The cache is the model's own layout (`kv_cache.init_cache`: k/v [layers, slots, kv heads, width, head
+dim], or one array per layer for an unrolled model; segment ids [slots, width]) with one write index
+per slot. Functions (compiled once per shape):
 
 - prefill(ids [1, P], length, adapter [1], prefix=None): a prompt right-padded to a bucket P through
   the model into a fresh [1, P] cache, or, with a prefilled `prefix` cache, its rest appended after
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from flacuna_jax.generate import sample_rows
-from flacuna_jax.model import init_cache
+from flacuna_jax.kv_cache import CACHE_AXES, init_cache
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ class SlotFunctions:
 
 def empty_cache(model: Any, slots: int, width: int, sharding: Callable[[str, Any], Any] | None = None) -> dict:
     """Free slots: zeros, every write index 0, placed by `sharding(name, array)` when given."""
-    cache = init_cache(model.config, slots, width, model.runtime.compute_dtype) | {"index": jnp.zeros((slots,), jnp.int32)}
+    cache = init_cache(model.config, slots, width, model.runtime.compute_dtype, model.runtime.layers)
+    cache["index"] = jnp.zeros((slots,), jnp.int32)
     if sharding is not None:
-        cache = {k: jax.device_put(v, sharding(k, v)) for k, v in cache.items()}
+        cache = {k: jax.tree.map(lambda x, k=k: jax.device_put(x, sharding(k, x)), v) for k, v in cache.items()}
     return cache
 
 
@@ -52,7 +54,7 @@ def slot_cache_sharding(mesh: Any) -> Callable[[str, Any], Any]:
     from flacuna_jax.sharding import named_sharding
 
     def sharding(name: str, value: Any) -> Any:
-        names = ("layers", "batch", "length", "kv_heads", None) if name in ("k", "v") else (None,) * value.ndim
+        names = ("layers", "batch", "kv_heads", "length", None)[-value.ndim:] if name in ("k", "v") else (None,) * value.ndim
         return named_sharding(mesh, names, value.shape)
 
     return sharding
@@ -69,12 +71,11 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
         r = ids_1r.shape[1]
         seg_1r = (jnp.arange(r) < length).astype(jnp.int32)[None]
         if prefix is None:
-            start, cache = jnp.zeros((), jnp.int32), init_cache(cfg, 1, r, cd)
-        else:  # the prefix's columns first (its padding is overwritten by the rest), then the rest's
+            start, cache = jnp.zeros((), jnp.int32), init_cache(cfg, 1, r, cd, model.runtime.layers)
+        else:  # the prefix's columns first (its padding is overwritten by the rest), then r empty ones
             start = prefix["index"]
-            cache = {name: jnp.concatenate([prefix[name], jnp.zeros(prefix[name].shape[:axis + 1] + (r,) + prefix[name].shape[axis + 2:],
-                                                                   prefix[name].dtype)], axis=axis + 1)
-                     for name, axis in (("k", 1), ("v", 1), ("segment_ids", 0))} | {"index": start}
+            cache = {name: jax.tree.map(lambda x, axis=axis: _pad_axis(x, axis, r), prefix[name])
+                     for name, (_, axis) in CACHE_AXES.items()} | {"index": start}
         positions_1r = (start + jnp.arange(r, dtype=jnp.int32))[None]
         hidden, cache = model.apply({"params": params}, ids_1r, positions_1r, seg_1r, cache=cache, return_hidden=True,
                                     **adapter_arg(adapter_1))
@@ -85,10 +86,16 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
 
     def insert(slots, cache_1w, slot):
         w = cache_1w["segment_ids"].shape[1]
-        out = {name: jax.lax.dynamic_update_slice(slots[name], cache_1w[name].astype(slots[name].dtype),
-                                                  (0, slot, 0, 0, 0)) for name in ("k", "v")}
+
+        def put(dst, src, batch_axis):  # src's one row at row `slot`, columns 0..
+            start = [jnp.zeros((), jnp.int32)] * dst.ndim
+            start[batch_axis] = jnp.asarray(slot, jnp.int32)
+            return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
+
+        out = {name: jax.tree.map(lambda d, s: put(d, s, CACHE_AXES[name][0]), slots[name], cache_1w[name])
+               for name in ("k", "v")}
         row = jnp.zeros((1, slots["segment_ids"].shape[1]), jnp.int32).at[:, :w].set(cache_1w["segment_ids"])
-        out["segment_ids"] = jax.lax.dynamic_update_slice(slots["segment_ids"], row, (slot, 0))
+        out["segment_ids"] = put(slots["segment_ids"], row, 0)  # the rest of the row masked off
         out["index"] = slots["index"].at[slot].set(cache_1w["index"])
         return out
 
@@ -107,22 +114,27 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
         return cache, sample_rows(logits_b1v[:, 0], keys(seeds_b, counters_b), temperature_b, top_p_b)
 
     def resize(slots, rows, width):
-        out = {}
-        for name, row_axis in (("k", 1), ("v", 1), ("segment_ids", 0), ("index", 0)):
-            x = slots[name]
-            for axis, size in ((row_axis, rows), (row_axis + 1, width)):
-                if name == "index" and axis > row_axis:
-                    continue
+        def fit(x, sizes):  # new rows are free slots (segment 0), new columns unused
+            for axis, size in sizes:
                 keep = min(x.shape[axis], size)
-                x = jax.lax.slice_in_dim(x, 0, keep, axis=axis)
-                if size > keep:
-                    pad = [(0, 0)] * x.ndim
-                    pad[axis] = (0, size - keep)
-                    x = jnp.pad(x, pad)  # new rows are free slots (segment 0), new columns unused
-            out[name] = x
+                x = _pad_axis(jax.lax.slice_in_dim(x, 0, keep, axis=axis % x.ndim), axis, size - keep)
+            return x
+
+        out = {name: jax.tree.map(lambda x, ax=axes: fit(x, ((ax[0], rows), (ax[1], width))), slots[name])
+               for name, axes in CACHE_AXES.items()}
+        out["index"] = fit(slots["index"], ((0, rows),))
         return out
 
     # the step's cache is not donated: measured slower on CPU (the layer scan writes a new cache anyway)
     return SlotFunctions(prefill=jax.jit(prefill), insert=jax.jit(insert, donate_argnums=0),
                          step=jax.jit(step), first_tokens=jax.jit(first_tokens),
                          resize=jax.jit(resize, static_argnums=(1, 2)))  # resize: the old buffer cannot hold the new shape
+
+
+def _pad_axis(x: jax.Array, axis: int, extra: int) -> jax.Array:
+    """`x` with `extra` zeros appended along `axis`."""
+    if extra <= 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad)

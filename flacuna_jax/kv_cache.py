@@ -1,0 +1,67 @@
+"""The KV cache that decoding writes and reads: its layout, one write, and a shared prefix in front.
+
+    {"k", "v": [layers, batch, kv heads, slots, head dim] (or a tuple of one [batch, kv heads, slots,
+     head dim] array per layer for `Runtime(layers="unrolled")`), "segment_ids": [batch, slots] (0: empty
+     or padding), "index": the next slot written, one for every row (`generate`: prompts are left-padded)
+     or one per row [batch] (the server's decode slots)}
+
+Each kv head's keys are contiguous over the slots: a decode step's attention (`attention.cached_attention`)
+multiplies them in place, with no transpose of the cache and no repeat to the query heads. `generate`
+and a serving engine share these functions rather than keeping two layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def init_cache(config: Any, batch: int, max_len: int, dtype=jnp.float32, layers: str = "scan") -> dict:
+    """An empty KV cache: "k", "v" [layers, batch, kv heads, max_len, head dim] (each head's keys
+    contiguous: what a decode step's attention reads without a transpose), with `layers="unrolled"`
+    (`Runtime.layers`) a tuple of one [batch, kv heads, max_len, head dim] array per layer;
+    "segment_ids" [batch, max_len] (0: empty or padding); "index": the next slot written (one for all rows)."""
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    if layers == "unrolled":
+        kv = {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
+    else:
+        kv = {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
+    return {**kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+CACHE_AXES = {"k": (-4, -2), "v": (-4, -2), "segment_ids": (-2, -1)}  # (batch axis, slot axis) of each cache array
+
+
+def write_slots(buffer: Array, new: Array, index: Array, slot_axis: int) -> Array:
+    """`new` written into `buffer` (batch on axis 0) from slot `index` along `slot_axis`: one index for
+    every row (a slice update, in place where the buffer can be reused), or one per row [b] (the
+    server's decode slots, each at its own length)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, jnp.asarray(index, jnp.int32), axis=slot_axis)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=slot_axis - 1))(buffer, new, index)
+
+
+def write_cache(cache: dict, new: dict, write_index: Array) -> dict:
+    """One layer's cache {"k", "v"} [b, k, s, f] with keys/values [b, t, k, f] written at slots
+    write_index.. (a scalar, or one index per row: `write_slots`)."""
+    return {name: write_slots(cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype), write_index, 2)
+            for name in ("k", "v")}
+
+
+def prepend_prefix(prefix: dict, cache: dict) -> dict:
+    """A cache whose first slots are `prefix`'s (a one-row cache, e.g. a shared prompt prefilled once),
+    broadcast to every row of `cache`, followed by `cache`'s slots; its index continues after the prefix."""
+    def join(name):
+        batch_axis, slot_axis = CACHE_AXES[name]
+
+        def one(p, c):
+            shape = list(p.shape)
+            shape[batch_axis] = c.shape[batch_axis]
+            return jnp.concatenate([jnp.broadcast_to(p, shape), c], axis=slot_axis)
+        return jax.tree.map(one, prefix[name], cache[name])
+
+    return {**{name: join(name) for name in CACHE_AXES}, "index": prefix["index"]}

@@ -1,0 +1,61 @@
+"""kv_cache.py: the cache layout, a write at the index, and a shared prefix in front of every row."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flacuna_jax import tiny
+from flacuna_jax.kv_cache import init_cache, prepend_prefix, write_cache
+
+CONFIG = dataclasses.replace(tiny.PRESETS["gqa"], num_layers=2)
+
+
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_layout_and_a_shared_prefix_in_front(layers):
+    c = CONFIG
+    cache = init_cache(c, batch=3, max_len=5, layers=layers)
+    stacked = cache["k"] if layers == "scan" else jnp.stack(cache["k"])
+    assert stacked.shape == (c.num_layers, 3, c.num_kv_heads, 5, c.head_dim)
+    prefix = init_cache(c, batch=1, max_len=4, layers=layers)
+    mark = lambda x: x + 1  # noqa: E731
+    prefix = {**prefix, "k": mark(prefix["k"]) if layers == "scan" else tuple(map(mark, prefix["k"])),
+              "segment_ids": prefix["segment_ids"].at[0, 1:].set(1), "index": jnp.int32(4)}
+    joined = prepend_prefix(prefix, cache)
+    k = joined["k"] if layers == "scan" else jnp.stack(joined["k"])
+    assert k.shape == (c.num_layers, 3, c.num_kv_heads, 9, c.head_dim)
+    assert np.all(np.asarray(k[:, :, :, :4]) == 1) and np.all(np.asarray(k[:, :, :, 4:]) == 0)  # every row
+    np.testing.assert_array_equal(np.asarray(joined["segment_ids"]), [[0, 1, 1, 1, 0, 0, 0, 0, 0]] * 3)
+    assert int(joined["index"]) == 4
+
+
+def test_a_write_lands_at_the_index():
+    c = CONFIG
+    one = {n: jnp.zeros((2, c.num_kv_heads, 6, c.head_dim)) for n in ("k", "v")}
+    new_btkf = jnp.arange(2 * 2 * c.num_kv_heads * c.head_dim, dtype=jnp.float32).reshape(2, 2, c.num_kv_heads, c.head_dim)
+    out = write_cache(one, {"k": new_btkf, "v": -new_btkf}, jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(out["k"][:, :, 3:5]), np.asarray(new_btkf.transpose(0, 2, 1, 3)))
+    np.testing.assert_array_equal(np.asarray(out["v"][:, :, 3:5]), -np.asarray(new_btkf.transpose(0, 2, 1, 3)))
+    assert not np.any(np.asarray(out["k"][:, :, :3])) and not np.any(np.asarray(out["k"][:, :, 5:]))
+
+
+def test_unrolled_decoding_with_a_shared_prefix_equals_the_scan(tmp_path):
+    """The decoder on the unrolled layout (one cache array per layer), a run's shared prefix prefilled
+    once and put in front of every row: the same tokens as the scanned model (a decisive model, so
+    that tokens are comparable: tests/test_generate.py)."""
+    from flacuna_jax import hf
+    from flacuna_jax.generate import MIN_SHARED, Generator
+    from flacuna_jax.model import unrolled
+    from tests.helpers import CHAR_VOCAB, write_decisive_model
+
+    path = write_decisive_model(tmp_path, dataclasses.replace(CONFIG, vocab_size=CHAR_VOCAB), seed=3)
+    model, params = hf.load_pretrained(path)
+    umodel, uparams = unrolled(model, dict(params))
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(3, CHAR_VOCAB, MIN_SHARED + 3).tolist()
+    prompts = [prefix + rng.integers(3, CHAR_VOCAB, n).tolist() for n in (2, 7, 4)]
+    scan = Generator(model, params, eos_ids=(), batch_size=2)
+    unr = Generator(umodel, uparams, eos_ids=(), batch_size=2)
+    assert unr.generate_ids(prompts, 6) == scan.generate_ids(prompts, 6)
+    assert unr._prefix is not None and isinstance(unr._prefix[1]["k"], tuple)  # the prefix path ran, per layer
