@@ -80,6 +80,12 @@ BENCHES = [
     Bench("qlora", (), ("--seq", "128", "--steps", "1"), "NF4 / bf16 base LoRA train tokens/s (CPU fp32)",
           "(reported)", lambda r: (f"{r['nf4_train_ratio']:.2f}x ({r['nf4']['train_tokens_per_s']:,.0f} vs "
                                    f"{r['bf16']['train_tokens_per_s']:,.0f})", "-")),
+    Bench("serve", (), ("--requests", "4", "--requests-at-1", "2", "--clients", "1", "4", "--max-batch", "4",
+                         "--prompt-range", "16", "64", "--max-tokens-range", "8", "16", "--out", ""),
+          "server output tokens/s at 32 clients: ours / transformers serve --continuous-batching; / static; 4 adapters / base",
+          ">= 3x; >= 1.5x; >= 0.8x",
+          lambda r: (f"{r['ours_vs_transformers']}x; {r['continuous_vs_static']}x; {r['adapters_vs_base']}x",
+                     _met(all(v for v in r["meets_target"].values())))),
     Bench("splash", (), ("--seq", "300", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--repeats", "1"),
           "splash vs XLA attention, packed rows: fp32 rel error; bf16 error / XLA's (TPU: fwd+bwd speedup)",
           "<= 1e-5; <= 2x", lambda r: (f"{max(r['fp32_rel'].values()):.1e}; {max(r['bf16_ratio'].values()):.2f}x"

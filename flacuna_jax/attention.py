@@ -56,7 +56,8 @@ def masking(segment_ids_bt: Array, kv_segment_bs: Array | None = None, write_ind
     if kv_segment_bs is None:
         dense = attention_mask(segment_ids_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids_bt)
         return Masking(dense, segment_ids_bt, segment_ids_bt, None)
-    dense = attention_mask(segment_ids_bt, write_index + jnp.broadcast_to(jnp.arange(t), (b, t)), kv_segment_bs)
+    q_index_bt = jnp.broadcast_to(jnp.reshape(write_index, (-1, 1)) + jnp.arange(t), (b, t))  # one index or one per row
+    dense = attention_mask(segment_ids_bt, q_index_bt, kv_segment_bs)
     return Masking(dense, segment_ids_bt, kv_segment_bs, write_index)
 
 
@@ -213,6 +214,9 @@ def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking
     if mask.q_segment_bt is None:  # `explicit_masking`: no segment ids to hand the kernel
         _log_once("attention: XLA's implementation instead of splash attention: an explicit mask (shared-context "
                   "scoring rows) that segment ids cannot express")
+        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
+    if mask.write_index is not None and jnp.ndim(mask.write_index) > 0:  # the kernel aligns one offset for all rows
+        _log_once("attention: XLA's implementation instead of splash attention: a cache written at one index per row")
         return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
     blocks = splash_blocks or attention_splash.SplashBlocks()
     if kind == "splash":

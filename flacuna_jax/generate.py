@@ -93,6 +93,20 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
 
+def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Next token [b] with each row's own key, temperature and top_p (the server's decode slots):
+    row i is `sample_next(logits_bv[i:i+1], keys_b[i], temperature_b[i], top_p_b[i])`. When no row
+    samples, only the argmax runs (no vocabulary sort)."""
+
+    def per_row(_):
+        return jax.vmap(lambda l_v, key, t, p: sample_next(l_v[None], key, t, p)[0])(logits_bv, keys_b, temperature_b, top_p_b)
+
+    def greedy(_):
+        return jnp.argmax(logits_bv.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature_b > 0), per_row, greedy, None)
+
+
 # ------------------------------------------------------------------------------ batching
 
 def bucket_width(n: int, minimum: int = 16) -> int:

@@ -2,7 +2,8 @@
 
     {"k", "v": [layers, batch, kv heads, slots, head dim] (or a tuple of one [batch, kv heads, slots,
      head dim] array per layer for `Runtime(layers="unrolled")`), "segment_ids": [batch, slots] (0: empty
-     or padding), "index": the next slot written, one for every row (prompts are left-padded)}
+     or padding), "index": the next slot written, one for every row (`generate`: prompts are left-padded)
+     or one per row [batch] (the server's decode slots)}
 
 Each kv head's keys are contiguous over the slots: a decode step's attention (`attention.cached_attention`)
 multiplies them in place, with no transpose of the cache and no repeat to the query heads. `generate`
@@ -35,12 +36,19 @@ def init_cache(config: Any, batch: int, max_len: int, dtype=jnp.float32, layers:
 CACHE_AXES = {"k": (-4, -2), "v": (-4, -2), "segment_ids": (-2, -1)}  # (batch axis, slot axis) of each cache array
 
 
+def write_slots(buffer: Array, new: Array, index: Array, slot_axis: int) -> Array:
+    """`new` written into `buffer` (batch on axis 0) from slot `index` along `slot_axis`: one index for
+    every row (a slice update, in place where the buffer can be reused), or one per row [b] (the
+    server's decode slots, each at its own length)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, jnp.asarray(index, jnp.int32), axis=slot_axis)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=slot_axis - 1))(buffer, new, index)
+
+
 def write_cache(cache: dict, new: dict, write_index: Array) -> dict:
     """One layer's cache {"k", "v"} [b, k, s, f] with keys/values [b, t, k, f] written at slots
-    write_index.. (in place where the buffer can be reused, as in the decode loop)."""
-    zero = jnp.zeros((), jnp.int32)
-    at = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
-    return {name: jax.lax.dynamic_update_slice(cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype), at)
+    write_index.. (a scalar, or one index per row: `write_slots`)."""
+    return {name: write_slots(cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype), write_index, 2)
             for name in ("k", "v")}
 
 

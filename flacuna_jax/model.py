@@ -15,6 +15,12 @@ the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` spl
 trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
 quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul.
 
+Serving several adapters on one base (`AdapterBank`): every adapter's factors are stacked beside the
+kernel (`bank_a` [n, in, r], `bank_b` [n, r, out], `bank_scale` [n]; index 0 the all-zero adapter,
+the base) and each row of the batch applies the adapter its index `adapter_b` names. The KV cache's
+write index is one for the whole batch (`generate`: left-padded rows written in step) or one per row
+(the server's decode slots, each at its own length).
+
 Array names carry their shapes: b batch, t query length, s key length, d model, h query heads,
 k kv heads, g query heads per kv head, f head dim, l layers.
 """
@@ -34,7 +40,7 @@ import numpy as np
 from flacuna_jax import quant
 from flacuna_jax import attention
 from flacuna_jax.attention_splash import SplashBlocks
-from flacuna_jax.kv_cache import init_cache, write_cache  # noqa: F401  init_cache: re-exported, model.init_cache
+from flacuna_jax.kv_cache import init_cache, write_cache, write_slots  # noqa: F401  init_cache: re-exported, model.init_cache
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
@@ -86,6 +92,18 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class AdapterBank:
+    """LoRA adapters stacked for per-row selection (the server's multi-adapter batches, Punica's BGMV
+    idea as one einsum over gathered factors). Index 0 is the all-zero adapter (the base); an adapter
+    of a smaller rank, or one that does not target a projection, is zero-padded there (zero rank
+    columns add exactly nothing)."""
+
+    count: int  # stacked adapters, the zero adapter included
+    rank: int  # the largest rank of any adapter
+    targets: tuple[str, ...] = ()  # projections any adapter targets
 
 
 @dataclass(frozen=True)
@@ -174,9 +192,10 @@ class Linear(nn.Module):
     lora: LoraSpec | None = None
     deterministic: bool = True
     quantizable: bool = False  # runtime.base_quant applies (the decoder layers' projections, not lm_head)
+    bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x: Array, rows_b: Array | None = None) -> Array:
+    def __call__(self, x: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
         rt = self.runtime
         if self.quantizable and rt.base_quant != "none":
             kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
@@ -187,6 +206,8 @@ class Linear(nn.Module):
                 (x.shape[-1], self.features), rt.param_dtype,
             )
             y = x @ kernel.astype(rt.compute_dtype)
+        if self.bank is not None:
+            y = y + self._bank_delta(x, adapter_b)
         if self.lora is None:
             return y
         a = self.param("lora_a", nn.with_logical_partitioning(_lora_a_init, (self.axes[0], "lora_rank")),
@@ -196,6 +217,20 @@ class Linear(nn.Module):
         if not self.deterministic and self.lora.dropout > 0:
             x = row_dropout(x, self.lora.dropout, self.make_rng("dropout"), rows_b)
         return y + ((x @ a.astype(rt.compute_dtype)) @ b.astype(rt.compute_dtype)) * self.lora.scale
+
+    def _bank_delta(self, x_bti: Array, adapter_b: Array | None) -> Array:
+        """Row b's (x A_i) B_i * scale_i with i = adapter_b[b]: PEFT's order of operations, per row."""
+        n, r, cd = self.bank.count, self.bank.rank, self.runtime.compute_dtype
+        a = self.param("bank_a", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters", self.axes[0], "lora_rank")),
+                       (n, x_bti.shape[-1], r), jnp.float32)
+        b = self.param("bank_b", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters", "lora_rank", self.axes[1])),
+                       (n, r, self.features), jnp.float32)
+        scale = self.param("bank_scale", nn.with_logical_partitioning(nn.initializers.zeros, ("adapters",)), (n,), jnp.float32)
+        if adapter_b is None:
+            adapter_b = jnp.zeros((x_bti.shape[0],), jnp.int32)
+        x_btr = jnp.einsum("bti,bir->btr", x_bti, jnp.take(a, adapter_b, axis=0).astype(cd))
+        y_bto = jnp.einsum("btr,bro->bto", x_btr, jnp.take(b, adapter_b, axis=0).astype(cd))
+        return y_bto * jnp.take(scale, adapter_b).astype(cd)[:, None, None]
 
 
 class RMSNorm(nn.Module):
@@ -213,7 +248,8 @@ class RMSNorm(nn.Module):
 
 def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) -> Linear:
     lora = module.lora if module.lora is not None and name in module.lora.targets else None
-    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, name=name)
+    bank = module.bank if module.bank is not None and name in module.bank.targets else None
+    return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, bank=bank, name=name)
 
 
 class Attention(nn.Module):
@@ -221,16 +257,18 @@ class Attention(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, x_btd: Array, positions_bt: Array, mask: attention.Masking, cache: dict | None = None,
-                 write_index: Array | None = None, rows_b: Array | None = None) -> tuple[Array, dict | None]:
+                 write_index: Array | None = None, rows_b: Array | None = None,
+                 adapter_b: Array | None = None) -> tuple[Array, dict | None]:
         """`cache`: this layer's keys/values {"k", "v"} [b, k, s, f] (`init_cache`)."""
         c = self.config
         b, t, _ = x_btd.shape
-        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b)
-        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
-        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b)
+        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b, adapter_b)
+        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
+        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
         q_bthf = q.reshape(b, t, c.num_heads, c.head_dim)
         k_btkf = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -246,7 +284,8 @@ class Attention(nn.Module):
                                      v_bksf.transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
-        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim), rows_b)
+        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim),
+                                                                          rows_b, adapter_b)
         return out, cache
 
 
@@ -275,13 +314,14 @@ class Mlp(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x_btd: Array, rows_b: Array | None = None) -> Array:
+    def __call__(self, x_btd: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
         c = self.config
-        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
-        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b)
-        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b)
+        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
+        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
+        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b, adapter_b)
 
 
 class DecoderLayer(nn.Module):
@@ -289,17 +329,18 @@ class DecoderLayer(nn.Module):
     runtime: Runtime
     lora: LoraSpec | None = None
     deterministic: bool = True
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, h_btd: Array, cache: dict | None, positions_bt: Array, mask: attention.Masking, write_index: Array | None,
-                 rows_b: Array | None = None):
+                 rows_b: Array | None = None, adapter_b: Array | None = None):
         c, rt = self.config, self.runtime
         x = RMSNorm(c.rms_norm_eps, rt, name="input_norm")(h_btd)  # h_btd: pinned by the embedding or the last layer
-        attn = Attention(c, rt, self.lora, self.deterministic, name="attn")
-        attn_out, cache = attn(x, positions_bt, mask, cache, write_index, rows_b)
+        attn = Attention(c, rt, self.lora, self.deterministic, self.bank, name="attn")
+        attn_out, cache = attn(x, positions_bt, mask, cache, write_index, rows_b, adapter_b)
         h_btd = h_btd + attn_out
         x = RMSNorm(c.rms_norm_eps, rt, name="post_attention_norm")(h_btd)
-        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, name="mlp")(x, rows_b)
+        h_btd = h_btd + Mlp(c, rt, self.lora, self.deterministic, self.bank, name="mlp")(x, rows_b, adapter_b)
         return constrain(h_btd, BTD), cache
 
 
@@ -315,12 +356,16 @@ class Llama(nn.Module):
     config: LlamaConfig
     runtime: Runtime = Runtime()
     lora: LoraSpec | None = None
+    bank: AdapterBank | None = None
 
     @nn.compact
     def __call__(self, input_ids_bt: Array, positions_bt: Array | None = None, segment_ids_bt: Array | None = None,
                  *, cache: dict | None = None, deterministic: bool = True, return_hidden: bool = False,
-                 rows_b: Array | None = None, mask_bts: Array | None = None, logits_at_bm: Array | None = None):
+                 rows_b: Array | None = None, mask_bts: Array | None = None, logits_at_bm: Array | None = None,
+                 adapter_b: Array | None = None):
         """`rows_b`: the global index of each row, which seeds its LoRA dropout mask (default 0..b-1).
+        `adapter_b`: each row's adapter in `bank` (default 0, the base). `cache["index"]`: where this
+        call's keys/values are written, a scalar or one index per row.
         `mask_bts`: an attention mask [b, t, t] (True: query t sees key s) instead of the causal +
         segment one, e.g. a shared context whose continuations do not see each other (`score.py`); it
         must be causal (no key after its query), and is not taken with a cache.
@@ -340,7 +385,7 @@ class Llama(nn.Module):
             layer_cache = None
         else:
             write_index = cache["index"]
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_bt, write_index, axis=1)
+            kv_segments = write_slots(cache["segment_ids"], segment_ids_bt, write_index, slot_axis=1)
             mask = attention.masking(segment_ids_bt, kv_segments, write_index)
             layer_cache = {"k": cache["k"], "v": cache["v"]}
 
@@ -360,9 +405,9 @@ class Llama(nn.Module):
                 raise ValueError("an unrolled model's cache holds one array per layer: init_cache(..., layers='unrolled')")
             new_k, new_v = [], []
             for i in range(c.num_layers):
-                layer = layer_cls(c, rt, self.lora, deterministic, name=f"layers_{i}")
+                layer = layer_cls(c, rt, self.lora, deterministic, self.bank, name=f"layers_{i}")
                 one = None if layer_cache is None else {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
-                h, one = layer(h, one, positions_bt, mask, write_index, rows_b)
+                h, one = layer(h, one, positions_bt, mask, write_index, rows_b, adapter_b)
                 if one is not None:
                     new_k.append(one["k"])
                     new_v.append(one["v"])
@@ -372,11 +417,11 @@ class Llama(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, rt, self.lora, deterministic, name="layers")
-            h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b)
+            )(c, rt, self.lora, deterministic, self.bank, name="layers")
+            h, new_layer_cache = layers(h, layer_cache, positions_bt, mask, write_index, rows_b, adapter_b)
         h = constrain(RMSNorm(c.rms_norm_eps, rt, name="norm")(h), BTD)
         if logits_at_bm is not None:
             h = jnp.take_along_axis(h, logits_at_bm[:, :, None].astype(jnp.int32), axis=1)

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "lora_rank": None,
+    "adapters": None,  # the stacked adapters of a served AdapterBank
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
