@@ -150,6 +150,24 @@ def test_chat_equals_the_generate_cli_for_the_base_and_each_adapter(client, serv
         assert streamed == expected, model
 
 
+def test_the_judge_client_reads_what_the_server_writes(server, client, tmp_path):
+    """Our server as IMPACT's judge endpoint (`evals/judge.py`: 4 in flight, the reply cache): each reply
+    is the server's greedy chat reply to that prompt alone, and a second pass is all cache. (IMPACT's
+    rubric prompts are over this tiny char model's 256-token window; `tests/test_evals_impact_real.py`
+    runs them through the server on SmolLM2.)"""
+    from flacuna_jax.evals.judge import ChatJudge, JudgeRequest
+
+    prompts = [f"{mode}: {answer}" for mode in ("relevance", "coherence") for answer in ("light scatters", "it is", "no")]
+    requests = [JudgeRequest(f"t{k}", p, f"prompt {k}") for k, p in enumerate(prompts)]
+    judge = ChatJudge(server.url, "alpha", KEY, concurrency=4, max_tokens=8, timeout_s=300,
+                      cache_path=tmp_path / "cache.jsonl")
+    judge.check()
+    replies = judge.ask(requests)
+    expected = [chat(client, "alpha", p, max_tokens=8).choices[0].message.content for p in prompts]
+    assert all(expected) and [r.text for r in replies] == expected and judge.stats["sent"] == len(prompts)
+    assert [r.text for r in judge.ask(requests)] == expected and judge.stats["cached"] == len(prompts)
+
+
 def test_streamed_equals_non_streamed_and_usage_counts(client, served):
     from flacuna_jax.templates import encode_generation_prompt
     from flacuna_jax.tokenizer import load_tokenizer
