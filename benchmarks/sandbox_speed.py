@@ -60,8 +60,8 @@ def main() -> None:
     best_suite = {m: min(v) for m, v in suite.items()}
     emit({"benchmark": "sandbox_speed", "isolation": isolation, "programs": a.programs, "rounds": a.rounds,
           "workers": a.workers, "cpus": os.cpu_count(),
-          "problems": len(programs), "one_program_s": {m: round(v, 4) for m, v in best_one.items()},
-          "humaneval_s": {m: round(v, 4) for m, v in best_suite.items()},
+          "problems": len(programs), "one_program_s": {m: round(v, 6) for m, v in best_one.items()},
+          "humaneval_s": {m: round(v, 6) for m, v in best_suite.items()},
           "one_program_ratio": round(best_one["strongest"] / best_one["weak"], 2),
           "humaneval_ratio": round(best_suite["strongest"] / best_suite["weak"], 2),
           "all_rounds": {"one_program_s": {m: [round(x, 4) for x in v] for m, v in one.items()},

@@ -331,4 +331,6 @@ def test_speed_benchmark_measures_both_modes_on_the_same_programs():
     for key in ("one_program", "humaneval"):
         times = result[f"{key}_s"]
         assert times["strongest"] > 0 and times["weak"] > 0
-        assert result[f"{key}_ratio"] == pytest.approx(times["strongest"] / times["weak"], abs=0.006)  # 2 decimals
+        # the ratio is printed to 2 decimals, the times to the microsecond (a program takes milliseconds;
+        # CI once saw 4-decimal times give 1.7267 for a printed 1.72)
+        assert result[f"{key}_ratio"] == pytest.approx(times["strongest"] / times["weak"], abs=0.006)
