@@ -83,10 +83,7 @@ def main(argv=None) -> dict:
     if a.server:
         from benchmarks.judge_server import COMMANDS, JudgeServer
 
-        server = JudgeServer(COMMANDS.get(a.server, a.server), a.server_model)
-        if (why := server.available()) is not None:
-            return emit({"benchmark": "impact_judge", "skipped": why})
-        with server:
+        with JudgeServer(COMMANDS.get(a.server, a.server), a.server_model) as server:
             return emit(run(server.base_url, server.model_name, f"{a.server} server on {a.server_model}, CPU"))
     from benchmarks.judge_stub import StubJudge
 

@@ -5,8 +5,7 @@
         server.model_name    # what requests name as their model
 
 FLACUNA_JUDGE_SERVER chooses the command line:
-- "flacuna" (the default): our `python -m flacuna_jax.serve --model {model} --host 127.0.0.1 --port {port}`,
-  available once that module exists (`available()` says why not otherwise);
+- "flacuna" (the default): our `python -m flacuna_jax.serve --model {model} --host 127.0.0.1 --port {port}`;
 - "transformers": `transformers serve --host 127.0.0.1 --port {port} --device cpu {model}` (the reference
   server; it answers only requests that name the model exactly as given);
 - any other value: a command template with {python}, {model} and {port}.
@@ -17,7 +16,6 @@ it is ready once GET /v1/models answers at all, and `stop()` terminates the grou
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -53,12 +51,6 @@ class JudgeServer:
     def from_env(cls, model: str) -> "JudgeServer":
         choice = os.environ.get("FLACUNA_JUDGE_SERVER", "flacuna")
         return cls(COMMANDS.get(choice, choice), model, os.environ.get("FLACUNA_JUDGE_MODEL"))
-
-    def available(self) -> str | None:
-        """None when the command can run here, else why not."""
-        if self.template == COMMANDS["flacuna"] and importlib.util.find_spec("flacuna_jax.serve") is None:
-            return "flacuna_jax.serve does not exist yet (choose the transformers server or a command template)"
-        return None
 
     @property
     def base_url(self) -> str:

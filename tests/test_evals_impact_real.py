@@ -4,8 +4,7 @@
   max_new_tokens=1024 and nothing else, one prompt at a time, the new tokens decoded), judged by the stub;
 - SmolLM2 as both the model under test and the judge, the judge a real OpenAI-compatible server started
   by `benchmarks/judge_server.py` (FLACUNA_JUDGE_SERVER: our `python -m flacuna_jax.serve` by default,
-  "transformers" for `transformers serve`, or a command template); skipped, with the reason, when that
-  server cannot run here.
+  "transformers" for `transformers serve`, or a command template).
 """
 
 import json
@@ -59,10 +58,7 @@ def test_answers_equal_instructevals_llama_class(smollm2_dir, tmp_path):
 
 
 def test_smollm2_judges_its_own_answers_through_a_real_server(smollm2_dir, tmp_path):
-    server = JudgeServer.from_env(str(smollm2_dir))
-    if (why := server.available()) is not None:
-        pytest.skip(why)
-    with server:
+    with JudgeServer.from_env(str(smollm2_dir)) as server:
         preds, impact = run_impact(smollm2_dir, tmp_path, server.base_url, server.model_name,
                                    "--judge-max-tokens", "32", "--judge-concurrency", "4",
                                    "--judge-timeout", "900")  # a CPU server under load can take minutes a reply
