@@ -13,7 +13,7 @@ per slot. Functions (compiled once per shape):
 - step(params, slots, tokens, active, adapters, seeds, counters, temperatures, top_ps): one token for
   every slot at its own position, each with its adapter (`model.AdapterBank`) and sampling
   (`generate.sample_rows`, token k drawn with fold_in(key(seed), k)); a free slot computes and is
-  ignored, its index unchanged.
+  ignored, its index unchanged. The slots are donated.
 - first_tokens(logits, seeds, temperatures, top_ps): a request's choices' first tokens (draw 0).
 - resize(slots, rows, width): the same slots in a cache of another shape (the rows and columns in use kept).
 """
@@ -125,9 +125,10 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
         out["index"] = fit(slots["index"], ((0, rows),))
         return out
 
-    # the step's cache is not donated: measured slower on CPU (the layer scan writes a new cache anyway)
+    # the step's cache is donated: with one cache array per layer (the unrolled model) it is updated in
+    # place; not donated, every step copies it (SmolLM2 fp32, CPU, 32 slots x 512 columns: 278 vs 377 ms a step)
     return SlotFunctions(prefill=jax.jit(prefill), insert=jax.jit(insert, donate_argnums=0),
-                         step=jax.jit(step), first_tokens=jax.jit(first_tokens),
+                         step=jax.jit(step, donate_argnums=1), first_tokens=jax.jit(first_tokens),
                          resize=jax.jit(resize, static_argnums=(1, 2)))  # resize: the old buffer cannot hold the new shape
 
 
