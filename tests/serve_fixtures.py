@@ -49,6 +49,18 @@ def write_served_model(root: Path) -> dict:
     return {"model": model_dir, "adapters": adapters}
 
 
+def transformers_references(served: dict, base_name: str) -> dict:
+    """Model id -> the transformers model it must equal: the base, and PEFT's PeftModel for each adapter."""
+    from peft import PeftModel
+
+    from tests.helpers import hf_reference
+
+    refs = {base_name: hf_reference(served["model"])}
+    for name, path in served["adapters"].items():
+        refs[name] = PeftModel.from_pretrained(hf_reference(served["model"]), str(path)).eval()
+    return refs
+
+
 def serve_args(model_dir, adapters: dict, **overrides) -> argparse.Namespace:
     from flacuna_jax.serve.__main__ import build_parser
 

@@ -8,20 +8,17 @@ decisive tiny model with two PEFT adapters of different ranks and targets.
 """
 
 import concurrent.futures as cf
-import io
 import json
 import re
 import threading
 import time
-from contextlib import redirect_stdout
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import torch
 
-from tests.serve_fixtures import ServerThread, random_prompts, serve_args, write_served_model
+from tests.serve_fixtures import ServerThread, random_prompts, serve_args, transformers_references, write_served_model
 
 KEY = "test-key"
 MODELS = ("model", "alpha", "beta")  # the base (its directory's name) and the two adapters
@@ -50,14 +47,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def references(served):
-    from peft import PeftModel
-
-    from tests.helpers import hf_reference
-
-    refs = {"model": hf_reference(served["model"])}
-    for name, path in served["adapters"].items():
-        refs[name] = PeftModel.from_pretrained(hf_reference(served["model"]), str(path)).eval()
-    return refs
+    return transformers_references(served, "model")
 
 
 def hf_greedy(ref, prompt, max_new, eos=2):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flacuna_jax.serve.engine import Event, QueueFull, Sampling
-from tests.helpers import hf_logits, hf_reference
-from tests.serve_fixtures import ADAPTERS, random_prompts, serve_args, write_served_model
+from tests.helpers import hf_logits
+from tests.serve_fixtures import ADAPTERS, random_prompts, serve_args, transformers_references, write_served_model
 
 LOGIT_TOL = 1e-4
 
@@ -32,13 +32,7 @@ def loaded(served):
 
 @pytest.fixture(scope="module")
 def references(served):
-    """Model id -> the transformers model it must equal: the base, and PeftModel for each adapter."""
-    from peft import PeftModel
-
-    refs = {"base": hf_reference(served["model"])}
-    for name, path in served["adapters"].items():
-        refs[name] = PeftModel.from_pretrained(hf_reference(served["model"]), str(path)).eval()
-    return refs
+    return transformers_references(served, "base")
 
 
 def hf_greedy(ref, prompt, max_new, eos):
