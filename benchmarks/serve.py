@@ -201,7 +201,7 @@ def static_pass(model_dir: str, tokenizer, requests: list[dict], clients: int) -
     from flacuna_jax.inference import load_for_inference
     from flacuna_jax.lm_eval import generation_eos_ids
 
-    model, params = load_for_inference(model_dir)
+    model, params = load_for_inference(model_dir, layers="unrolled")  # as the generate CLI and the server run it
     eos = generation_eos_ids(model_dir, model.config.eos_token_id)
     gen = Generator(model, params, eos_ids=eos, pad_id=tokenizer.pad_token_id or 0, batch_size=clients)
     prompts = [chat_ids(tokenizer, r["text"]) for r in requests]
