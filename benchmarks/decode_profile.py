@@ -1,0 +1,115 @@
+"""Where a decode step's time goes on this machine: memory bandwidth, and the server's slot step by rows x width.
+
+    python -m benchmarks.decode_profile [--model .cache/smollm2] [--grid 1x128 1x1024 8x128 8x1024] [--steps 10]
+
+Prints one JSON line:
+- `read_gb_per_s`: a plain sum over the model's fp32 weight bytes, in JAX and in torch (the floor of a
+  batch-1 decode step is reading every weight once: `weights_mb` / that rate);
+- `step_ms`: the server's jitted decode step (`serve/slots.py`, the unrolled model, cache donated) per
+  "ROWSxWIDTH" (slots in use x cache columns, every row at column WIDTH/2), best of 3 timed rounds of
+  --steps steps, with the decode attention as it is and with it replaced by the identity
+  (`no_attention_ms`): the difference is what attending over the cache costs;
+- `attention_read_gb_per_s`: the cache bytes the attention reads (rows x width x layers x kv heads x head
+  dim x 4 bytes x 2, keys and values) over that difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def best_ms(fn, rounds: int = 3, steps: int = 10) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1000
+
+
+def read_rates(n_floats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    x = jnp.ones((n_floats,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    ms_jax = best_ms(lambda: total(x).block_until_ready())
+    y = torch.ones(n_floats)
+    ms_torch = best_ms(lambda: y.sum())
+    gb = n_floats * 4 / 1e9
+    return {"jax": round(gb / ms_jax * 1000, 1), "torch": round(gb / ms_torch * 1000, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def step_ms(model, params, rows: int, width: int, steps: int) -> float:
+    import jax.numpy as jnp
+
+    from flacuna_jax.serve import slots
+
+    fns = slots.compile_slot_functions(model)
+    state = {"cache": slots.empty_cache(model, rows, width)}
+    state["cache"]["index"] = jnp.full((rows,), width // 2, jnp.int32)
+    args = (np.ones((rows,), np.int32), np.ones((rows,), bool), np.zeros((rows,), np.int32), np.zeros((rows,), np.uint32),
+            np.zeros((rows,), np.int32), np.zeros((rows,), np.float32), np.ones((rows,), np.float32))
+
+    def one():
+        state["cache"], tokens = fns.step(params, state["cache"], *args)
+        np.asarray(tokens)
+
+    one()  # the first call's output cache is committed to the device: a second signature, compiled here
+    return best_ms(one, steps=steps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import Load, emit
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF LLaMA dir (default: SmolLM2-135M-Instruct, built by benchmarks/smollm2.py)")
+    p.add_argument("--grid", nargs="+", default=["1x128", "1x1024", "8x128", "8x1024"], help="ROWSxWIDTH cases")
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+
+    with Load() as load:
+        out = measure(a)
+    return emit(out | load.fields())
+
+
+def measure(a: argparse.Namespace) -> dict:
+    import jax
+
+    from benchmarks.smollm2 import smollm2_dir
+    from flacuna_jax import attention
+    from flacuna_jax.inference import load_for_inference
+
+    model, params = load_for_inference(a.model or str(smollm2_dir()), layers="unrolled")
+    n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    c = model.config
+    out: dict = {"benchmark": "decode_profile", "model": a.model or "smollm2", "weights_mb": round(n_weights * 4 / 1e6, 1),
+                 "read_gb_per_s": read_rates(n_weights), "step_ms": {}}
+    cases = [tuple(int(v) for v in case.split("x")) for case in a.grid]
+    for rows, width in cases:
+        out["step_ms"][f"{rows}x{width}"] = {"ms": round(step_ms(model, params, rows, width, a.steps), 1)}
+    real = attention.cached_attention
+    attention.cached_attention = lambda q, k, v, mask: q  # the identity: what the step costs without attending
+    try:
+        for rows, width in cases:
+            entry = out["step_ms"][f"{rows}x{width}"]
+            entry["no_attention_ms"] = round(step_ms(model, params, rows, width, a.steps), 1)
+            cache_gb = rows * width * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 2 / 1e9
+            spent = entry["ms"] - entry["no_attention_ms"]
+            entry["attention_read_gb_per_s"] = round(cache_gb / spent * 1000, 2) if spent > 0 else None
+    finally:
+        attention.cached_attention = real
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()
