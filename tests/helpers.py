@@ -37,6 +37,23 @@ def hf_reference(model_dir, dtype="float32"):
     return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
 
 
+def write_peft_adapter(base_dir, out: Path, rank: int, alpha: float, targets, *, seed: int, b_scale: float) -> Path:
+    """A LoRA adapter saved by PEFT's own save_pretrained on `base_dir`, its B factors drawn at `b_scale`
+    (PEFT starts B at zero, i.e. the base exactly; a test needs the adapter to change the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(hf_reference(base_dir), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                              target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(b_scale * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    return Path(out)
+
+
 def hf_logits(ref, ids: np.ndarray, **kw) -> np.ndarray:
     import torch
 

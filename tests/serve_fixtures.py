@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import CHAR_VOCAB, write_char_tokenizer, write_decisive_model
+from tests.helpers import CHAR_VOCAB, write_char_tokenizer, write_decisive_model, write_peft_adapter
 
 ADAPTERS = {  # name -> (rank, alpha, targets): different ranks and targets, padded into one bank
     "alpha": (4, 8.0, ("q_proj", "v_proj")),
@@ -25,27 +25,13 @@ ADAPTERS = {  # name -> (rank, alpha, targets): different ranks and targets, pad
 
 def write_served_model(root: Path) -> dict:
     """A decisive tiny GQA model with the char tokenizer beside it, and PEFT adapters written by PEFT."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from flacuna_jax import tiny
-    from tests.helpers import hf_reference
 
     config = dataclasses.replace(tiny.PRESETS["gqa"], vocab_size=CHAR_VOCAB)
     model_dir = write_decisive_model(root / "model", config, seed=3)
     write_char_tokenizer(model_dir)
-    adapters = {}
-    for k, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(10 + k)
-        peft_model = get_peft_model(hf_reference(model_dir), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                                      target_modules=list(targets)))
-        with torch.no_grad():  # PEFT starts B at zero (the base exactly): give it weight
-            for pname, p in peft_model.named_parameters():
-                if "lora_B" in pname:
-                    p.copy_(0.3 * torch.randn_like(p))
-        out = root / name
-        peft_model.save_pretrained(str(out))
-        adapters[name] = out
+    adapters = {name: write_peft_adapter(model_dir, root / name, rank, alpha, targets, seed=10 + k, b_scale=0.3)
+                for k, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items())}
     return {"model": model_dir, "adapters": adapters}
 
 

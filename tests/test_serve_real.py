@@ -17,20 +17,10 @@ NEW = 24
 
 @pytest.fixture(scope="module")
 def adapter_dir(smollm2_dir, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
+    from tests.helpers import write_peft_adapter
 
-    from tests.helpers import hf_reference
-
-    torch.manual_seed(0)
-    model = get_peft_model(hf_reference(smollm2_dir), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                                target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(str(out))
-    return out
+    return write_peft_adapter(smollm2_dir, tmp_path_factory.mktemp("adapter"), 8, 16, ["q_proj", "v_proj"],
+                              seed=0, b_scale=0.1)
 
 
 @pytest.fixture(scope="module")
