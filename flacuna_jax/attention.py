@@ -185,6 +185,16 @@ def fused_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array
     return jax.nn.dot_product_attention(q_bthf, k_bskf, v_bskf, **kw)
 
 
+def splash_refusal(mask: Masking) -> str | None:
+    """Why the splash kernel cannot take this masking, or None: it reads only segment ids and one cache
+    offset for all rows."""
+    if mask.q_segment_bt is None:  # `explicit_masking`
+        return "an explicit mask (shared-context scoring rows) that segment ids cannot express"
+    if mask.write_index is not None and jnp.ndim(mask.write_index) > 0:
+        return "a cache written at one index per row"
+    return None
+
+
 _logged_choices: set[str] = set()
 
 
@@ -211,12 +221,8 @@ def attend(kind: str, q_bthf: Array, k_bskf: Array, v_bskf: Array, mask: Masking
         raise ValueError(f"model.attention={kind!r}: not one of {', '.join(KERNELS)}")
     if q_bthf.shape[1] == 1:
         return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
-    if mask.q_segment_bt is None:  # `explicit_masking`: no segment ids to hand the kernel
-        _log_once("attention: XLA's implementation instead of splash attention: an explicit mask (shared-context "
-                  "scoring rows) that segment ids cannot express")
-        return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
-    if mask.write_index is not None and jnp.ndim(mask.write_index) > 0:  # the kernel aligns one offset for all rows
-        _log_once("attention: XLA's implementation instead of splash attention: a cache written at one index per row")
+    if (reason := splash_refusal(mask)) is not None:
+        _log_once(f"attention: XLA's implementation instead of splash attention: {reason}")
         return xla_attention(q_bthf, k_bskf, v_bskf, mask.dense_bts)
     blocks = splash_blocks or attention_splash.SplashBlocks()
     if kind == "splash":

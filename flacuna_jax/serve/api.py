@@ -129,6 +129,15 @@ def create_app(engine: Engine, prompts: Prompts, models: Sequence[ServedModel], 
                            code="model_not_found")
         return by_id[model_id]
 
+    async def accept(request: Request, schema: type[S._Request]) -> tuple[Any, ServedModel]:
+        """A completion request's checks before any work: the key, the body, the model, `n`."""
+        check_key(request)
+        req = await read_body(request, schema)
+        model = served(req.model)
+        if req.n > limits.max_n:
+            raise ApiError(400, f"n: at most {limits.max_n}", "n")
+        return req, model
+
     def samplings(req: S._Request, n_prompt: int, max_tokens: int, base_index: int) -> list[Sampling]:
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
@@ -174,11 +183,7 @@ def create_app(engine: Engine, prompts: Prompts, models: Sequence[ServedModel], 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
-        req: S.CompletionRequest = await read_body(request, S.CompletionRequest)
-        model = served(req.model)
-        if req.n > limits.max_n:
-            raise ApiError(400, f"n: at most {limits.max_n}", "n")
+        req, model = await accept(request, S.CompletionRequest)
         texts = req.prompt if isinstance(req.prompt, list) and not _is_ids(req.prompt) else [req.prompt]
         if len(texts) > limits.max_prompts:
             raise ApiError(400, f"prompt: at most {limits.max_prompts} prompts in one request", "prompt")
@@ -203,11 +208,7 @@ def create_app(engine: Engine, prompts: Prompts, models: Sequence[ServedModel], 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
-        req: S.ChatRequest = await read_body(request, S.ChatRequest)
-        model = served(req.model)
-        if req.n > limits.max_n:
-            raise ApiError(400, f"n: at most {limits.max_n}", "n")
+        req, model = await accept(request, S.ChatRequest)
         try:
             ids, decode = prompts.chat(req.messages, req.template)
         except PromptError as e:
