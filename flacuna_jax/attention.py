@@ -126,15 +126,16 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
-def cached_attention(q_bthf: Array, k_bksf: Array, v_bksf: Array, mask_bts: Array) -> Array:
-    """Attention over a KV cache laid out [b, k, s, f] (`kv_cache.init_cache`), for decoding: each group of
-    g = h / k query heads attends its kv head's keys where they lie. `xla_attention` would repeat the
-    keys and values up to h heads, a copy of g times the cache in every layer of every decode step.
-    The same numerics as `xla_attention` (scores in the compute dtype, softmax in fp32); no gradient rule."""
+def cached_attention(q_bthf: Array, k_bkfs: Array, v_bksf: Array, mask_bts: Array) -> Array:
+    """Attention over a KV cache (`kv_cache.init_cache`: keys [b, k, f, s], values [b, k, s, f]), for
+    decoding: each group of g = h / k query heads attends its kv head's keys where they lie.
+    `xla_attention` would repeat the keys and values up to h heads, a copy of g times the cache in every
+    layer of every decode step. The same numerics as `xla_attention` (scores in the compute dtype,
+    softmax in fp32); no gradient rule."""
     b, t, h, f = q_bthf.shape
-    k = k_bksf.shape[1]
+    k = k_bkfs.shape[1]
     q_bkgtf = q_bthf.reshape(b, t, k, h // k, f).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgtf,bksf->bkgts", q_bkgtf, k_bksf) * (f ** -0.5)
+    scores = jnp.einsum("bkgtf,bkfs->bkgts", q_bkgtf, k_bkfs) * (f ** -0.5)
     scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = _softmax_stats(scores)[0]
     out_bkgtf = jnp.einsum("bkgts,bksf->bkgtf", probs.astype(v_bksf.dtype), v_bksf)

@@ -263,7 +263,7 @@ class Attention(nn.Module):
     def __call__(self, x_btd: Array, positions_bt: Array, mask: attention.Masking, cache: dict | None = None,
                  write_index: Array | None = None, rows_b: Array | None = None,
                  adapter_b: Array | None = None) -> tuple[Array, dict | None]:
-        """`cache`: this layer's keys/values {"k", "v"} [b, k, s, f] (`init_cache`)."""
+        """`cache`: this layer's keys [b, k, f, s] and values [b, k, s, f] (`init_cache`)."""
         c = self.config
         b, t, _ = x_btd.shape
         q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b, adapter_b)
@@ -276,11 +276,11 @@ class Attention(nn.Module):
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
         if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
             cache = write_cache(cache, {"k": k_btkf, "v": v_btkf}, write_index)
-            k_bksf, v_bksf = cache["k"].astype(q_bthf.dtype), cache["v"].astype(q_bthf.dtype)
+            k_bkfs, v_bksf = cache["k"].astype(q_bthf.dtype), cache["v"].astype(q_bthf.dtype)
             if self.runtime.attention == "xla":
-                o = attention.cached_attention(q_bthf, k_bksf, v_bksf, mask.dense_bts)
-            else:  # the other kernels take keys [b, s, k, f]
-                o = attention.attend(self.runtime.attention, q_bthf, k_bksf.transpose(0, 2, 1, 3),
+                o = attention.cached_attention(q_bthf, k_bkfs, v_bksf, mask.dense_bts)
+            else:  # the other kernels take keys and values [b, s, k, f]
+                o = attention.attend(self.runtime.attention, q_bthf, k_bkfs.transpose(0, 3, 1, 2),
                                      v_bksf.transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)

@@ -16,28 +16,43 @@ CONFIG = dataclasses.replace(tiny.PRESETS["gqa"], num_layers=2)
 def test_layout_and_a_shared_prefix_in_front(layers):
     c = CONFIG
     cache = init_cache(c, batch=3, max_len=5, layers=layers)
-    stacked = cache["k"] if layers == "scan" else jnp.stack(cache["k"])
-    assert stacked.shape == (c.num_layers, 3, c.num_kv_heads, 5, c.head_dim)
+    keys = cache["k"] if layers == "scan" else jnp.stack(cache["k"])
+    values = cache["v"] if layers == "scan" else jnp.stack(cache["v"])
+    assert keys.shape == (c.num_layers, 3, c.num_kv_heads, c.head_dim, 5)  # keys transposed: slots last
+    assert values.shape == (c.num_layers, 3, c.num_kv_heads, 5, c.head_dim)
     prefix = init_cache(c, batch=1, max_len=4, layers=layers)
     mark = lambda x: x + 1  # noqa: E731
     prefix = {**prefix, "k": mark(prefix["k"]) if layers == "scan" else tuple(map(mark, prefix["k"])),
               "segment_ids": prefix["segment_ids"].at[0, 1:].set(1), "index": jnp.int32(4)}
     joined = prepend_prefix(prefix, cache)
     k = joined["k"] if layers == "scan" else jnp.stack(joined["k"])
-    assert k.shape == (c.num_layers, 3, c.num_kv_heads, 9, c.head_dim)
-    assert np.all(np.asarray(k[:, :, :, :4]) == 1) and np.all(np.asarray(k[:, :, :, 4:]) == 0)  # every row
+    assert k.shape == (c.num_layers, 3, c.num_kv_heads, c.head_dim, 9)
+    assert np.all(np.asarray(k[..., :4]) == 1) and np.all(np.asarray(k[..., 4:]) == 0)  # every row
     np.testing.assert_array_equal(np.asarray(joined["segment_ids"]), [[0, 1, 1, 1, 0, 0, 0, 0, 0]] * 3)
     assert int(joined["index"]) == 4
 
 
 def test_a_write_lands_at_the_index():
     c = CONFIG
-    one = {n: jnp.zeros((2, c.num_kv_heads, 6, c.head_dim)) for n in ("k", "v")}
+    one = {"k": jnp.zeros((2, c.num_kv_heads, c.head_dim, 6)), "v": jnp.zeros((2, c.num_kv_heads, 6, c.head_dim))}
     new_btkf = jnp.arange(2 * 2 * c.num_kv_heads * c.head_dim, dtype=jnp.float32).reshape(2, 2, c.num_kv_heads, c.head_dim)
     out = write_cache(one, {"k": new_btkf, "v": -new_btkf}, jnp.int32(3))
-    np.testing.assert_array_equal(np.asarray(out["k"][:, :, 3:5]), np.asarray(new_btkf.transpose(0, 2, 1, 3)))
+    np.testing.assert_array_equal(np.asarray(out["k"][..., 3:5]), np.asarray(new_btkf.transpose(0, 2, 3, 1)))
     np.testing.assert_array_equal(np.asarray(out["v"][:, :, 3:5]), -np.asarray(new_btkf.transpose(0, 2, 1, 3)))
-    assert not np.any(np.asarray(out["k"][:, :, :3])) and not np.any(np.asarray(out["k"][:, :, 5:]))
+    assert not np.any(np.asarray(out["k"][..., :3])) and not np.any(np.asarray(out["k"][..., 5:]))
+    assert not np.any(np.asarray(out["v"][:, :, :3])) and not np.any(np.asarray(out["v"][:, :, 5:]))
+
+
+def test_a_write_at_one_index_per_row():
+    """The server's slots: each row written at its own index (a scalar index would put them in one column)."""
+    c = CONFIG
+    one = {"k": jnp.zeros((2, c.num_kv_heads, c.head_dim, 6)), "v": jnp.zeros((2, c.num_kv_heads, 6, c.head_dim))}
+    new_btkf = 1 + jnp.arange(2 * c.num_kv_heads * c.head_dim, dtype=jnp.float32).reshape(2, 1, c.num_kv_heads, c.head_dim)
+    out = write_cache(one, {"k": new_btkf, "v": new_btkf}, jnp.array([1, 4], jnp.int32))
+    for row, col in enumerate((1, 4)):
+        np.testing.assert_array_equal(np.asarray(out["k"][row, ..., col]), np.asarray(new_btkf[row, 0]))
+        np.testing.assert_array_equal(np.asarray(out["v"][row, :, col]), np.asarray(new_btkf[row, 0]))
+        assert np.count_nonzero(np.asarray(out["k"][row])) == np.count_nonzero(np.asarray(new_btkf[row]))
 
 
 def test_unrolled_decoding_with_a_shared_prefix_equals_the_scan(tmp_path):

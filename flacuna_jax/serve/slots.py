@@ -1,8 +1,8 @@
 """The decode slots on the device: their KV cache and the jitted functions that fill and advance it.
 
-The cache is the model's own layout (`kv_cache.init_cache`: k/v [layers, slots, kv heads, width, head
-dim], or one array per layer for an unrolled model; segment ids [slots, width]) with one write index
-per slot. Functions (compiled once per shape):
+The cache is the model's own layout (`kv_cache.init_cache`: k [layers, slots, kv heads, head dim,
+width], v [layers, slots, kv heads, width, head dim], or one array per layer for an unrolled model;
+segment ids [slots, width]) with one write index per slot. Functions (compiled once per shape):
 
 - prefill(ids [1, P], length, adapter [1], prefix=None): a prompt right-padded to a bucket P through
   the model into a fresh [1, P] cache, or, with a prefilled `prefix` cache, its rest appended after
@@ -54,7 +54,8 @@ def slot_cache_sharding(mesh: Any) -> Callable[[str, Any], Any]:
     from flacuna_jax.sharding import named_sharding
 
     def sharding(name: str, value: Any) -> Any:
-        names = ("layers", "batch", "kv_heads", "length", None)[-value.ndim:] if name in ("k", "v") else (None,) * value.ndim
+        layout = {"k": ("layers", "batch", "kv_heads", None, "length"), "v": ("layers", "batch", "kv_heads", "length", None)}
+        names = layout[name][-value.ndim:] if name in layout else (None,) * value.ndim
         return named_sharding(mesh, names, value.shape)
 
     return sharding
