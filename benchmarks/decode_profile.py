@@ -1,6 +1,7 @@
 """Where a decode step's time goes on this machine: memory bandwidth, and the server's slot step by rows x width.
 
     python -m benchmarks.decode_profile [--model .cache/smollm2] [--grid 1x128 1x1024 8x128 8x1024] [--steps 10]
+                                        [--matmul-rows 1 8 16 32]
 
 Prints one JSON line:
 - `read_gb_per_s`: a plain sum over the model's fp32 weight bytes, in JAX and in torch (the floor of a
@@ -10,7 +11,11 @@ Prints one JSON line:
   --steps steps, with the decode attention as it is and with it replaced by the identity
   (`no_attention_ms`): the difference is what attending over the cache costs;
 - `attention_read_gb_per_s`: the cache bytes the attention reads (rows x width x layers x kv heads x head
-  dim x 4 bytes x 2, keys and values) over that difference.
+  dim x 4 bytes x 2, keys and values) over that difference;
+- `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
+  output projection) applied to that many rows and nothing else, in JAX (one jitted function) and in
+  torch (the same fp32 weights): the floor of a decode step that XLA's and torch's matrix products give
+  on this machine, and how the two libraries' products compare at few rows.
 """
 
 from __future__ import annotations
@@ -48,6 +53,37 @@ def read_rates(n_floats: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def matmul_ms(model, params, rows: int, steps: int) -> dict:
+    """Every weight matrix of the model applied to `rows` rows, JAX vs torch. The output projection as
+    each applies it: in JAX `model.output_embedding` (the tied embedding, transposed in the jitted
+    function), in torch as transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(path) and "lm_head" not in jax.tree_util.keystr(path)]
+    hidden = model.config.hidden_size
+    xs = {d: jnp.full((rows, d), 0.01, jnp.float32) for d in {w.shape[0] for w in kernels} | {hidden}}
+
+    @jax.jit
+    def products(xs, kernels, params):
+        total = sum(jnp.sum(xs[w.shape[0]] @ w) for w in kernels)
+        return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
+
+    ms_jax = best_ms(lambda: products(xs, kernels, params).block_until_ready(), steps=steps)
+    t_kernels = [torch.from_numpy(np.array(w)) for w in kernels]
+    t_head_vd = torch.from_numpy(np.array(model.output_embedding(params)).T.copy())
+    t_xs = {d: torch.full((rows, d), 0.01) for d in xs}
+
+    def t_products():
+        with torch.no_grad():
+            return sum(torch.sum(t_xs[w.shape[0]] @ w) for w in t_kernels) + torch.sum(t_xs[hidden] @ t_head_vd.T)
+
+    ms_torch = best_ms(t_products, steps=steps)
+    return {"jax": round(ms_jax, 2), "torch": round(ms_torch, 2), "torch_over_jax": round(ms_torch / ms_jax, 2)}
+
+
 def step_ms(model, params, rows: int, width: int, steps: int) -> float:
     import jax.numpy as jnp
 
@@ -73,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF LLaMA dir (default: SmolLM2-135M-Instruct, built by benchmarks/smollm2.py)")
     p.add_argument("--grid", nargs="+", default=["1x128", "1x1024", "8x128", "8x1024"], help="ROWSxWIDTH cases")
+    p.add_argument("--matmul-rows", type=int, nargs="*", default=[1, 8, 16, 32],
+                   help="row counts for `matmuls_ms` (none: skip)")
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args(argv)
 
@@ -107,6 +145,7 @@ def measure(a: argparse.Namespace) -> dict:
             entry["attention_read_gb_per_s"] = round(cache_gb / spent * 1000, 2) if spent > 0 else None
     finally:
         attention.cached_attention = real
+    out["matmuls_ms"] = {str(rows): matmul_ms(model, params, rows, a.steps) for rows in a.matmul_rows}
     return out
 
 
