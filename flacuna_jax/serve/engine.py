@@ -37,7 +37,10 @@ from flacuna_jax.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS = 4  # the smallest cache (rows): 1 to 4 sequences cost about the same weight reads
+# The smallest cache (rows). One row is its own bucket: XLA's CPU dot multiplies one row by a weight
+# matrix at memory speed but 2-4 rows as a small matrix product at well under half that (SmolLM2's
+# matmuls alone: 39 / 57 / 86 ms for 1 / 2 / 4 rows, `benchmarks/decode_profile.py --matmul-rows`).
+MIN_ROWS = 1
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
