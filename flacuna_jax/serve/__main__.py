@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices per prompt)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--min-prefill-bucket", type=int, default=16,
-                   help="smallest prompt/cache width compiled (widths are powers of two from here up to --max-model-len)")
+                   help="smallest prompt/cache width compiled (cache widths are powers of two from here up to "
+                        "--max-model-len; prompt widths too up to 128, then multiples of 128)")
     p.add_argument("--chat-template", choices=("vicuna", "tokenizer"), default="vicuna",
                    help="chat prompt format: Vicuna v1.1 as in training, or the tokenizer's own template")
     p.add_argument("--tensor", type=int, default=-1,
