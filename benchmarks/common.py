@@ -13,7 +13,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
@@ -82,14 +85,19 @@ class Load:
     A ratio against another program measured while the 1-minute load average exceeds the core count
     is not a measurement of either side (the two compete with other work for the cores, and torch's
     threads lose more than XLA's when starved): it is flagged `"loaded": true`, and run_all reports it
-    so instead of met / NOT met."""
+    so instead of met / NOT met.
+
+    The load average does not see work outside this machine, e.g. a neighbour on the host of a
+    virtual machine competing for its memory bandwidth, so the memory read rate of one core (numpy,
+    a sum over 128 MB) is recorded before and after too: a drop from the machine's usual figure says
+    the measurement shared the memory system."""
 
     def __enter__(self) -> "Load":
-        self.before = load_average()
+        self.before, self.read_before = load_average(), memory_read_gb_per_s()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.after = load_average()
+        self.after, self.read_after = load_average(), memory_read_gb_per_s()
 
     @property
     def loaded(self) -> bool:
@@ -97,7 +105,19 @@ class Load:
 
     def fields(self) -> dict:
         return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_before": self.before,
-                "load_after": self.after, "loaded": self.loaded}
+                "load_after": self.after, "loaded": self.loaded,
+                "memory_read_gb_per_s": [self.read_before, self.read_after]}
+
+
+def memory_read_gb_per_s(n_bytes: int = 128 << 20) -> float:
+    """One core's read rate: the best of 3 numpy sums over `n_bytes` of float32 (larger than a CPU's caches)."""
+    x = np.ones(n_bytes // 4, np.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(n_bytes / best / 1e9, 1)
 
 
 def emit(result: dict) -> dict:

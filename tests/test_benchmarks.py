@@ -159,3 +159,4 @@ def test_decode_profile_on_a_tiny_model(tmp_path):
     matmuls = out["matmuls_ms"]["2"]
     assert matmuls["jax"] >= 0 and matmuls["torch"] >= 0 and matmuls["torch_over_jax"] > 0
     assert out["read_gb_per_s"]["jax"] > 0 and "loaded" in out
+    assert len(out["memory_read_gb_per_s"]) == 2 and min(out["memory_read_gb_per_s"]) > 0  # benchmarks.common.Load
