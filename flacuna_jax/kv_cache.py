@@ -23,21 +23,29 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+# Each cache array's axes by name, the one place the layout is written: `init_cache`, `CACHE_AXES` and
+# the serving slots' sharding (`serve/slots.py`) derive from it. "layers" leads only a scanned model's
+# cache; an unrolled model's holds one array per layer without it.
+CACHE_LAYOUT = {"k": ("layers", "batch", "kv_heads", "head_dim", "length"),
+                "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
+                "segment_ids": ("batch", "length")}
+# (batch axis, slot axis) of each cache array, counted from the end (the same with or without "layers")
+CACHE_AXES = {name: (axes.index("batch") - len(axes), axes.index("length") - len(axes)) for name, axes in CACHE_LAYOUT.items()}
+
+
 def init_cache(config: Any, batch: int, max_len: int, dtype=jnp.float32, layers: str = "scan") -> dict:
-    """An empty KV cache: "k" [layers, batch, kv heads, head dim, max_len], "v" [layers, batch, kv heads,
-    max_len, head dim] (what a decode step's attention reads without a transpose), with
+    """An empty KV cache (`CACHE_LAYOUT`): "k" [layers, batch, kv heads, head dim, max_len], "v" [layers,
+    batch, kv heads, max_len, head dim] (what a decode step's attention reads without a transpose), with
     `layers="unrolled"` (`Runtime.layers`) a tuple of one array per layer without the leading axis;
     "segment_ids" [batch, max_len] (0: empty or padding); "index": the next slot written (one for all rows)."""
-    b, k, f = batch, config.num_kv_heads, config.head_dim
-    shapes = {"k": (b, k, f, max_len), "v": (b, k, max_len, f)}
+    size = {"layers": config.num_layers, "batch": batch, "kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim, "length": max_len}
+    shape = {name: tuple(size[axis] for axis in axes) for name, axes in CACHE_LAYOUT.items()}
     if layers == "unrolled":
-        kv = {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name, shape in shapes.items()}
+        kv = {name: tuple(jnp.zeros(shape[name][1:], dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
     else:
-        kv = {name: jnp.zeros((config.num_layers, *shape), dtype) for name, shape in shapes.items()}
-    return {**kv, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
-CACHE_AXES = {"k": (-4, -1), "v": (-4, -2), "segment_ids": (-2, -1)}  # (batch axis, slot axis) of each cache array
+        kv = {name: jnp.zeros(shape[name], dtype) for name in ("k", "v")}
+    return {**kv, "segment_ids": jnp.zeros(shape["segment_ids"], jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def write_slots(buffer: Array, new: Array, index: Array, slot_axis: int) -> Array:

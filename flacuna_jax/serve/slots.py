@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from flacuna_jax.generate import sample_rows
-from flacuna_jax.kv_cache import CACHE_AXES, init_cache
+from flacuna_jax.kv_cache import CACHE_AXES, CACHE_LAYOUT, init_cache
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def slot_cache_sharding(mesh: Any) -> Callable[[str, Any], Any]:
     from flacuna_jax.sharding import named_sharding
 
     def sharding(name: str, value: Any) -> Any:
-        layout = {"k": ("layers", "batch", "kv_heads", None, "length"), "v": ("layers", "batch", "kv_heads", "length", None)}
-        names = layout[name][-value.ndim:] if name in layout else (None,) * value.ndim
+        if name not in ("k", "v"):
+            return named_sharding(mesh, (None,) * value.ndim, value.shape)
+        names = tuple(None if axis == "head_dim" else axis for axis in CACHE_LAYOUT[name][-value.ndim:])
         return named_sharding(mesh, names, value.shape)
 
     return sharding
