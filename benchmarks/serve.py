@@ -169,14 +169,12 @@ def text_of_tokens(tokenizer, n: int) -> str:
 
 
 def warm_up(url: str, model_ids: list[str], extra: dict, tokenizer, prompt_max: int, new_max: int) -> None:
-    """One request per prompt-length bucket (ours: powers of two up to 128, then multiples of 128) and two
-    long ones per model id, so compiles are not measured."""
-    from flacuna_jax.serve.engine import PREFILL_STEP
+    """One request per prompt width our server prefills at (`engine.prompt_width`) and two long ones per
+    model id, so compiles are not measured."""
+    from flacuna_jax.serve.engine import prompt_width
 
-    warm, width = [], 16
-    while width < prompt_max + PREFILL_STEP:
-        warm.append({"text": text_of_tokens(tokenizer, min(width, prompt_max)), "max_tokens": 4})
-        width = width * 2 if width < PREFILL_STEP else width + PREFILL_STEP
+    widths = sorted({prompt_width(n, 16) for n in range(1, prompt_max + 1)})  # the server's --min-prefill-bucket 16
+    warm = [{"text": text_of_tokens(tokenizer, min(width, prompt_max)), "max_tokens": 4} for width in widths]
     long = [{"text": text_of_tokens(tokenizer, prompt_max), "max_tokens": new_max}]
     for model in model_ids:
         asyncio.run(run_pass(url, bodies_for(warm, [model], extra), 1, tokenizer))

@@ -41,11 +41,16 @@ log = logging.getLogger(__name__)
 # matrix at memory speed but 2-4 rows as a small matrix product at well under half that (SmolLM2's
 # matmuls alone: 39 / 57 / 86 ms for 1 / 2 / 4 rows, `benchmarks/decode_profile.py --matmul-rows`).
 MIN_ROWS = 1
-# A prompt is prefilled at the next power of two up to PREFILL_STEP tokens, then at the next multiple of
-# PREFILL_STEP: a power of two would pad a 300-token prompt to 512 (70% more prefill compute), exact
-# lengths would compile once per length.
-PREFILL_STEP = 128
+PREFILL_STEP = 128  # prompts longer than this are prefilled at a multiple of it (`prompt_width`)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def prompt_width(n: int, minimum: int) -> int:
+    """The width an n-token prompt is prefilled at: the next power of two (at least `minimum`) up to
+    PREFILL_STEP, then the next multiple of PREFILL_STEP. A power of two would pad a 300-token prompt to
+    512 (70% more prefill compute); exact lengths would compile once per length."""
+    width = bucket_width(n, minimum)
+    return width if width <= PREFILL_STEP else -(-n // PREFILL_STEP) * PREFILL_STEP
 
 
 class QueueFull(RuntimeError):
@@ -140,10 +145,6 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return min(bucket_width(n, self.min_bucket), self.max_model_len)
 
-    def _prompt_width(self, n: int) -> int:
-        width = bucket_width(n, self.min_bucket)
-        return width if width <= PREFILL_STEP else -(-n // PREFILL_STEP) * PREFILL_STEP
-
     def _row_bucket(self, n: int) -> int:
         return min(bucket_width(n, min(MIN_ROWS, self.max_batch)), self.max_batch)
 
@@ -200,7 +201,7 @@ class Engine:
     def register_prefix(self, ids: Sequence[int]) -> None:
         """A prefix many prompts start with (the chat template's system prompt): prefilled once per adapter."""
         ids = tuple(int(i) for i in ids)
-        if ids and ids not in self._prefixes and self._prompt_width(len(ids)) < self.max_model_len:
+        if ids and ids not in self._prefixes and prompt_width(len(ids), self.min_bucket) < self.max_model_len:
             self._prefixes.append(ids)
 
     # ------------------------------------------------------------------ the scheduler (engine thread)
@@ -261,18 +262,18 @@ class Engine:
         best = max((p for p in self._prefixes if len(p) < len(ids) and tuple(ids[:len(p)]) == p), key=len, default=None)
         if best is not None:
             rest = ids[len(best):]
-            width = self._prompt_width(len(rest))
+            width = prompt_width(len(rest), self.min_bucket)
             prefix = self._prefix_entry(best, request.adapter)
             if prefix["segment_ids"].shape[1] + width <= s:
                 return self.fns.prefill(self.params, self._pad(rest, width), np.int32(len(rest)),
                                      np.array([request.adapter], np.int32), prefix)
-        width = min(self._prompt_width(len(ids)), s)
+        width = min(prompt_width(len(ids), self.min_bucket), s)
         return self.fns.prefill(self.params, self._pad(ids, width), np.int32(len(ids)), np.array([request.adapter], np.int32))
 
     def _prefix_entry(self, ids: tuple[int, ...], adapter: int):
         key = (adapter, ids)
         if key not in self._prefix_cache:
-            width = self._prompt_width(len(ids))
+            width = prompt_width(len(ids), self.min_bucket)
             self._prefix_cache[key] = self.fns.prefill(self.params, self._pad(ids, width), np.int32(len(ids)),
                                                     np.array([adapter], np.int32))[0]
         return self._prefix_cache[key]
