@@ -61,8 +61,9 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
     import jax.numpy as jnp
     import torch
 
+    output_weights = ("embed_tokens", "lm_head")  # applied below as the output projection
     kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(path) and "lm_head" not in jax.tree_util.keystr(path)]
+               if x.ndim == 2 and not any(name in jax.tree_util.keystr(path) for name in output_weights)]
     hidden = model.config.hidden_size
     xs = {d: jnp.full((rows, d), 0.01, jnp.float32) for d in {w.shape[0] for w in kernels} | {hidden}}
 
