@@ -48,7 +48,7 @@ import numpy as np
 
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
-from flacuna_jax.kv_cache import init_cache, prepend_prefix
+from flacuna_jax.kv_cache import in_place_options, init_cache, prepend_prefix
 
 TokenSink = Callable[[int, np.ndarray, np.ndarray], None]  # (step, tokens_b, done_before_b)
 
@@ -277,7 +277,7 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
             result["logits"] = final["all_logits"]
         return result
 
-    return jax.jit(decode)
+    return jax.jit(decode, compiler_options=in_place_options())  # the loop writes its cache in place
 
 
 @functools.lru_cache(maxsize=8)

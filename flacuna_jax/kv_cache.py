@@ -48,6 +48,14 @@ def init_cache(config: Any, batch: int, max_len: int, dtype=jnp.float32, layers:
     return {**kv, "segment_ids": jnp.zeros(shape["segment_ids"], jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
+def in_place_options() -> dict:
+    """`jax.jit` compiler options for a function that writes a KV cache: on CPU, XLA's copy insertion
+    with region analysis, which sees that a decode step's cache write can happen in place (without
+    it, XLA copies every layer's cache at the step's entry: SmolLM2 fp32, 1 row x 1024 slots, 60 vs
+    40 ms a step, `benchmarks/decode_profile.py`). Other backends: none."""
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else {}
+
+
 def write_slots(buffer: Array, new: Array, index: Array, slot_axis: int) -> Array:
     """`new` written into `buffer` (batch on axis 0) from slot `index` along `slot_axis`: one index for
     every row (a slice update, in place where the buffer can be reused), or one per row [b] (the

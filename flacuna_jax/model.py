@@ -275,13 +275,15 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(c)
         q_bthf, k_btkf = apply_rope(q_bthf, positions_bt, inv_freq), apply_rope(k_btkf, positions_bt, inv_freq)
         if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
-            cache = write_cache(cache, {"k": k_btkf, "v": v_btkf}, write_index)
-            k_bkfs, v_bksf = cache["k"].astype(q_bthf.dtype), cache["v"].astype(q_bthf.dtype)
-            if self.runtime.attention == "xla":
-                o = attention.cached_attention(q_bthf, k_bkfs, v_bksf, mask.dense_bts)
+            new = {"k": k_btkf.astype(cache["k"].dtype), "v": v_btkf.astype(cache["v"].dtype)}  # as the cache holds them
+            written = write_cache(cache, new, write_index)
+            if self.runtime.attention == "xla":  # reads the cache as it was, so that XLA writes it in place
+                o = attention.cached_attention(q_bthf, *(x.astype(q_bthf.dtype) for x in (
+                    cache["k"], cache["v"], new["k"], new["v"])), mask)
             else:  # the other kernels take keys and values [b, s, k, f]
-                o = attention.attend(self.runtime.attention, q_bthf, k_bkfs.transpose(0, 3, 1, 2),
-                                     v_bksf.transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
+                o = attention.attend(self.runtime.attention, q_bthf, written["k"].astype(q_bthf.dtype).transpose(0, 3, 1, 2),
+                                     written["v"].astype(q_bthf.dtype).transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
+            cache = written
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
         out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim),

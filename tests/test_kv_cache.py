@@ -74,3 +74,61 @@ def test_unrolled_decoding_with_a_shared_prefix_equals_the_scan(tmp_path):
     unr = Generator(umodel, uparams, eos_ids=(), batch_size=2)
     assert unr.generate_ids(prompts, 6) == scan.generate_ids(prompts, 6)
     assert unr._prefix is not None and isinstance(unr._prefix[1]["k"], tuple)  # the prefix path ran, per layer
+
+
+@pytest.mark.parametrize("t, index", [(1, [0, 4, 9]), (3, [2, 0, 6]), (2, 5)])
+def test_cached_attention_equals_attending_the_written_cache(t, index):
+    """Decoding's attention reads the cache as it was and this call's keys/values apart (so that XLA can
+    write the cache in place): the same outputs as the reference kernel over the written cache, whatever
+    the slots at and after the write index held before (stale keys of a freed slot here)."""
+    from flacuna_jax import attention
+    from flacuna_jax.kv_cache import write_slots
+
+    b, s, h, k, f = 3, 12, 4, 2, 8
+    rng = np.random.default_rng(t)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    cache = {"k": normal(b, k, f, s), "v": normal(b, k, s, f)}  # every slot holds something
+    q_bthf, new = normal(b, t, h, f), {"k": normal(b, t, k, f), "v": normal(b, t, k, f)}
+    write_index = jnp.asarray(index, jnp.int32)
+    old_segments = jnp.asarray(rng.integers(0, 2, (b, s)), jnp.int32)  # padding (0) among the earlier slots
+    segment_ids_bt = jnp.asarray([[1] * t, [1] * t, [0] + [1] * (t - 1)], jnp.int32)  # a padding query too
+    mask = attention.masking(segment_ids_bt, write_slots(old_segments, segment_ids_bt, write_index, slot_axis=1),
+                             write_index)
+    written = write_cache(cache, new, write_index)
+    got = attention.cached_attention(q_bthf, cache["k"], cache["v"], new["k"], new["v"], mask)
+    want = attention.xla_attention(q_bthf, written["k"].transpose(0, 3, 1, 2), written["v"].transpose(0, 2, 1, 3),
+                                   mask.dense_bts)
+    real = np.asarray(segment_ids_bt) > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_decode_step_writes_the_cache_in_place(rows, tmp_path):
+    """The compiled decode steps (the server's slot step, `generate`'s loop) hold no copy of a layer's
+    cache: reading what the step just wrote, or compiling without `in_place_options`, made XLA's CPU
+    compiler copy every layer's keys and values up to four times a step (half a one-row step's time)."""
+    import re
+
+    import jax
+
+    from flacuna_jax import hf
+    from flacuna_jax.generate import DecodeSpec, make_decoder
+    from flacuna_jax.model import unrolled
+    from flacuna_jax.serve.slots import compile_slot_functions, empty_cache
+
+    model, params = hf.load_pretrained(tiny.write_tiny_model(tmp_path / "model", CONFIG, seed=0))
+    model, params = unrolled(model, dict(params))
+    cache = empty_cache(model, rows, 32)
+    zeros = np.zeros((rows,), np.int32)
+    step = compile_slot_functions(model).step.lower(params, cache, zeros, np.ones((rows,), bool), zeros,
+                                                    zeros.astype(np.uint32), zeros, np.zeros((rows,), np.float32),
+                                                    np.ones((rows,), np.float32)).compile().as_text()
+    ids = np.ones((rows, 16), np.int32)
+    loop = make_decoder(model, DecodeSpec(max_new_tokens=16, eos_ids=())).lower(
+        params, ids, ids, jax.random.key(0), jnp.float32(0), jnp.float32(1)).compile().as_text()
+    for hlo in (step, loop):
+        shapes = {",".join(map(str, x.shape)) for x in jax.tree.leaves((cache["k"], cache["v"]))}
+        copies = [line for line in hlo.splitlines()
+                  if re.search(r"f32\[(" + "|".join(shapes) + r")\]\{[\d,]*\} copy\(", line)]
+        assert len(hlo) > 1000 and not copies, copies[:2]
+
