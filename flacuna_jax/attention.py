@@ -126,34 +126,39 @@ def xla_attention(q_bthf: Array, k_bskf: Array, v_bskf: Array, mask_bts: Array) 
     return _attention(q_bthf, k_bshf, v_bshf, mask_bts)
 
 
-def cached_attention(q_bthf: Array, k_bkfs: Array, v_bksf: Array, k_btkf: Array, v_btkf: Array,
-                     mask: Masking) -> Array:
-    """Decoding's attention: over a KV cache as it was before this call (`kv_cache.init_cache`: keys
-    [b, k, f, s], values [b, k, s, f]) and over this call's keys and values [b, t, k, f], the ones
-    written into it at `mask.write_index`. The same as attending over the written cache with
-    `mask.dense_bts`, up to the order of the softmax's sum.
-
-    Reading the cache before the write is what lets XLA update it in place: when a step also reads
-    what it wrote, XLA's CPU compiler copies every layer's keys and values (SmolLM2 fp32, 1 row x 1024
-    slots, both compiled with `kv_cache.in_place_options`: 59 vs 40 ms a step).
-    Each group of g = h / k query heads attends its kv head's keys where they lie: `xla_attention`
-    would repeat the keys and values up to h heads, a copy of g times the cache in every layer of
-    every decode step. The same numerics as `xla_attention` otherwise (scores in the compute dtype,
-    softmax in fp32); no gradient rule."""
+def cached_attention(q_bthf: Array, k_bkfs: Array, v_bksf: Array, mask_bts: Array, k_btkf: Array | None = None,
+                     v_btkf: Array | None = None, new_mask_btt: Array | None = None) -> Array:
+    """Attention over a KV cache (`kv_cache.init_cache`: keys [b, k, f, s], values [b, k, s, f]), and,
+    when given, over keys and values [b, t, k, f] not in it (`new_mask_btt`): each group of g = h / k
+    query heads attends its kv head's keys where they lie. `xla_attention` would repeat the keys and
+    values up to h heads, a copy of g times the cache in every layer of every decode step. The same
+    numerics as `xla_attention` (scores in the compute dtype, softmax in fp32); no gradient rule."""
     b, t, h, f = q_bthf.shape
     k, s = k_bkfs.shape[1], k_bkfs.shape[-1]
     q_bkgtf = q_bthf.reshape(b, t, k, h // k, f).transpose(0, 2, 3, 1, 4)
-    before_bts = mask.dense_bts & (jnp.arange(s) < jnp.reshape(mask.write_index, (-1, 1, 1)))  # not the slots written now
-    new_btt = attention_mask(mask.q_segment_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), mask.q_segment_bt)
     lowest = jnp.finfo(jnp.float32).min
-    cached = jnp.einsum("bkgtf,bkfs->bkgts", q_bkgtf, k_bkfs) * (f ** -0.5)
-    new = jnp.einsum("bkgtf,bjkf->bkgtj", q_bkgtf, k_btkf) * (f ** -0.5)
-    scores = jnp.concatenate([jnp.where(before_bts[:, None, None], cached.astype(jnp.float32), lowest),
-                              jnp.where(new_btt[:, None, None], new.astype(jnp.float32), lowest)], axis=-1)
+    scores = jnp.einsum("bkgtf,bkfs->bkgts", q_bkgtf, k_bkfs) * (f ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), lowest)
+    if k_btkf is not None:
+        new = jnp.einsum("bkgtf,bjkf->bkgtj", q_bkgtf, k_btkf) * (f ** -0.5)
+        scores = jnp.concatenate([scores, jnp.where(new_mask_btt[:, None, None], new.astype(jnp.float32), lowest)], -1)
     probs = _softmax_stats(scores)[0].astype(v_bksf.dtype)
-    out_bkgtf = (jnp.einsum("bkgts,bksf->bkgtf", probs[..., :s], v_bksf)
-                 + jnp.einsum("bkgtj,bjkf->bkgtf", probs[..., s:], v_btkf))
+    out_bkgtf = jnp.einsum("bkgts,bksf->bkgtf", probs[..., :s], v_bksf)
+    if k_btkf is not None:
+        out_bkgtf = out_bkgtf + jnp.einsum("bkgtj,bjkf->bkgtf", probs[..., s:], v_btkf)
     return out_bkgtf.transpose(0, 3, 1, 2, 4).reshape(b, t, h, f)
+
+
+def before_write_masks(mask: Masking, slots: int) -> tuple[Array, Array]:
+    """`mask` (queries written into a cache at `mask.write_index`) split for `cached_attention` over the
+    cache as it was before the write and the written keys apart: ([b, t, slots] the slots before
+    write_index, [b, t, t] the written keys). A decode step that reads what it has just written makes
+    XLA's CPU compiler copy every layer's keys and values (SmolLM2 fp32, 1 row x 1024 slots, both
+    compiled with `kv_cache.in_place_options`: 59 vs 40 ms a step); reading the cache as it was
+    lets XLA write it in place."""
+    b, t = mask.q_segment_bt.shape
+    before_bts = mask.dense_bts & (jnp.arange(slots) < jnp.reshape(mask.write_index, (-1, 1, 1)))
+    return before_bts, attention_mask(mask.q_segment_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), mask.q_segment_bt)
 
 
 def cudnn_refusal(q_bthf: Array) -> str | None:

@@ -277,12 +277,16 @@ class Attention(nn.Module):
         if cache is not None:  # write this step's keys/values at write_index, attend over the whole cache
             new = {"k": k_btkf.astype(cache["k"].dtype), "v": v_btkf.astype(cache["v"].dtype)}  # as the cache holds them
             written = write_cache(cache, new, write_index)
-            if self.runtime.attention == "xla":  # reads the cache as it was, so that XLA writes it in place
-                o = attention.cached_attention(q_bthf, *(x.astype(q_bthf.dtype) for x in (
-                    cache["k"], cache["v"], new["k"], new["v"])), mask)
+            as_q = lambda x: x.astype(q_bthf.dtype)  # noqa: E731
+            if self.runtime.attention == "xla" and t == 1:  # a decode step: the cache as it was, then the new key
+                before_bts, new_btt = attention.before_write_masks(mask, cache["k"].shape[-1])  # (in place: see there)
+                o = attention.cached_attention(q_bthf, as_q(cache["k"]), as_q(cache["v"]), before_bts,
+                                               as_q(new["k"]), as_q(new["v"]), new_btt)
+            elif self.runtime.attention == "xla":  # a prefill: over the written cache (its own keys among them)
+                o = attention.cached_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
             else:  # the other kernels take keys and values [b, s, k, f]
-                o = attention.attend(self.runtime.attention, q_bthf, written["k"].astype(q_bthf.dtype).transpose(0, 3, 1, 2),
-                                     written["v"].astype(q_bthf.dtype).transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
+                o = attention.attend(self.runtime.attention, q_bthf, as_q(written["k"]).transpose(0, 3, 1, 2),
+                                     as_q(written["v"]).transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
             cache = written
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)

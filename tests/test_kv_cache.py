@@ -78,9 +78,10 @@ def test_unrolled_decoding_with_a_shared_prefix_equals_the_scan(tmp_path):
 
 @pytest.mark.parametrize("t, index", [(1, [0, 4, 9]), (3, [2, 0, 6]), (2, 5)])
 def test_cached_attention_equals_attending_the_written_cache(t, index):
-    """Decoding's attention reads the cache as it was and this call's keys/values apart (so that XLA can
-    write the cache in place): the same outputs as the reference kernel over the written cache, whatever
-    the slots at and after the write index held before (stale keys of a freed slot here)."""
+    """A decode step's attention over the cache as it was and this call's keys/values apart (so that XLA
+    can write the cache in place; `attention.before_write_masks`): the same outputs as the reference
+    kernel over the written cache, whatever the slots at and after the write index held before (stale
+    keys of a freed slot here)."""
     from flacuna_jax import attention
     from flacuna_jax.kv_cache import write_slots
 
@@ -95,7 +96,8 @@ def test_cached_attention_equals_attending_the_written_cache(t, index):
     mask = attention.masking(segment_ids_bt, write_slots(old_segments, segment_ids_bt, write_index, slot_axis=1),
                              write_index)
     written = write_cache(cache, new, write_index)
-    got = attention.cached_attention(q_bthf, cache["k"], cache["v"], new["k"], new["v"], mask)
+    before_bts, new_btt = attention.before_write_masks(mask, s)
+    got = attention.cached_attention(q_bthf, cache["k"], cache["v"], before_bts, new["k"], new["v"], new_btt)
     want = attention.xla_attention(q_bthf, written["k"].transpose(0, 3, 1, 2), written["v"].transpose(0, 2, 1, 3),
                                    mask.dense_bts)
     real = np.asarray(segment_ids_bt) > 0

@@ -5,8 +5,9 @@ write index per slot), and per slot on the host: its last token, adapter, sampli
 strings and token budget. A decode step computes every row of the cache and reads every column of
 every row, so the cache has only the rows and columns in use, in buckets (powers of two): rows up to
 the highest busy slot (a new request takes the lowest free slot), columns up to the longest
-sequence in flight. It grows by a copy when a slot or a sequence needs more, and shrinks when three
-quarters of it are idle; each (rows, columns) shape compiles once. The jitted functions that fill
+sequence in flight. It grows by a copy when a slot or a sequence needs more; it loses rows as soon as
+the busy slots fit fewer, and columns when three quarters of them are idle; each (rows, columns)
+shape compiles once. The jitted functions that fill
 and advance the slots (prefill, insert, decode step, resize) are `slots.py`'s.
 
 The scheduler (`step`, run in a loop by one thread) admits queued requests into free slots while
@@ -161,7 +162,9 @@ class Engine:
         busy = [i for i, s in enumerate(self.slots) if s is not None]
         rows = max([rows, 1] + [i + 1 for i in busy])
         columns = max([columns, 1] + [int(self._index[i]) + 1 for i in busy])
-        shape = (_fitted(self.rows, rows, self._row_bucket), _fitted(self.width, columns, self._bucket))
+        # rows follow the busy slots both ways: a step over a spare row costs more than the resize's one copy of
+        # the cache (SmolLM2: a 2-row step's matmuls take ~1.5x a 1-row step's); columns shrink lazily (`_fitted`)
+        shape = (self._row_bucket(rows), _fitted(self.width, columns, self._bucket))
         if shape != (self.rows, self.width):
             self.cache = self.fns.resize(self.cache, *shape)
 
