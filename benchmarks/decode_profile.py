@@ -1,7 +1,7 @@
 """Where a decode step's time goes on this machine: memory bandwidth, and the server's slot step by rows x width.
 
     python -m benchmarks.decode_profile [--model .cache/smollm2] [--grid 1x128 1x1024 8x128 8x1024] [--steps 10]
-                                        [--matmul-rows 1 8 16 32]
+                                        [--matmul-rows 1 8 16 32] [--prefill-widths 128 384]
 
 Prints one JSON line:
 - `read_gb_per_s`: a plain sum over the model's fp32 weight bytes, in JAX and in torch (the floor of a
@@ -15,7 +15,10 @@ Prints one JSON line:
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
   output projection) applied to that many rows and nothing else, in JAX (one jitted function) and in
   torch (the same fp32 weights): the floor of a decode step that XLA's and torch's matrix products give
-  on this machine, and how the two libraries' products compare at few rows.
+  on this machine, and how the two libraries' products compare at few rows;
+- `prefill_ms`: per width, one prompt of that many tokens through the server's prefill (`serve/slots.py`:
+  the whole model, the output projection at the last position only) and through transformers' forward
+  with `logits_to_keep=1` on the same ids (what `transformers serve` computes before its first token).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def best_ms(fn, rounds: int = 3, steps: int = 10) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / steps)
     return best * 1000
+
+
+def versus(ms_jax: float, ms_torch: float) -> dict:
+    return {"jax": round(ms_jax, 2), "torch": round(ms_torch, 2), "torch_over_jax": round(ms_torch / ms_jax, 2)}
 
 
 def read_rates(n_floats: int) -> dict:
@@ -82,7 +89,7 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
             return sum(torch.sum(t_xs[w.shape[0]] @ w) for w in t_kernels) + torch.sum(t_xs[hidden] @ t_head_vd.T)
 
     ms_torch = best_ms(t_products, steps=steps)
-    return {"jax": round(ms_jax, 2), "torch": round(ms_torch, 2), "torch_over_jax": round(ms_torch / ms_jax, 2)}
+    return versus(ms_jax, ms_torch)
 
 
 def step_ms(model, params, rows: int, width: int, steps: int) -> float:
@@ -104,6 +111,28 @@ def step_ms(model, params, rows: int, width: int, steps: int) -> float:
     return best_ms(one, steps=steps)
 
 
+def prefill_ms(model, params, model_dir: str, width: int, steps: int) -> dict:
+    """One `width`-token prompt's prefill, ours (the server's) vs transformers' forward on the same ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flacuna_jax.serve import slots
+
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, width)).astype(np.int32)
+    prefill = slots.compile_slot_functions(model).prefill
+    adapter = np.zeros((1,), np.int32)
+    ms_jax = best_ms(lambda: np.asarray(prefill(params, ids, np.int32(width), adapter)[1]), steps=steps)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t_ids = torch.from_numpy(ids.astype(np.int64))
+
+    def t_prefill():
+        with torch.no_grad():
+            return hf(t_ids, logits_to_keep=1).logits
+
+    ms_torch = best_ms(t_prefill, steps=steps)
+    return versus(ms_jax, ms_torch)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import Load, emit
 
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", nargs="+", default=["1x128", "1x1024", "8x128", "8x1024"], help="ROWSxWIDTH cases")
     p.add_argument("--matmul-rows", type=int, nargs="*", default=[1, 8, 16, 32],
                    help="row counts for `matmuls_ms` (none: skip)")
+    p.add_argument("--prefill-widths", type=int, nargs="*", default=[128, 384],
+                   help="prompt lengths for `prefill_ms` (none: skip)")
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args(argv)
 
@@ -127,7 +158,8 @@ def measure(a: argparse.Namespace) -> dict:
     from flacuna_jax import attention
     from flacuna_jax.inference import load_for_inference
 
-    model, params = load_for_inference(a.model or str(smollm2_dir()), layers="unrolled")
+    model_dir = a.model or str(smollm2_dir())
+    model, params = load_for_inference(model_dir, layers="unrolled")
     n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     c = model.config
     out: dict = {"benchmark": "decode_profile", "model": a.model or "smollm2", "weights_mb": round(n_weights * 4 / 1e6, 1),
@@ -147,6 +179,7 @@ def measure(a: argparse.Namespace) -> dict:
     finally:
         attention.cached_attention = real
     out["matmuls_ms"] = {str(rows): matmul_ms(model, params, rows, a.steps) for rows in a.matmul_rows}
+    out["prefill_ms"] = {str(w): prefill_ms(model, params, model_dir, w, max(1, a.steps // 5)) for w in a.prefill_widths}
     return out
 
 

@@ -146,17 +146,21 @@ def test_splash_benchmark_rows_and_verdict():
 
 def test_decode_profile_on_a_tiny_model(tmp_path):
     """benchmarks.decode_profile's fields on a tiny model: the step with and without the cache attention,
-    the model's matmuls alone in JAX and torch, and the real attention put back afterwards."""
+    the model's matmuls alone and a prompt's prefill in JAX and torch, and the real attention put back
+    afterwards."""
     from benchmarks import decode_profile
     from flacuna_jax import attention, tiny
 
     model_dir = tiny.write_tiny_model(tmp_path / "model", tiny.PRESETS["gqa"], seed=0)
     real = attention.cached_attention
-    out = decode_profile.main(["--model", str(model_dir), "--grid", "2x32", "--matmul-rows", "2", "--steps", "1"])
+    out = decode_profile.main(["--model", str(model_dir), "--grid", "2x32", "--matmul-rows", "2", "--prefill-widths", "16",
+                               "--steps", "1"])
     assert attention.cached_attention is real
     step = out["step_ms"]["2x32"]
     assert step["ms"] >= 0 and step["no_attention_ms"] >= 0  # rounded to 0.1 ms: a tiny model's may be 0
     matmuls = out["matmuls_ms"]["2"]
     assert matmuls["jax"] >= 0 and matmuls["torch"] >= 0 and matmuls["torch_over_jax"] > 0
+    prefill = out["prefill_ms"]["16"]
+    assert prefill["jax"] > 0 and prefill["torch"] > 0 and prefill["torch_over_jax"] > 0
     assert out["read_gb_per_s"]["jax"] > 0 and "loaded" in out
     assert len(out["memory_read_gb_per_s"]) == 2 and min(out["memory_read_gb_per_s"]) > 0  # benchmarks.common.Load
