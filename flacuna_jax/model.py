@@ -278,15 +278,15 @@ class Attention(nn.Module):
             new = {"k": k_btkf.astype(cache["k"].dtype), "v": v_btkf.astype(cache["v"].dtype)}  # as the cache holds them
             written = write_cache(cache, new, write_index)
             as_q = lambda x: x.astype(q_bthf.dtype)  # noqa: E731
-            if self.runtime.attention == "xla" and t == 1:  # a decode step: the cache as it was, then the new key
-                before_bts, new_btt = attention.before_write_masks(mask, cache["k"].shape[-1])  # (in place: see there)
-                o = attention.cached_attention(q_bthf, as_q(cache["k"]), as_q(cache["v"]), before_bts,
-                                               as_q(new["k"]), as_q(new["v"]), new_btt)
-            elif self.runtime.attention == "xla":  # a prefill: over the written cache (its own keys among them)
-                o = attention.cached_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
-            else:  # the other kernels take keys and values [b, s, k, f]
+            if self.runtime.attention != "xla":  # the other kernels take keys and values [b, s, k, f]
                 o = attention.attend(self.runtime.attention, q_bthf, as_q(written["k"]).transpose(0, 3, 1, 2),
                                      as_q(written["v"]).transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
+            elif t == 1:  # a decode step: the cache as it was, then the new key (in place: `before_write_masks`)
+                before_bts, new_btt = attention.before_write_masks(mask, cache["k"].shape[-1])
+                o = attention.cached_attention(q_bthf, as_q(cache["k"]), as_q(cache["v"]), before_bts,
+                                               as_q(new["k"]), as_q(new["v"]), new_btt)
+            else:  # a prefill: over the written cache (its own keys among them)
+                o = attention.cached_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
             cache = written
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
