@@ -28,10 +28,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flacuna_jax import attention_splash
+from flacuna_jax import attention_cpu, attention_splash
 
 Array = jax.Array
 KERNELS = ("xla", "dot_product", "splash", "auto")  # model.attention
+DECODE_KERNELS = ("native", "xla")  # Runtime.decode_attention
 
 
 def attention_mask(q_segment_bt: Array, q_index_bt: Array, kv_segment_bs: Array) -> Array:
@@ -159,6 +160,22 @@ def before_write_masks(mask: Masking, slots: int) -> tuple[Array, Array]:
     b, t = mask.q_segment_bt.shape
     before_bts = mask.dense_bts & (jnp.arange(slots) < jnp.reshape(mask.write_index, (-1, 1, 1)))
     return before_bts, attention_mask(mask.q_segment_bt, jnp.broadcast_to(jnp.arange(t), (b, t)), mask.q_segment_bt)
+
+
+def decode_attention(kind: str, q_bthf: Array, k_bkfs: Array, v_bksf: Array, mask_bts: Array, k_btkf: Array,
+                     v_btkf: Array, new_mask_btt: Array) -> Array:
+    """A decode step's attention (`cached_attention` over the cache as it was plus the new keys), by
+    `kind` (`Runtime.decode_attention`): native, the fused CPU kernel of `attention_cpu` where it
+    can run (else this, the reason logged once, unless the backend is not a CPU); xla, XLA's."""
+    if kind not in DECODE_KERNELS:
+        raise ValueError(f"decode attention {kind!r}: not one of {', '.join(DECODE_KERNELS)}")
+    if kind == "native":
+        reason = attention_cpu.refusal(q_bthf, k_bkfs)
+        if reason is None:
+            return attention_cpu.decode_attention(q_bthf, k_bkfs, v_bksf, mask_bts, k_btkf, v_btkf, new_mask_btt)
+        if jax.default_backend() == "cpu":
+            _log_once(f"attention: XLA's decode attention instead of the native CPU kernel: {reason}")
+    return cached_attention(q_bthf, k_bkfs, v_bksf, mask_bts, k_btkf, v_btkf, new_mask_btt)
 
 
 def cudnn_refusal(q_bthf: Array) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flacuna_jax.attention import KERNELS
+from flacuna_jax.attention import DECODE_KERNELS, KERNELS
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
@@ -35,24 +35,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=KERNELS, default="xla",
                    help="attention kernel, as model.attention in training: xla (the reference), dot_product (cuDNN), "
                         "splash (TPU; one decoded token uses xla), auto (splash on a TPU, cuDNN on a GPU, else XLA's)")
+    p.add_argument("--decode-attention", choices=DECODE_KERNELS, default="native",
+                   help="a decoded token's attention over the KV cache: native (a fused C++ kernel for the CPU in "
+                        "float32, built on first use; elsewhere XLA's) or xla")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
     """(model, params) chosen by the `add_model_args` arguments, laid out for decoding (`layers`)."""
     return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant, a.attention,
-                              layers="unrolled")
+                              layers="unrolled", decode_attention=a.decode_attention)
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
                        dtype: Any = jnp.float32, base_quant: str = "none", attention: str = "xla",
-                       layers: str = "scan") -> tuple[Any, Any]:
+                       layers: str = "scan", decode_attention: str = "native") -> tuple[Any, Any]:
     """(model, params) of the base model with an adapter or a training run's LoRA folded in (or, on a
     quantized base, beside it). `layers="unrolled"`: one weight buffer per layer, what decoding and
     scoring run fastest on (`model.unrolled`; a quantized base stays scanned); "scan": the stacked
     layout training uses (`params["layers"]`)."""
     if layers not in ("scan", "unrolled"):
         raise ValueError(f"layers must be scan or unrolled, got {layers!r}")
-    model, params = _load(model_dir, adapter, run, dtype, base_quant, attention)
+    model, params = _load(model_dir, adapter, run, dtype, base_quant, attention, decode_attention)
     if layers == "unrolled":
         from flacuna_jax.model import unrolled
 
@@ -61,12 +64,13 @@ def load_for_inference(model_dir: str, adapter: str | None = None, run: str | No
 
 
 def _load(model_dir: str, adapter: str | None, run: str | None, dtype: Any, base_quant: str,
-          attention: str) -> tuple[Any, Any]:
+          attention: str, decode_attention: str) -> tuple[Any, Any]:
     from flacuna_jax.hf import load_pretrained
     from flacuna_jax.lora import fold_lora, merge_params
     from flacuna_jax.model import LoraSpec, Runtime
 
-    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, attention=attention, base_quant=base_quant)
+    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, attention=attention, base_quant=base_quant,
+                      decode_attention=decode_attention)
     model, params = load_pretrained(model_dir, runtime)
     if adapter is None and run is None:
         return model, params

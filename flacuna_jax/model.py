@@ -118,6 +118,7 @@ class Runtime:
     double_quant: bool = False  # nf4: the block absmax quantized too
     splash_blocks: SplashBlocks = SplashBlocks()  # splash attention's tile sizes
     layers: str = "scan"  # scan | unrolled (inference: each layer's weights its own buffer, see `unstack_layers`)
+    decode_attention: str = "native"  # native | xla: a decode step's attention (attention.decode_attention)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -283,8 +284,8 @@ class Attention(nn.Module):
                                      as_q(written["v"]).transpose(0, 2, 1, 3), mask, self.runtime.splash_blocks)
             elif t == 1:  # a decode step: the cache as it was, then the new key (in place: `before_write_masks`)
                 before_bts, new_btt = attention.before_write_masks(mask, cache["k"].shape[-1])
-                o = attention.cached_attention(q_bthf, as_q(cache["k"]), as_q(cache["v"]), before_bts,
-                                               as_q(new["k"]), as_q(new["v"]), new_btt)
+                o = attention.decode_attention(self.runtime.decode_attention, q_bthf, as_q(cache["k"]),
+                                               as_q(cache["v"]), before_bts, as_q(new["k"]), as_q(new["v"]), new_btt)
             else:  # a prefill: over the written cache (its own keys among them)
                 o = attention.cached_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
             cache = written

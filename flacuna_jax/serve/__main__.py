@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flacuna_jax.attention import DECODE_KERNELS
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (adapters applied on top)")
+    p.add_argument("--decode-attention", choices=DECODE_KERNELS, default="native",
+                   help="a decoded token's attention over the KV cache: native (a fused C++ kernel for the CPU in "
+                        "float32, built on first use; elsewhere XLA's) or xla")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated together")
@@ -83,7 +87,8 @@ def load_engine(a: argparse.Namespace):
     mesh = make_mesh(1, 1, tensor, devices[:tensor]) if tensor > 1 else None
     dtype = FLOAT_DTYPES[a.dtype]
     tokenizer = load_tokenizer(a.tokenizer or a.model)
-    model, params = load_pretrained(a.model, Runtime(compute_dtype=dtype, param_dtype=dtype, base_quant=a.base_quant), mesh=mesh)
+    runtime = Runtime(compute_dtype=dtype, param_dtype=dtype, base_quant=a.base_quant, decode_attention=a.decode_attention)
+    model, params = load_pretrained(a.model, runtime, mesh=mesh)
     base_id = a.served_model_name or Path(a.model).resolve().name
     adapters = load_adapters(a.adapter, a.run, model.config, base_id)
     served = [ServedModel(base_id, 0, str(a.model))]
