@@ -7,11 +7,13 @@ Prints one JSON line:
 - `read_gb_per_s`: a plain sum over the model's fp32 weight bytes, in JAX and in torch (the floor of a
   batch-1 decode step is reading every weight once: `weights_mb` / that rate);
 - `step_ms`: the server's jitted decode step (`serve/slots.py`, the unrolled model, cache donated) per
-  "ROWSxWIDTH" (slots in use x cache columns, every row at column WIDTH/2), best of 3 timed rounds of
-  --steps steps, with the decode attention as it is and with it replaced by the identity
-  (`no_attention_ms`): the difference is what attending over the cache costs;
-- `attention_read_gb_per_s`: the cache bytes the attention reads (rows x width x layers x kv heads x head
-  dim x 4 bytes x 2, keys and values) over that difference;
+  "ROWSxWIDTH" (slots in use x cache columns, every row at column WIDTH/2, the slots before it
+  written), best of 3 timed rounds of --steps steps: `ms` with the default decode attention (the native
+  CPU kernel, `attention_cpu.py`), `xla_attention_ms` with XLA's (`Runtime.decode_attention=xla`), and
+  `no_attention_ms` with the attention replaced by the identity: the differences are what attending
+  over the cache costs;
+- `attended_gb_per_s`: the written cache's bytes (rows x WIDTH/2 x layers x kv heads x head dim x 4
+  bytes x 2, keys and values) over that cost, with each kernel (`native`, `xla`);
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
   output projection) applied to that many rows and nothing else, in JAX (one jitted function) and in
   torch (the same fp32 weights): the floor of a decode step that XLA's and torch's matrix products give
@@ -24,6 +26,7 @@ Prints one JSON line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -100,6 +103,7 @@ def step_ms(model, params, rows: int, width: int, steps: int) -> float:
     fns = slots.compile_slot_functions(model)
     state = {"cache": slots.empty_cache(model, rows, width)}
     state["cache"]["index"] = jnp.full((rows,), width // 2, jnp.int32)
+    state["cache"]["segment_ids"] = state["cache"]["segment_ids"].at[:, :width // 2].set(1)  # the written slots
     args = (np.ones((rows,), np.int32), np.ones((rows,), bool), np.zeros((rows,), np.int32), np.zeros((rows,), np.uint32),
             np.zeros((rows,), np.int32), np.zeros((rows,), np.float32), np.ones((rows,), np.float32))
 
@@ -165,19 +169,22 @@ def measure(a: argparse.Namespace) -> dict:
     out: dict = {"benchmark": "decode_profile", "model": a.model or "smollm2", "weights_mb": round(n_weights * 4 / 1e6, 1),
                  "read_gb_per_s": read_rates(n_weights), "step_ms": {}}
     cases = [tuple(int(v) for v in case.split("x")) for case in a.grid]
+    xla_model = model.clone(runtime=dataclasses.replace(model.runtime, decode_attention="xla"))
     for rows, width in cases:
-        out["step_ms"][f"{rows}x{width}"] = {"ms": round(step_ms(model, params, rows, width, a.steps), 1)}
-    real = attention.cached_attention
-    attention.cached_attention = lambda q, *cache_and_new: q  # the identity: what the step costs without attending
+        out["step_ms"][f"{rows}x{width}"] = {"ms": round(step_ms(model, params, rows, width, a.steps), 1),
+                                             "xla_attention_ms": round(step_ms(xla_model, params, rows, width, a.steps), 1)}
+    real = attention.decode_attention
+    attention.decode_attention = lambda kind, q, *cache_and_new: q  # the identity: what the step costs without attending
     try:
         for rows, width in cases:
             entry = out["step_ms"][f"{rows}x{width}"]
             entry["no_attention_ms"] = round(step_ms(model, params, rows, width, a.steps), 1)
-            cache_gb = rows * width * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 2 / 1e9
-            spent = entry["ms"] - entry["no_attention_ms"]
-            entry["attention_read_gb_per_s"] = round(cache_gb / spent * 1000, 2) if spent > 0 else None
+            written_gb = rows * (width // 2) * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 2 / 1e9
+            entry["attended_gb_per_s"] = {
+                kernel: round(written_gb / spent * 1000, 2) if (spent := entry[key] - entry["no_attention_ms"]) > 0 else None
+                for kernel, key in (("native", "ms"), ("xla", "xla_attention_ms"))}
     finally:
-        attention.cached_attention = real
+        attention.decode_attention = real
     out["matmuls_ms"] = {str(rows): matmul_ms(model, params, rows, a.steps) for rows in a.matmul_rows}
     out["prefill_ms"] = {str(w): prefill_ms(model, params, model_dir, w, max(1, a.steps // 5)) for w in a.prefill_widths}
     return out
