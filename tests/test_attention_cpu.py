@@ -161,3 +161,11 @@ def test_without_the_kernel_decoding_runs_xla_and_says_why_once(monkeypatch, cap
     assert "it takes float32" in attention_cpu.refusal(half[0], half[1])
     with pytest.raises(ValueError, match="decode attention 'cudnn': not one of native, xla"):
         attention.decode_attention("cudnn", *args)
+
+
+@needs_compiler
+def test_shapes_that_disagree_are_an_error_not_a_stray_read():
+    args, _ = inputs(2, 1, 4, 2, 8, 10, 1)
+    q, k_cache, v_cache, mask = args[:4]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="shapes do not agree"):
+        jax.block_until_ready(attention_cpu.decode_attention(q, k_cache, v_cache, mask[:, :, :5], *args[4:]))

@@ -161,6 +161,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (qd.size() != 4 || kd.size() != 4 || nd.size() != 4 || kd[1] == 0 || qd[2] % kd[1] != 0)
     return ffi::Error::InvalidArgument("decode_attention: q [b, t, h, f], caches [b, k, f, s], new [b, n, k, f]");
   const Shapes d{qd[0], qd[1], qd[2], qd[3], kd[1], kd[3], nd[1], qd[2] / kd[1]};
+  // Every buffer's shape follows from q's, the keys' and the new keys' (the kernel indexes them all).
+  using Dims = std::vector<int64_t>;
+  auto dims = [](auto span) { return Dims(span.begin(), span.end()); };
+  if (dims(kd) != Dims{d.b, d.k, d.f, d.s} || dims(v_cache.dimensions()) != Dims{d.b, d.k, d.s, d.f} ||
+      dims(mask.dimensions()) != Dims{d.b, d.t, d.s} || dims(nd) != Dims{d.b, d.n, d.k, d.f} ||
+      dims(v_new.dimensions()) != Dims{d.b, d.n, d.k, d.f} || dims(new_mask.dimensions()) != Dims{d.b, d.t, d.n} ||
+      dims(out->dimensions()) != dims(qd))
+    return ffi::Error::InvalidArgument("decode_attention: shapes do not agree with q [b, t, h, f] and the caches");
   const float* qp = q.typed_data();
   const float* kp = k_cache.typed_data();
   const float* vp = v_cache.typed_data();
