@@ -64,9 +64,10 @@ def read_rates(n_floats: int) -> dict:
 
 
 def matmul_ms(model, params, rows: int, steps: int) -> dict:
-    """Every weight matrix of the model applied to `rows` rows, JAX vs torch. The output projection as
-    each applies it: in JAX `model.output_embedding` (the tied embedding, transposed in the jitted
-    function), in torch as transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
+    """Every weight matrix of the model applied to `rows` rows, JAX vs torch, each as its model applies
+    it: in JAX as `model.Linear` (x @ W, W [in, out]), in torch as `nn.Linear` (`F.linear`, W [out, in]).
+    The output projection: in JAX `model.output_embedding` (the tied embedding, transposed in the
+    jitted function), in torch as transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -83,13 +84,14 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
         return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
 
     ms_jax = best_ms(lambda: products(xs, kernels, params).block_until_ready(), steps=steps)
-    t_kernels = [torch.from_numpy(np.array(w)) for w in kernels]
+    t_kernels = [torch.from_numpy(np.array(w).T.copy()) for w in kernels]  # [out, in], as nn.Linear holds them
     t_head_vd = torch.from_numpy(np.array(model.output_embedding(params)).T.copy())
     t_xs = {d: torch.full((rows, d), 0.01) for d in xs}
 
     def t_products():
         with torch.no_grad():
-            return sum(torch.sum(t_xs[w.shape[0]] @ w) for w in t_kernels) + torch.sum(t_xs[hidden] @ t_head_vd.T)
+            linear = torch.nn.functional.linear
+            return sum(torch.sum(linear(t_xs[w.shape[1]], w)) for w in t_kernels) + torch.sum(linear(t_xs[hidden], t_head_vd))
 
     ms_torch = best_ms(t_products, steps=steps)
     return versus(ms_jax, ms_torch)
