@@ -150,6 +150,29 @@ def cached_attention(q_bthf: Array, k_bkfs: Array, v_bksf: Array, mask_bts: Arra
     return out_bkgtf.transpose(0, 3, 1, 2, 4).reshape(b, t, h, f)
 
 
+PREFILL_CHUNK = 128  # query rows per chunk of `cached_prefill_attention`
+
+
+def cached_prefill_attention(q_bthf: Array, k_bkfs: Array, v_bksf: Array, mask_bts: Array,
+                             chunk: int = PREFILL_CHUNK) -> Array:
+    """`cached_attention` for t queries written into the cache from a slot <= s - t (a prefill), in
+    chunks of `chunk` queries: query j sees no slot after s - t + j, so the chunk ending at query e
+    reads only the first s - t + e slots, and a long prompt's causal attention skips most of the
+    masked upper triangle (SmolLM2 fp32, a 384-token prefill: ~435 -> ~393 ms; smaller chunks cost
+    more than they save). The same outputs for every query that sees a key; a fully masked one
+    (padding) attends uniformly over fewer slots."""
+    t, s = q_bthf.shape[1], k_bkfs.shape[-1]
+    if t <= chunk:
+        return cached_attention(q_bthf, k_bkfs, v_bksf, mask_bts)
+    outs = []
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        seen = s - t + end
+        outs.append(cached_attention(q_bthf[:, start:end], k_bkfs[..., :seen], v_bksf[:, :, :seen],
+                                     mask_bts[:, start:end, :seen]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def before_write_masks(mask: Masking, slots: int) -> tuple[Array, Array]:
     """`mask` (queries written into a cache at `mask.write_index`) split for `cached_attention` over the
     cache as it was before the write and the written keys apart: ([b, t, slots] the slots before

@@ -286,8 +286,8 @@ class Attention(nn.Module):
                 before_bts, new_btt = attention.before_write_masks(mask, cache["k"].shape[-1])
                 o = attention.decode_attention(self.runtime.decode_attention, q_bthf, as_q(cache["k"]),
                                                as_q(cache["v"]), before_bts, as_q(new["k"]), as_q(new["v"]), new_btt)
-            else:  # a prefill: over the written cache (its own keys among them)
-                o = attention.cached_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
+            else:  # a prefill: over the written cache (its own keys among them), causal chunks
+                o = attention.cached_prefill_attention(q_bthf, as_q(written["k"]), as_q(written["v"]), mask.dense_bts)
             cache = written
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)

@@ -104,6 +104,31 @@ def test_cached_attention_equals_attending_the_written_cache(t, index):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("t, index, chunk", [(20, [0, 3, 10], 6), (9, 2, 4), (5, [1, 0, 2], 8)])
+def test_a_prefill_in_causal_chunks_equals_attending_the_whole_cache(t, index, chunk):
+    """`attention.cached_prefill_attention`: each chunk of queries reads only the slots up to its last
+    query's (s - t + end), with the same outputs as `cached_attention` over the whole written cache for
+    every real query, whatever the write index (<= s - t) and the stale slots after the prompt."""
+    from flacuna_jax import attention
+    from flacuna_jax.kv_cache import write_slots
+
+    b, s, h, k, f = 3, 30, 4, 2, 8
+    rng = np.random.default_rng(t)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    cache = {"k": normal(b, k, f, s), "v": normal(b, k, s, f)}  # stale keys everywhere
+    q_bthf, new = normal(b, t, h, f), {"k": normal(b, t, k, f), "v": normal(b, t, k, f)}
+    write_index = jnp.asarray(index, jnp.int32)
+    old_segments = jnp.asarray(rng.integers(0, 2, (b, s)), jnp.int32)  # a prefix with padding among it
+    segment_ids_bt = jnp.asarray([[1] * t, [0, 0] + [1] * (t - 2), [1] * t], jnp.int32)  # left padding too
+    mask = attention.masking(segment_ids_bt, write_slots(old_segments, segment_ids_bt, write_index, slot_axis=1),
+                             write_index)
+    written = write_cache(cache, new, write_index)
+    got = attention.cached_prefill_attention(q_bthf, written["k"], written["v"], mask.dense_bts, chunk=chunk)
+    want = attention.cached_attention(q_bthf, written["k"], written["v"], mask.dense_bts)
+    real = np.asarray(mask.dense_bts).any(axis=-1)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_decode_step_writes_the_cache_in_place(rows, tmp_path):
     """The compiled decode steps (the server's slot step, `generate`'s loop) hold no copy of a layer's
