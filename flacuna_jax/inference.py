@@ -23,7 +23,7 @@ from flacuna_jax.dtypes import FLOAT_DTYPES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant, --attention."""
+    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant, --attention, --decode-attention."""
     p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     src = p.add_mutually_exclusive_group()
@@ -35,6 +35,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=KERNELS, default="xla",
                    help="attention kernel, as model.attention in training: xla (the reference), dot_product (cuDNN), "
                         "splash (TPU; one decoded token uses xla), auto (splash on a TPU, cuDNN on a GPU, else XLA's)")
+    add_decode_attention_arg(p)
+
+
+def add_decode_attention_arg(p: argparse.ArgumentParser) -> None:
+    """--decode-attention (`Runtime.decode_attention`), shared by the inference CLIs and the server."""
     p.add_argument("--decode-attention", choices=DECODE_KERNELS, default="native",
                    help="a decoded token's attention over the KV cache: native (a fused C++ kernel for the CPU in "
                         "float32, built on first use; elsewhere XLA's) or xla")

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flacuna_jax.attention import DECODE_KERNELS
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
+from flacuna_jax.inference import add_decode_attention_arg
 
 API_KEY_ENV = "FLACUNA_API_KEY"
 
@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (adapters applied on top)")
-    p.add_argument("--decode-attention", choices=DECODE_KERNELS, default="native",
-                   help="a decoded token's attention over the KV cache: native (a fused C++ kernel for the CPU in "
-                        "float32, built on first use; elsewhere XLA's) or xla")
+    add_decode_attention_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated together")
