@@ -65,9 +65,13 @@ def _cpu_identity() -> str:
     return platform.machine() + "".join(lines)
 
 
-def build(compiler: str | None = None) -> Path:
+BUILD_TIMEOUT_S = 600  # a compiler that hangs fails the build (decoding then runs XLA's attention)
+
+
+def build(compiler: str | None = None, timeout_s: float = BUILD_TIMEOUT_S) -> Path:
     """The kernel's shared library, compiled unless this machine's is already cached. A compiler that
-    fails raises RuntimeError with its first error line."""
+    fails raises RuntimeError with its first error line, one that runs past `timeout_s` is killed and
+    raises RuntimeError too."""
     compiler = compiler or os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
@@ -81,8 +85,11 @@ def build(compiler: str | None = None) -> Path:
     include = Path(jax.ffi.include_dir())
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
-        done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", str(SOURCE), "-o", str(partial)],
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", str(SOURCE), "-o", str(partial)],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{compiler} did not finish building {SOURCE.name} in {timeout_s:g} s") from None
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first}")

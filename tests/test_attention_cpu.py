@@ -143,6 +143,11 @@ def test_a_missing_or_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
         attention_cpu.build("no-such-c++")
     with pytest.raises(RuntimeError, match="false could not build decode_attention.cc"):
         attention_cpu.build("false")
+    hanging = tmp_path / "hanging-c++"
+    hanging.write_text("#!/bin/sh\nexec sleep 60\n")  # killed at the timeout, nothing left behind
+    hanging.chmod(0o755)
+    with pytest.raises(RuntimeError, match="hanging-c\\+\\+ did not finish building decode_attention.cc in 0.5 s"):
+        attention_cpu.build(str(hanging), timeout_s=0.5)
     assert not list(tmp_path.glob("*.so"))
 
 
