@@ -12,11 +12,8 @@ float, an fp32 softmax over the cache and the new keys together), up to the orde
 an exp polynomial of ~1 ulp. A fully masked query (padding) attends uniformly over the slots it
 could reach rather than all of them: no output of a padding query is ever used.
 
-Build: compiled on first use, for this CPU (`-O3 -march=native`), by `$CXX` (else `c++`), into
-`$FLACUNA_JAX_CACHE` (else `$XDG_CACHE_HOME/flacuna_jax`, else `~/.cache/flacuna_jax`), named by a
-hash of the source, the flags, jaxlib's version and the CPU; written to a temporary file and renamed,
-so processes building at once never load a partial library. Where it cannot be built, `refusal`
-says why and `attention.decode_attention` runs `cached_attention` instead.
+Build: `native.py` compiles it on first use for this CPU; where it cannot be built, `refusal` says
+why and `attention.decode_attention` runs `cached_attention` instead.
 
 Sharding: inside a mesh context the kernel runs under `shard_map`, rows over data x fsdp and kv heads
 over tensor where it divides them; outside one, XLA gathers sharded operands before the call.
@@ -24,88 +21,22 @@ over tensor where it divides them; outside one, XLA gathers sharded operands bef
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from flacuna_jax import native
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cc"
+SOURCE = native.CSRC / "decode_attention.cc"
 TARGET = "flacuna_decode_attention"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
 
 
-def cache_dir() -> Path:
-    if os.environ.get("FLACUNA_JAX_CACHE"):
-        return Path(os.environ["FLACUNA_JAX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flacuna_jax"
-
-
-def _cpu_identity() -> str:
-    """What `-march=native` compiles for: the machine and, on Linux, the CPU's model and feature flags."""
-    lines = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))][:2]
-    except OSError:
-        pass
-    return platform.machine() + "".join(lines)
-
-
-BUILD_TIMEOUT_S = 600  # a compiler that hangs fails the build (decoding then runs XLA's attention)
-
-
-def build(compiler: str | None = None, timeout_s: float = BUILD_TIMEOUT_S) -> Path:
-    """The kernel's shared library, compiled unless this machine's is already cached. A compiler that
-    fails raises RuntimeError with its first error line, one that runs past `timeout_s` is killed and
-    raises RuntimeError too."""
-    compiler = compiler or os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
-                                      _cpu_identity().encode(), compiler.encode()])).hexdigest()[:16]
-    library = cache_dir() / f"decode_attention-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    include = Path(jax.ffi.include_dir())
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        partial = Path(tmp) / library.name
-        try:
-            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", str(SOURCE), "-o", str(partial)],
-                                  capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{compiler} did not finish building {SOURCE.name} in {timeout_s:g} s") from None
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first}")
-        os.replace(partial, library)  # atomic: another process sees the whole library or none
-    return library
-
-
-@functools.cache
 def _registration() -> str | None:
-    """Builds, loads and registers the kernel once per process: None, or why it cannot run."""
-    try:
-        handler = ctypes.cdll.LoadLibrary(str(build())).FlacunaDecodeAttention
-    except (RuntimeError, OSError, AttributeError) as e:  # AttributeError: a library without the handler
-        return f"the native decode kernel could not be built: {e}"
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return None
+    """None once the kernel is built and registered, or why it cannot be."""
+    return native.register(SOURCE.name, "FlacunaDecodeAttention", TARGET)
 
 
 def refusal(q_bthf: Array, k_bkfs: Array) -> str | None:

@@ -2,8 +2,6 @@
 build, where it runs (a model's decode step, a mesh) and where it does not (XLA's instead, said once)."""
 
 import logging
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +10,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flacuna_jax import attention, attention_cpu, sharding, tiny
-
-# Without a C++ compiler the kernel cannot be built (decoding then runs XLA's attention, the last test);
-# CI installs one and sets FLACUNA_REQUIRE_CXX, so there its absence fails instead.
-needs_compiler = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX") or "c++") is None and not os.environ.get("FLACUNA_REQUIRE_CXX"),
-    reason="no C++ compiler (set CXX) to build the native decode attention")
+from flacuna_jax import attention, attention_cpu, native, sharding, tiny
+from tests.helpers import needs_compiler
 
 
 def inputs(b, t, h, k, f, s, n, seed=0):
@@ -130,29 +123,29 @@ def test_under_a_mesh_rows_and_kv_heads_split(mesh_shape, heads):
 @needs_compiler
 def test_the_library_is_built_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("FLACUNA_JAX_CACHE", str(tmp_path))
-    first = attention_cpu.build()
+    first = native.build(attention_cpu.SOURCE)
     assert first.parent == tmp_path and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
-    assert attention_cpu.build() == first and first.stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert native.build(attention_cpu.SOURCE) == first and first.stat().st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left beside it
 
 
 def test_a_missing_or_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLACUNA_JAX_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+' on PATH \\(set CXX\\)"):
-        attention_cpu.build("no-such-c++")
+        native.build(attention_cpu.SOURCE, "no-such-c++")
     with pytest.raises(RuntimeError, match="false could not build decode_attention.cc"):
-        attention_cpu.build("false")
+        native.build(attention_cpu.SOURCE, "false")
     hanging = tmp_path / "hanging-c++"
     hanging.write_text("#!/bin/sh\nexec sleep 60\n")  # killed at the timeout, nothing left behind
     hanging.chmod(0o755)
     with pytest.raises(RuntimeError, match="hanging-c\\+\\+ did not finish building decode_attention.cc in 0.5 s"):
-        attention_cpu.build(str(hanging), timeout_s=0.5)
+        native.build(attention_cpu.SOURCE, str(hanging), timeout_s=0.5)
     assert not list(tmp_path.glob("*.so"))
 
 
 def test_without_the_kernel_decoding_runs_xla_and_says_why_once(monkeypatch, caplog):
-    reason = "the native decode kernel could not be built: no C++ compiler 'c++' on PATH (set CXX)"
+    reason = "decode_attention.cc could not be built: no C++ compiler 'c++' on PATH (set CXX)"
     monkeypatch.setattr(attention_cpu, "_registration", lambda: reason)
     monkeypatch.setattr(attention, "_logged_choices", set())
     args, real = inputs(2, 1, 4, 2, 8, 10, 1)
