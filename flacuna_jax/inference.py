@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from flacuna_jax.attention import DECODE_KERNELS, KERNELS
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
+from flacuna_jax.matmul_cpu import KERNELS as MATMUL_KERNELS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant, --attention, --decode-attention."""
+    """--model, --tokenizer, --adapter | --run, --dtype, --base-quant, --attention, --decode-attention, --matmul."""
     p.add_argument("--model", required=True, help="local Hugging Face LLaMA-family directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     src = p.add_mutually_exclusive_group()
@@ -35,36 +36,40 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=KERNELS, default="xla",
                    help="attention kernel, as model.attention in training: xla (the reference), dot_product (cuDNN), "
                         "splash (TPU; one decoded token uses xla), auto (splash on a TPU, cuDNN on a GPU, else XLA's)")
-    add_decode_attention_arg(p)
+    add_cpu_kernel_args(p)
 
 
-def add_decode_attention_arg(p: argparse.ArgumentParser) -> None:
-    """--decode-attention (`Runtime.decode_attention`), shared by the inference CLIs and the server."""
+def add_cpu_kernel_args(p: argparse.ArgumentParser) -> None:
+    """--decode-attention (`Runtime.decode_attention`) and --matmul (`model.unrolled`), shared by the
+    inference CLIs and the server."""
     p.add_argument("--decode-attention", choices=DECODE_KERNELS, default="native",
                    help="a decoded token's attention over the KV cache: native (a fused C++ kernel for the CPU in "
                         "float32, built on first use; elsewhere XLA's) or xla")
+    p.add_argument("--matmul", choices=MATMUL_KERNELS, default="native",
+                   help="the decoder's projections: native (weights packed for a C++ kernel for the CPU in float32, built "
+                        "on first use; elsewhere, or on a quantized base, XLA's) or xla")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:
     """(model, params) chosen by the `add_model_args` arguments, laid out for decoding (`layers`)."""
     return load_for_inference(a.model, a.adapter, a.run, FLOAT_DTYPES[a.dtype], a.base_quant, a.attention,
-                              layers="unrolled", decode_attention=a.decode_attention)
+                              layers="unrolled", decode_attention=a.decode_attention, matmul=a.matmul)
 
 
 def load_for_inference(model_dir: str, adapter: str | None = None, run: str | None = None,
                        dtype: Any = jnp.float32, base_quant: str = "none", attention: str = "xla",
-                       layers: str = "scan", decode_attention: str = "native") -> tuple[Any, Any]:
+                       layers: str = "scan", decode_attention: str = "native", matmul: str = "native") -> tuple[Any, Any]:
     """(model, params) of the base model with an adapter or a training run's LoRA folded in (or, on a
     quantized base, beside it). `layers="unrolled"`: one weight buffer per layer, what decoding and
     scoring run fastest on (`model.unrolled`; a quantized base stays scanned); "scan": the stacked
-    layout training uses (`params["layers"]`)."""
+    layout training uses (`params["layers"]`). `matmul`: `model.unrolled`'s (unrolled layers only)."""
     if layers not in ("scan", "unrolled"):
         raise ValueError(f"layers must be scan or unrolled, got {layers!r}")
     model, params = _load(model_dir, adapter, run, dtype, base_quant, attention, decode_attention)
     if layers == "unrolled":
         from flacuna_jax.model import unrolled
 
-        return unrolled(model, params)
+        return unrolled(model, params, matmul)
     return model, params
 
 

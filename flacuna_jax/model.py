@@ -13,7 +13,9 @@ Every parameter is created with logical axis names; `sharding.LOGICAL_AXIS_RULES
 the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA factors live next to
 the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` splits them off as the
 trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
-quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul.
+quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul. An
+inference model on the CPU may hold them packed for a native kernel instead (`Runtime.matmul`,
+`matmul_cpu.py`, set by `unrolled`).
 
 Serving several adapters on one base (`AdapterBank`): every adapter's factors are stacked beside the
 kernel (`bank_a` [n, in, r], `bank_b` [n, r, out], `bank_scale` [n]; index 0 the all-zero adapter,
@@ -28,6 +30,7 @@ k kv heads, g query heads per kv head, f head dim, l layers.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flacuna_jax import quant
-from flacuna_jax import attention
+from flacuna_jax import attention, matmul_cpu, quant
 from flacuna_jax.attention_splash import SplashBlocks
 from flacuna_jax.kv_cache import init_cache, write_cache, write_slots  # noqa: F401  init_cache: re-exported, model.init_cache
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Runtime:
     splash_blocks: SplashBlocks = SplashBlocks()  # splash attention's tile sizes
     layers: str = "scan"  # scan | unrolled (inference: each layer's weights its own buffer, see `unstack_layers`)
     decode_attention: str = "native"  # native | xla: a decode step's attention (attention.decode_attention)
+    matmul: str = "xla"  # xla | native: the decoder's projection kernels as [in, out], or packed for matmul_cpu (`unrolled`)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -176,6 +180,12 @@ def _lora_a_init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _packed_init(key, shape, dtype):
+    """A packed kernel's init (its shape, for `abstract_params`; `unrolled` packs the real weights)."""
+    p, k, c = shape
+    return matmul_cpu.pack(nn.initializers.normal(0.02)(key, (k, p * c), dtype))
+
+
 def row_dropout(x_btd: Array, rate: float, key: Array, rows_b: Array | None) -> Array:
     """Dropout whose mask for row i is drawn from fold_in(key, rows_b[i]): with global row ids, the
     masks do not depend on how the batch is split over devices or micro-batches."""
@@ -201,6 +211,11 @@ class Linear(nn.Module):
         if self.quantizable and rt.base_quant != "none":
             kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
             y = x @ kernel.dequantize(rt.compute_dtype)  # inside the jitted matmul: XLA fuses it
+        elif self.quantizable and rt.matmul == "native":  # packed by `unrolled`, never trained
+            k, n = x.shape[-1], self.features
+            kernel = self.param("kernel", nn.with_logical_partitioning(_packed_init, (None, self.axes[0], None)),
+                                matmul_cpu.packed_shape(k, n), rt.param_dtype)
+            y = matmul_cpu.project(x.astype(rt.compute_dtype), kernel.astype(rt.compute_dtype), n)
         else:
             kernel = self.param(
                 "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
@@ -467,16 +482,64 @@ def unstack_layers(tree: dict) -> dict:
     return {**tree, **{f"layers_{i}": jax.tree.unflatten(treedef, per_layer[i]) for i in range(n)}}
 
 
-def unrolled(model: "Llama", params: dict) -> tuple["Llama", dict]:
-    """(model, params) for decoding: one module and one weight buffer per layer (`Runtime.layers`), the
-    stacked `params` consumed (`unstack_layers`). Decode steps read each weight once instead of copying
-    it out of the stack first (measured on SmolLM2, CPU: ~1.6-2x the tokens/s at batch 1-8); compiling
-    the unrolled layers takes longer (~5x for a 30-layer decoder), which a long evaluation or a server
-    repays many times over. A quantized base stays scanned: its kernels are dequantized into new
-    buffers inside each matmul either way, so unrolling would only add compile time."""
-    if model.runtime.layers == "unrolled" or model.runtime.base_quant != "none":
+def unrolled(model: "Llama", params: dict, matmul: str = "native") -> tuple["Llama", dict]:
+    """(model, params) for decoding and scoring: one module and one weight buffer per layer
+    (`Runtime.layers`), the stacked `params` consumed (`unstack_layers`). Decode steps read each weight
+    once instead of copying it out of the stack first (measured on SmolLM2, CPU: ~1.6-2x the tokens/s
+    at batch 1-8); compiling the unrolled layers takes longer (~5x for a 30-layer decoder), which a
+    long evaluation or a server repays many times over. A quantized base stays scanned: its kernels
+    are dequantized into new buffers inside each matmul either way, so unrolling would only add
+    compile time.
+
+    `matmul="native"`: the decoder's projection kernels are also packed for the CPU kernel of
+    `matmul_cpu` (`Runtime.matmul`) where it runs: float32 weights on one CPU device and a compiler.
+    Elsewhere (or with "xla") they stay as they are, the reason logged."""
+    if matmul not in matmul_cpu.KERNELS:
+        raise ValueError(f"matmul {matmul!r}: not one of {', '.join(matmul_cpu.KERNELS)}")
+    if model.runtime.base_quant != "none":
         return model, params
-    return model.clone(runtime=dataclasses.replace(model.runtime, layers="unrolled")), unstack_layers(params)
+    if model.runtime.layers != "unrolled":
+        model, params = model.clone(runtime=dataclasses.replace(model.runtime, layers="unrolled")), unstack_layers(params)
+    if matmul == "native" and model.runtime.matmul != "native":
+        reason = _packing_refusal(model, params)
+        if reason is None:
+            model = model.clone(runtime=dataclasses.replace(model.runtime, matmul="native"))
+            params = pack_projections(params)
+        else:
+            log.info("matmul: the projections stay XLA's: %s", reason)
+    return model, params
+
+
+
+def _packing_refusal(model: "Llama", params: dict) -> str | None:
+    rt = model.runtime
+    if jnp.dtype(rt.param_dtype) != jnp.float32 or jnp.dtype(rt.compute_dtype) != jnp.float32:
+        return f"weights {jnp.dtype(rt.param_dtype).name}, compute {jnp.dtype(rt.compute_dtype).name} (the kernel takes float32)"
+    kernels = [leaf for name, leaf in _projection_kernels(params)]
+    if any(isinstance(k, jax.Array) and len(k.sharding.device_set) > 1 for k in kernels):
+        return "the weights span several devices (the kernel runs on one)"
+    return matmul_cpu.refusal()
+
+
+def _projection_kernels(params: dict):
+    """(path, kernel) of every decoder layer projection of an unrolled tree."""
+    for layer, tree in params.items():
+        if layer.startswith("layers_"):
+            for block, modules in tree.items():
+                for name, leaves in modules.items():
+                    if isinstance(leaves, dict) and "kernel" in leaves:
+                        yield (layer, block, name), leaves["kernel"]
+
+
+def pack_projections(params: dict) -> dict:
+    """An unrolled tree with its decoder projection kernels packed (`matmul_cpu.pack`), a new tree:
+    each plain kernel is released as soon as it is packed unless the caller still holds `params`."""
+    out = {name: jax.tree.map(lambda x: x, tree) if name.startswith("layers_") else tree for name, tree in params.items()}
+    pack = jax.jit(matmul_cpu.pack)
+    for (layer, block, name), kernel in list(_projection_kernels(out)):
+        out[layer][block][name]["kernel"] = pack(jnp.asarray(kernel))
+        del kernel
+    return out
 
 
 def stack_layers(tree: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 from benchmarks.parity import logit_delta
 from flacuna_jax import hf
 from flacuna_jax.model import (Attention, Mlp, RMSNorm, Runtime, apply_rope, init_cache, rope_inv_freq)
-from tests.helpers import hf_logits, hf_reference
+from tests.helpers import hf_logits, hf_reference, needs_compiler
 
 LOGIT_TOL = 1e-4  # max |delta logits|, fp32
 LAYER_TOL = 1e-5  # max |delta| of one layer's output, fp32
@@ -240,25 +240,29 @@ def test_swiglu_gradient_equals_autodiff():
         assert _rel_err(a, b) <= 1e-6
 
 
-def _unrolled(model, params):
+def _unrolled(model, params, matmul="native"):
     from flacuna_jax.model import unrolled
 
-    return unrolled(model, dict(params))  # a shallow copy: `unrolled` consumes the stacked tree it is given
+    return unrolled(model, dict(params), matmul)  # a shallow copy: `unrolled` consumes the stacked tree it is given
 
 
-@pytest.mark.parametrize("preset", ["gqa", "tied"])
-def test_unrolled_layers_equal_the_scan_and_transformers(tiny_model_dir, preset):
-    """Runtime(layers="unrolled"): one module and one weight buffer per layer, for decoding; the same
-    logits as the scan and as transformers, and a KV cache decode written in place equal to the full
-    forward. unstack_layers / stack_layers round-trip exactly."""
+@pytest.mark.parametrize("preset, matmul", [("gqa", "xla"), ("tied", "xla"), pytest.param("gqa", "native", marks=needs_compiler)])
+def test_unrolled_layers_equal_the_scan_and_transformers(tiny_model_dir, preset, matmul):
+    """Runtime(layers="unrolled"): one module and one weight buffer per layer, for decoding (with XLA's
+    projections, or packed for the native kernel); the same logits as the scan and as transformers, and
+    a KV cache decode written in place equal to the full forward. unstack_layers / stack_layers
+    round-trip exactly."""
     from flacuna_jax.model import stack_layers
 
     path = tiny_model_dir(preset)
     model, params = hf.load_pretrained(path)
-    umodel, uparams = _unrolled(model, params)
+    umodel, uparams = _unrolled(model, params, matmul)
     assert umodel.runtime.layers == "unrolled" and "layers" not in uparams
     assert sorted(k for k in uparams if k.startswith("layers_")) == [f"layers_{i}" for i in range(model.config.num_layers)]
-    assert jax.tree.all(jax.tree.map(np.array_equal, stack_layers(uparams), params))
+    if matmul == "xla":
+        assert jax.tree.all(jax.tree.map(np.array_equal, stack_layers(uparams), params))
+    else:
+        assert umodel.runtime.matmul == "native" and uparams["layers_0"]["mlp"]["up_proj"]["kernel"].ndim == 3
     ids = _ids(model.config.vocab_size, (2, 12))
     full = np.asarray(jax.jit(umodel.apply)({"params": uparams}, ids))
     assert np.abs(full - np.asarray(jax.jit(model.apply)({"params": params}, ids))).max() <= LOGIT_TOL

@@ -23,7 +23,7 @@ from typing import Any
 
 from flacuna_jax.config import BASE_QUANTS
 from flacuna_jax.dtypes import FLOAT_DTYPES
-from flacuna_jax.inference import add_decode_attention_arg
+from flacuna_jax.inference import add_cpu_kernel_args
 
 API_KEY_ENV = "FLACUNA_API_KEY"
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--base-quant", choices=BASE_QUANTS, default="none",
                    help="quantize the base's decoder projections as bitsandbytes does (adapters applied on top)")
-    add_decode_attention_arg(p)
+    add_cpu_kernel_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated together")
@@ -97,7 +97,7 @@ def load_engine(a: argparse.Namespace):
 
         params = merge_params(place_bank(model, tree, mesh), params)
         served += [ServedModel(ad.name, i, ad.source, parent=base_id) for i, ad in enumerate(adapters, start=1)]
-    model, params = unrolled(model, params)  # one buffer per layer: what a decode step runs fastest on
+    model, params = unrolled(model, params, a.matmul)  # one buffer per layer: what a decode step runs fastest on
     eos = set(generation_eos_ids(a.model, model.config.eos_token_id))
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))

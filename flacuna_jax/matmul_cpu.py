@@ -1,0 +1,92 @@
+"""The projections of an inference model on the CPU: one C++ kernel (`csrc/matmul.cc`) over packed weights.
+
+Why: a decode step multiplies a few rows by every weight of the model. XLA's CPU dots read a [k, n]
+kernel in 48-column blocks of k strided pieces, and at 8-32 rows they run far below both the memory's
+speed and the cores' (SmolLM2's 210 decoder projections at 32 rows: ~60 ms, ~115 GFLOP/s of ~490).
+Packed once into panels of 48 columns ([ceil(n / 48), k, 48], each panel contiguous), the kernel
+streams each panel once, a chunk ahead, while multiplying the previous chunk by every block of 8 rows
+from L1: ~32 ms at 32 rows, ~24 ms at 8, and 1.07x XLA at 384 (a prefill)
+(`benchmarks/decode_profile.py --matmul-rows`).
+
+Numerics: each output is the fp32 sum over k in order, 128 terms at a time, with fused multiply-adds:
+within XLA's own rounding of the same product, and the same whatever the other rows of the batch.
+
+`model.unrolled` packs the kernels of the decoder's projections (and an untied lm_head) when the
+model runs on one CPU device in float32 (`Runtime.matmul = "native"`); `project` then runs the
+kernel, or, where it cannot be built, an XLA contraction over the packed layout (`xla_project`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flacuna_jax import native
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+KERNELS = ("native", "xla")  # model.unrolled(matmul=...): packed for this kernel, or as they are
+PANEL = 48  # columns per panel: 3 x 16 floats, the kernel's register block
+SOURCE = native.CSRC / "matmul.cc"
+TARGET = "flacuna_matmul"
+
+
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    return (-(-n // PANEL), k, PANEL)
+
+
+def pack(kernel_kn: Array) -> Array:
+    """[k, n] -> [ceil(n / 48), k, 48]: column j of panel p is column 48 p + j (zeros past n)."""
+    k, n = kernel_kn.shape
+    p = -(-n // PANEL)
+    padded = jnp.pad(kernel_kn, ((0, 0), (0, p * PANEL - n)))
+    return padded.reshape(k, p, PANEL).transpose(1, 0, 2)
+
+
+def unpack(packed_pkc: Array, n: int) -> Array:
+    """The inverse of `pack`: [k, n]."""
+    p, k, c = packed_pkc.shape
+    return packed_pkc.transpose(1, 0, 2).reshape(k, p * c)[:, :n]
+
+
+def _registration() -> str | None:
+    return native.register(SOURCE.name, "FlacunaMatmul", TARGET)
+
+
+def refusal(dtype: jnp.dtype | None = None) -> str | None:
+    """Why the kernel cannot run, or None if it can: it needs the CPU backend, float32 and a C++ compiler."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU, not {jax.default_backend()}"
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+        return f"dtype {jnp.dtype(dtype).name} (it takes float32)"
+    return _registration()
+
+
+def matmul(x: Array, packed_pkc: Array, n: int) -> Array:
+    """x [..., k] @ the packed kernel -> [..., n], by the native kernel (check `refusal` first)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, packed_pkc, n=np.int64(n))
+
+
+def xla_project(x: Array, packed_pkc: Array, n: int) -> Array:
+    """The same product by XLA, over the packed layout (no unpacked copy of the kernel)."""
+    y = jnp.einsum("...k,pkc->...pc", x, packed_pkc)
+    return y.reshape(x.shape[:-1] + (-1,))[..., :n]
+
+
+_logged: set[str] = set()
+
+
+def project(x: Array, packed_pkc: Array, n: int) -> Array:
+    """x @ kernel for a packed kernel: the native kernel where it runs, else XLA's (the reason logged once)."""
+    reason = refusal(jnp.promote_types(x.dtype, packed_pkc.dtype) if x.dtype == packed_pkc.dtype else x.dtype)
+    if reason is None:
+        return matmul(x, packed_pkc, n)
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("matmul: XLA's product over packed kernels instead of the native CPU kernel: %s", reason)
+    return xla_project(x, packed_pkc, n)
