@@ -8,16 +8,17 @@ Prints one JSON line:
   batch-1 decode step is reading every weight once: `weights_mb` / that rate);
 - `step_ms`: the server's jitted decode step (`serve/slots.py`, the unrolled model, cache donated) per
   "ROWSxWIDTH" (slots in use x cache columns, every row at column WIDTH/2, the slots before it
-  written), best of 3 timed rounds of --steps steps: `ms` with the default decode attention (the native
-  CPU kernel, `attention_cpu.py`), `xla_attention_ms` with XLA's (`Runtime.decode_attention=xla`), and
-  `no_attention_ms` with the attention replaced by the identity: the differences are what attending
-  over the cache costs;
+  written), best of 3 timed rounds of --steps steps: `ms` with the default kernels (the native CPU
+  decode attention, `attention_cpu.py`, and projections, `matmul_cpu.py`), `xla_attention_ms` with
+  XLA's attention (`Runtime.decode_attention=xla`), `xla_matmul_ms` with XLA's projections
+  (`unrolled(matmul="xla")`), and `no_attention_ms` with the attention replaced by the identity: the
+  differences are what attending over the cache costs;
 - `attended_gb_per_s`: the written cache's bytes (rows x WIDTH/2 x layers x kv heads x head dim x 4
   bytes x 2, keys and values) over that cost, with each kernel (`native`, `xla`);
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
-  output projection) applied to that many rows and nothing else, in JAX (one jitted function) and in
-  torch (the same fp32 weights): the floor of a decode step that XLA's and torch's matrix products give
-  on this machine, and how the two libraries' products compare at few rows;
+  output projection) applied to that many rows and nothing else, in JAX (one jitted function: `jax`
+  with XLA's products, `native` with the projections packed for `matmul_cpu`) and in torch (the same
+  fp32 weights): the floor of a decode step that each library's products give on this machine;
 - `prefill_ms`: per width, one prompt of that many tokens through the server's prefill (`serve/slots.py`:
   the whole model, the output projection at the last position only) and through transformers' forward
   with `logits_to_keep=1` on the same ids (what `transformers serve` computes before its first token).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 
@@ -65,16 +67,20 @@ def read_rates(n_floats: int) -> dict:
 
 def matmul_ms(model, params, rows: int, steps: int) -> dict:
     """Every weight matrix of the model applied to `rows` rows, JAX vs torch, each as its model applies
-    it: in JAX as `model.Linear` (x @ W, W [in, out]), in torch as `nn.Linear` (`F.linear`, W [out, in]).
-    The output projection: in JAX `model.output_embedding` (the tied embedding, transposed in the
-    jitted function), in torch as transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
+    it: in JAX as `model.Linear` (x @ W, W [in, out]; `native`: the packed kernel of `matmul_cpu`), in
+    torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
+    `model.output_embedding` (the tied embedding, transposed in the jitted function), in torch as
+    transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
     import jax
     import jax.numpy as jnp
     import torch
 
+    from flacuna_jax import matmul_cpu
+
     output_weights = ("embed_tokens", "lm_head")  # applied below as the output projection
     kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
                if x.ndim == 2 and not any(name in jax.tree_util.keystr(path) for name in output_weights)]
+    packed = [(matmul_cpu.pack(w), w.shape[1]) for w in kernels]
     hidden = model.config.hidden_size
     xs = {d: jnp.full((rows, d), 0.01, jnp.float32) for d in {w.shape[0] for w in kernels} | {hidden}}
 
@@ -83,7 +89,14 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
         total = sum(jnp.sum(xs[w.shape[0]] @ w) for w in kernels)
         return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
 
+    @functools.partial(jax.jit, static_argnums=3)
+    def native_products(xs, packed, params, columns):
+        total = sum(jnp.sum(matmul_cpu.matmul(xs[w.shape[1]], w, n)) for w, n in zip(packed, columns))
+        return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
+
     ms_jax = best_ms(lambda: products(xs, kernels, params).block_until_ready(), steps=steps)
+    weights, columns = [w for w, _ in packed], tuple(n for _, n in packed)
+    ms_native = best_ms(lambda: native_products(xs, weights, params, columns).block_until_ready(), steps=steps)
     t_kernels = [torch.from_numpy(np.array(w).T.copy()) for w in kernels]  # [out, in], as nn.Linear holds them
     t_head_vd = torch.from_numpy(np.array(model.output_embedding(params)).T.copy())
     t_xs = {d: torch.full((rows, d), 0.01) for d in xs}
@@ -94,7 +107,7 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
             return sum(torch.sum(linear(t_xs[w.shape[1]], w)) for w in t_kernels) + torch.sum(linear(t_xs[hidden], t_head_vd))
 
     ms_torch = best_ms(t_products, steps=steps)
-    return versus(ms_jax, ms_torch)
+    return versus(ms_jax, ms_torch) | {"native": round(ms_native, 2), "torch_over_native": round(ms_torch / ms_native, 2)}
 
 
 def step_ms(model, params, rows: int, width: int, steps: int) -> float:
@@ -163,10 +176,12 @@ def measure(a: argparse.Namespace) -> dict:
     from benchmarks.smollm2 import smollm2_dir
     from flacuna_jax import attention
     from flacuna_jax.inference import load_for_inference
+    from flacuna_jax.model import unrolled
 
     model_dir = a.model or str(smollm2_dir())
-    model, params = load_for_inference(model_dir, layers="unrolled")
-    n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    xla_matmul_model, plain_params = load_for_inference(model_dir, layers="unrolled", matmul="xla")
+    model, params = unrolled(xla_matmul_model, plain_params, "native")
+    n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plain_params))
     c = model.config
     out: dict = {"benchmark": "decode_profile", "model": a.model or "smollm2", "weights_mb": round(n_weights * 4 / 1e6, 1),
                  "read_gb_per_s": read_rates(n_weights), "step_ms": {}}
@@ -174,7 +189,8 @@ def measure(a: argparse.Namespace) -> dict:
     xla_model = model.clone(runtime=dataclasses.replace(model.runtime, decode_attention="xla"))
     for rows, width in cases:
         out["step_ms"][f"{rows}x{width}"] = {"ms": round(step_ms(model, params, rows, width, a.steps), 1),
-                                             "xla_attention_ms": round(step_ms(xla_model, params, rows, width, a.steps), 1)}
+                                             "xla_attention_ms": round(step_ms(xla_model, params, rows, width, a.steps), 1),
+                                             "xla_matmul_ms": round(step_ms(xla_matmul_model, plain_params, rows, width, a.steps), 1)}
     real = attention.decode_attention
     attention.decode_attention = lambda kind, q, *cache_and_new: q  # the identity: what the step costs without attending
     try:
@@ -187,7 +203,7 @@ def measure(a: argparse.Namespace) -> dict:
                 for kernel, key in (("native", "ms"), ("xla", "xla_attention_ms"))}
     finally:
         attention.decode_attention = real
-    out["matmuls_ms"] = {str(rows): matmul_ms(model, params, rows, a.steps) for rows in a.matmul_rows}
+    out["matmuls_ms"] = {str(rows): matmul_ms(xla_matmul_model, plain_params, rows, a.steps) for rows in a.matmul_rows}
     out["prefill_ms"] = {str(w): prefill_ms(model, params, model_dir, w, max(1, a.steps // 5)) for w in a.prefill_widths}
     return out
 

@@ -146,8 +146,8 @@ def test_splash_benchmark_rows_and_verdict():
 
 def test_decode_profile_on_a_tiny_model(tmp_path):
     """benchmarks.decode_profile's fields on a tiny model: the step with each decode attention and without,
-    the model's matmuls alone and a prompt's prefill in JAX and torch, and the real attention put back
-    afterwards."""
+    and with XLA's projections; the model's matmuls alone (XLA's, the native kernel's, torch's) and a
+    prompt's prefill in JAX and torch; and the real attention put back afterwards."""
     from benchmarks import decode_profile
     from flacuna_jax import attention, tiny
 
@@ -157,10 +157,11 @@ def test_decode_profile_on_a_tiny_model(tmp_path):
                                "--steps", "1"])
     assert attention.decode_attention is real
     step = out["step_ms"]["2x32"]
-    assert min(step["ms"], step["xla_attention_ms"], step["no_attention_ms"]) >= 0  # rounded to 0.1 ms: may be 0
+    assert min(step["ms"], step["xla_attention_ms"], step["xla_matmul_ms"], step["no_attention_ms"]) >= 0  # 0.1 ms: may be 0
     assert set(step["attended_gb_per_s"]) == {"native", "xla"}
     matmuls = out["matmuls_ms"]["2"]
     assert matmuls["jax"] >= 0 and matmuls["torch"] >= 0 and matmuls["torch_over_jax"] > 0
+    assert matmuls["native"] >= 0 and matmuls["torch_over_native"] > 0
     prefill = out["prefill_ms"]["16"]
     assert prefill["jax"] > 0 and prefill["torch"] > 0 and prefill["torch_over_jax"] > 0
     assert out["read_gb_per_s"]["jax"] > 0 and "loaded" in out
