@@ -286,14 +286,14 @@ def test_bad_adapter_arguments_name_the_flag(served, tmp_path):
 
 
 def test_a_long_prompt_is_prefilled_at_a_multiple_of_the_step(served, references):
-    """Prompt widths: powers of two up to PREFILL_STEP (128), then multiples of it; a 300-token prompt
-    (prefilled at 384 columns, not 512) still gives transformers' tokens."""
+    """Prompt widths: powers of two up to PREFILL_STEP (64), then multiples of it; a 300-token prompt
+    (prefilled at 320 columns, not 512) still gives transformers' tokens."""
     from flacuna_jax.serve.__main__ import load_engine
     from flacuna_jax.serve.engine import prompt_width
 
     engine, _, _ = load_engine(serve_args(served["model"], {}, max_model_len=512))
     widths = [prompt_width(n, engine.min_bucket) for n in (5, 64, 65, 128, 129, 300, 384, 385)]
-    assert widths == [64, 64, 128, 128, 256, 384, 384, 512]
+    assert widths == [64, 64, 128, 128, 192, 320, 384, 448]
     prompt = random_prompts([300], seed=5)[0]
     engine.eos_ids = frozenset()
     results = {}
