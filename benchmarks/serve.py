@@ -12,9 +12,10 @@ tokenizer's chat template: ours with the request field "template": "tokenizer"),
 C clients keeps C requests in flight until the list is done. Measured per pass: output tokens/s
 (from the streamed `usage`, else the reply re-tokenized), time to first token p50/p99 (first
 non-empty content chunk). Each server is warmed up first with one request per prompt-length bucket,
-one long request, and, for more than 8 clients, two passes of that many concurrent requests whose
-budgets are staggered, so the batch drains through every row count at a short and a long cache
-width (our XLA compiles: one per shape of the decode slots; transformers' first calls).
+one long request, and a pass of the workload drawn with the next seed at the largest client count
+(our XLA compiles: one per shape of the decode slots, the prefill and the insert of a prompt's cache
+into them; transformers' first calls), so the passes measure a server in its steady state; the
+warm-up pass's own line is printed too, marked "warm_up".
 
 Sides: ours (`python -m flacuna_jax.serve --max-batch 32`); transformers (`transformers serve
 --continuous-batching --device cpu --dtype float32`, torch); static (our `generate.Generator`, the
@@ -171,24 +172,20 @@ def text_of_tokens(tokenizer, n: int) -> str:
 
 
 def warm_up(url: str, model_ids: list[str], extra: dict, tokenizer, prompt_max: int, new_max: int,
-            clients: int) -> None:
+            warm_requests: list[dict], clients: int) -> dict:
     """One request per prompt width our server prefills at (`engine.prompt_width`) and two long ones per
-    model id, then (over 8 clients) `clients` concurrent requests with staggered budgets, twice: a batch
-    that drains one request at a time compiles our decode step at every row bucket it passes through,
-    once with a short cache (prompts of 128 tokens) and once with a long one (`prompt_max`), so
-    compiles are not measured."""
+    model id, then `warm_requests` (the workload drawn with another seed) at `clients`, so compiles are
+    not measured: a batch of shapes (rows x columns of the decode slots, prompt widths) like the
+    measured passes'. Returns that pass's row."""
     from flacuna_jax.serve.engine import prompt_width
 
     widths = sorted({prompt_width(n, 16) for n in range(1, prompt_max + 1)})  # the server's --min-prefill-bucket 16
     warm = [{"text": text_of_tokens(tokenizer, min(width, prompt_max)), "max_tokens": 4} for width in widths]
     long = [{"text": text_of_tokens(tokenizer, prompt_max), "max_tokens": new_max}]
-    drains = [[{"text": text_of_tokens(tokenizer, n), "max_tokens": 1 + i * (budget - 1) // max(1, clients - 1)}
-               for i in range(clients)] for n, budget in ((min(128, prompt_max), min(new_max, 128)), (prompt_max, new_max))]
     for model in model_ids:
         asyncio.run(run_pass(url, bodies_for(warm, [model], extra), 1, tokenizer))
         asyncio.run(run_pass(url, bodies_for(long * 2, [model], extra), 2, tokenizer))
-    for drain in drains if clients > 8 else []:  # the shapes are the same whatever the model ids
-        asyncio.run(run_pass(url, bodies_for(drain, model_ids, extra), clients, tokenizer))
+    return asyncio.run(run_pass(url, bodies_for(warm_requests, model_ids, extra), clients, tokenizer))
 
 
 def server_passes(side: str, argv: list[str], port: int, model_ids: list[str], extra: dict, requests, levels, tokenizer,
@@ -196,7 +193,10 @@ def server_passes(side: str, argv: list[str], port: int, model_ids: list[str], e
     rows = []
     with Server(argv, port, workdir / f"{side}.log") as srv:
         srv.wait_ready()
-        warm_up(srv.url, model_ids, extra, tokenizer, a.prompt_range[1], a.max_tokens_range[1], max(levels))
+        warm_requests = workload(tokenizer, len(requests), a.seed + 1, tuple(a.prompt_range), tuple(a.max_tokens_range))
+        row = warm_up(srv.url, model_ids, extra, tokenizer, a.prompt_range[1], a.max_tokens_range[1], warm_requests,
+                      max(levels))
+        print(json.dumps({"benchmark": "serve", "side": side, "warm_up": True} | row), flush=True)
         for clients in levels:
             subset = requests[:a.requests_at_1] if clients == 1 else requests
             row = {"benchmark": "serve", "side": side} | asyncio.run(
