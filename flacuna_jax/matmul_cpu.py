@@ -1,19 +1,20 @@
 """The projections of an inference model on the CPU: one C++ kernel (`csrc/matmul.cc`) over packed weights.
 
 Why: a decode step multiplies a few rows by every weight of the model. XLA's CPU dots read a [k, n]
-kernel in 48-column blocks of k strided pieces, and at 8-32 rows they run far below both the memory's
-speed and the cores' (SmolLM2's 210 decoder projections at 32 rows: ~60 ms, ~115 GFLOP/s of ~490).
-Packed once into panels of 48 columns ([ceil(n / 48), k, 48], each panel contiguous), the kernel
-streams each panel once, a chunk ahead, while multiplying the previous chunk by every block of 8 rows
-from L1: ~32 ms at 32 rows, ~24 ms at 8, and 1.07x XLA at 384 (a prefill)
-(`benchmarks/decode_profile.py --matmul-rows`).
+kernel in blocks of strided pieces and, at 8-32 rows, run far below both the memory's speed and the
+cores' peak. Packed once into panels of 48 columns ([ceil(n / 48), k, 48], each panel contiguous),
+the kernel streams each panel once, a chunk ahead, while multiplying the previous chunk by every
+block of 8 rows from L1. SmolLM2 fp32, all the model's matmuls (the tied output projection XLA's in
+both) at 8 / 32 rows: 29.9 / 42.3 ms vs 46.7 / 70.5 with XLA's projections
+(`benchmarks/decode_profile.py --matmul-rows`, idle 2-core Xeon).
 
-Numerics: each output is the fp32 sum over k in order, 128 terms at a time, with fused multiply-adds:
-within XLA's own rounding of the same product, and the same whatever the other rows of the batch.
+Numerics: each output is an fp32 sum of chunk sums, each chunk 128 products added in order with fused
+multiply-adds: within XLA's own rounding of the same product, and the same bits whatever the other
+rows of the batch.
 
-`model.unrolled` packs the kernels of the decoder's projections (and an untied lm_head) when the
-model runs on one CPU device in float32 (`Runtime.matmul = "native"`); `project` then runs the
-kernel, or, where it cannot be built, an XLA contraction over the packed layout (`xla_project`).
+`model.unrolled` packs the kernels of the decoder layers' projections (not the output projection)
+when the model runs on one CPU device in float32 (`Runtime.matmul = "native"`); `project` then runs
+the kernel, or, where it cannot be built, an XLA contraction over the packed layout (`xla_project`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ _logged: set[str] = set()
 
 def project(x: Array, packed_pkc: Array, n: int) -> Array:
     """x @ kernel for a packed kernel: the native kernel where it runs, else XLA's (the reason logged once)."""
-    reason = refusal(jnp.promote_types(x.dtype, packed_pkc.dtype) if x.dtype == packed_pkc.dtype else x.dtype)
+    reason = refusal(x.dtype) or refusal(packed_pkc.dtype)
     if reason is None:
         return matmul(x, packed_pkc, n)
     if reason not in _logged:

@@ -55,7 +55,7 @@ def build(source: Path, compiler: str | None = None, timeout_s: float = BUILD_TI
     compiler = compiler or os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-    text = source.read_bytes()
+    text = b"".join(path.read_bytes() for path in [source, *sorted(source.parent.glob("*.h"))])  # with its headers
     key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                       _cpu_identity().encode(), compiler.encode()])).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{key}.so"
@@ -66,7 +66,7 @@ def build(source: Path, compiler: str | None = None, timeout_s: float = BUILD_TI
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
         try:
-            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", str(source), "-o", str(partial)],
+            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", f"-I{source.parent}", str(source), "-o", str(partial)],
                                   capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{compiler} did not finish building {source.name} in {timeout_s:g} s") from None

@@ -7,19 +7,16 @@
 // mask [b, t, s]; k_new, v_new [b, n, k, f] (the keys this step writes, not yet in the cache);
 // new_mask [b, t, n]; out [b, t, h, f]. Query head i reads kv head i / (h / k).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <thread>
-#include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using flacuna_jax::parallel_for;
 
 namespace {
 
@@ -48,33 +45,6 @@ void exp_nonpositive(float* __restrict x, int64_t n) {
     std::memcpy(&two_k, &bits, sizeof two_k);
     x[i] = x[i] < kExpFloor ? 0.0f : p * two_k;
   }
-}
-
-// Runs fn(0..total-1) on the calling thread and XLA's intra-op pool. Work is claimed from a shared
-// counter, so a pool task that starts late (or never, the pool being busy) costs nothing: the caller
-// waits only for tasks that have started, and a task starting after the work is done touches no buffer.
-void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, active{0};
-    int64_t total;
-    std::function<void(int64_t)> fn;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->total = total;
-  shared->fn = std::move(fn);
-  auto drain = [](Shared& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) s.fn(i);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared, drain] {
-      shared->active.fetch_add(1);
-      drain(*shared);
-      shared->active.fetch_sub(1);
-    });
-  }
-  drain(*shared);
-  while (shared->active.load() != 0) std::this_thread::yield();
 }
 
 struct Shapes {

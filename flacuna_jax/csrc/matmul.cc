@@ -12,18 +12,15 @@
 // Numerics: y[i, j] is the fp32 sum over k in order of x[i, k] w[k, j] with fused multiply-adds,
 // the same whatever the other rows (a row's result does not depend on the batch it is in).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using flacuna_jax::parallel_for;
 
 namespace {
 
@@ -33,33 +30,6 @@ constexpr int64_t kLanes = 16, kVecs = 3, kPanel = kLanes * kVecs;
 constexpr int kRowBlock = 8;        // rows per register block: 8 x 3 accumulators, 3 weight vectors
 constexpr int64_t kDepth = 128;     // rows of w per chunk: 24 KB, multiplied by every row block from L1
 constexpr int64_t kRowChunk = 256;  // rows of x per task (a prefill's rows stay in L2)
-
-// Runs fn(0..total-1) on the calling thread and XLA's intra-op pool. Work is claimed from a shared
-// counter, so a pool task that starts late (or never, the pool being busy) costs nothing: the caller
-// waits only for tasks that have started, and a task starting after the work is done touches no buffer.
-void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, active{0};
-    int64_t total;
-    std::function<void(int64_t)> fn;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->total = total;
-  shared->fn = std::move(fn);
-  auto drain = [](Shared& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.total;) s.fn(i);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared, drain] {
-      shared->active.fetch_add(1);
-      drain(*shared);
-      shared->active.fetch_sub(1);
-    });
-  }
-  drain(*shared);
-  while (shared->active.load() != 0) std::this_thread::yield();
-}
 
 // y[R, 48] (+)= x[R, depth] w[depth, 48] (x's rows `ldx` apart, y's `ldy`), summed in registers and
 // then added to y: a chunk's sum at a time, which rounds less than one running sum over all of k. Every `every` rows of w it prefetches one row of the next chunk (`ahead` rows in all).
