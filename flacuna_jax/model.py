@@ -510,13 +510,11 @@ def unrolled(model: "Llama", params: dict, matmul: str = "native") -> tuple["Lla
     return model, params
 
 
-
 def _packing_refusal(model: "Llama", params: dict) -> str | None:
     rt = model.runtime
     if jnp.dtype(rt.param_dtype) != jnp.float32 or jnp.dtype(rt.compute_dtype) != jnp.float32:
         return f"weights {jnp.dtype(rt.param_dtype).name}, compute {jnp.dtype(rt.compute_dtype).name} (the kernel takes float32)"
-    kernels = [leaf for name, leaf in _projection_kernels(params)]
-    if any(isinstance(k, jax.Array) and len(k.sharding.device_set) > 1 for k in kernels):
+    if any(isinstance(k, jax.Array) and len(k.sharding.device_set) > 1 for _, k in _projection_kernels(params)):
         return "the weights span several devices (the kernel runs on one)"
     return matmul_cpu.refusal()
 
@@ -536,9 +534,9 @@ def pack_projections(params: dict) -> dict:
     each plain kernel is released as soon as it is packed unless the caller still holds `params`."""
     out = {name: jax.tree.map(lambda x: x, tree) if name.startswith("layers_") else tree for name, tree in params.items()}
     pack = jax.jit(matmul_cpu.pack)
-    for (layer, block, name), kernel in list(_projection_kernels(out)):
-        out[layer][block][name]["kernel"] = pack(jnp.asarray(kernel))
-        del kernel
+    for layer, block, name in [path for path, _ in _projection_kernels(out)]:  # paths only: no kernel held across steps
+        leaves = out[layer][block][name]
+        leaves["kernel"] = pack(jnp.asarray(leaves["kernel"]))
     return out
 
 

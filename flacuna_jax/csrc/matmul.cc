@@ -32,7 +32,8 @@ constexpr int64_t kDepth = 128;     // rows of w per chunk: 24 KB, multiplied by
 constexpr int64_t kRowChunk = 256;  // rows of x per task (a prefill's rows stay in L2)
 
 // y[R, 48] (+)= x[R, depth] w[depth, 48] (x's rows `ldx` apart, y's `ldy`), summed in registers and
-// then added to y: a chunk's sum at a time, which rounds less than one running sum over all of k. Every `every` rows of w it prefetches one row of the next chunk (`ahead` rows in all).
+// then added to y: a chunk's sum at a time, which rounds less than one running sum over all of k.
+// Every `every` rows of w it prefetches one row of the next chunk (`ahead` rows in all).
 template <int R>
 void block(const float* __restrict x, int64_t ldx, const float* __restrict w, float* __restrict y, int64_t ldy,
            int64_t depth, bool first, const float* ahead_from, int64_t ahead, int64_t every) {
@@ -69,14 +70,14 @@ constexpr BlockFn kBlocks[kRowBlock] = {block<1>, block<2>, block<3>, block<4>,
 // Rows [m0, m1) of x times panel q, into y's columns 48 q.. (through `scratch` for a last panel
 // narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block,
 // the next is prefetched, its rows shared out among the blocks.
-void panel_rows(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1,
-                std::vector<float>& scratch) {
+void panel_rows(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1) {
   const int64_t columns = std::min(kPanel, n - q * kPanel);
   const int64_t rows = m1 - m0, blocks = (rows + kRowBlock - 1) / kRowBlock;
   float* out = y + m0 * n + q * kPanel;
   int64_t ldy = n;
+  std::vector<float> scratch;
   if (columns < kPanel) {
-    scratch.assign(rows * kPanel, 0.0f);
+    scratch.resize(rows * kPanel);
     out = scratch.data(), ldy = kPanel;
   }
   const float* wq = w + q * k * kPanel;
@@ -113,9 +114,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const float* wp = w.typed_data();
   const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
   parallel_for(pool, wd[0] * chunks, [=](int64_t task) {
-    std::vector<float> scratch;
     const int64_t q = task / chunks, m0 = task % chunks * kRowChunk;
-    panel_rows(xp, wp, yp, k, n, q, m0, std::min(m, m0 + kRowChunk), scratch);
+    panel_rows(xp, wp, yp, k, n, q, m0, std::min(m, m0 + kRowChunk));
   });
   return ffi::Error::Success();
 }

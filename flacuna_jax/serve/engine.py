@@ -7,8 +7,9 @@ rows and columns in use, in buckets (powers of two): rows up to the highest busy
 takes the lowest free slot), columns up to the longest sequence in flight. It grows by a copy when a
 slot or a sequence needs more. When the busy slots would fit a smaller row bucket than the highest of
 them needs, they are moved down to the lowest rows (their rows of the cache copied, nothing else);
-columns shrink when three quarters of them are idle. Each (rows, columns) shape compiles once. The jitted functions that fill
-and advance the slots (prefill, insert, decode step, resize) are `slots.py`'s.
+columns shrink when three quarters of them are idle. Each (rows, columns) shape compiles once. The
+jitted functions that fill and advance the slots (prefill, insert, decode step, resize, take_rows)
+are `slots.py`'s.
 
 The scheduler (`step`, run in a loop by one thread) admits queued requests into free slots while
 the other slots keep decoding, hands each new token to its request's callback, and frees a slot at
@@ -167,7 +168,7 @@ class Engine:
         if not busy or self._row_bucket(len(busy)) >= self._row_bucket(busy[-1] + 1):
             return
         order = busy + [i for i, s in enumerate(self.slots) if s is None]  # slot j takes what slot order[j] held
-        rows = min(self._row_bucket(len(busy)), self.rows)
+        rows = self._row_bucket(len(busy))  # below the cache's rows, which hold busy[-1]
         self.cache = self.fns.take_rows(self.cache, np.array(order[:rows], np.int32))
         self.slots = [self.slots[i] for i in order]
         for name in ("tokens", "adapters", "seeds", "counters", "temperatures", "top_ps", "_index"):
