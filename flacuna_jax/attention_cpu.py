@@ -30,13 +30,12 @@ from flacuna_jax import native
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
 
 Array = jax.Array
-SOURCE = native.CSRC / "decode_attention.cc"
 TARGET = "flacuna_decode_attention"
 
 
 def _registration() -> str | None:
     """None once the kernel is built and registered, or why it cannot be."""
-    return native.register(SOURCE.name, "FlacunaDecodeAttention", TARGET)
+    return native.register("FlacunaDecodeAttention", TARGET)
 
 
 def refusal(q_bthf: Array, k_bkfs: Array) -> str | None:

@@ -123,29 +123,29 @@ def test_under_a_mesh_rows_and_kv_heads_split(mesh_shape, heads):
 @needs_compiler
 def test_the_library_is_built_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("FLACUNA_JAX_CACHE", str(tmp_path))
-    first = native.build(attention_cpu.SOURCE)
+    first = native.build()
     assert first.parent == tmp_path and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
-    assert native.build(attention_cpu.SOURCE) == first and first.stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert native.build() == first and first.stat().st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left beside it
 
 
 def test_a_missing_or_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLACUNA_JAX_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+' on PATH \\(set CXX\\)"):
-        native.build(attention_cpu.SOURCE, "no-such-c++")
-    with pytest.raises(RuntimeError, match="false could not build decode_attention.cc"):
-        native.build(attention_cpu.SOURCE, "false")
+        native.build("no-such-c++")
+    with pytest.raises(RuntimeError, match="false could not build csrc/"):
+        native.build("false")
     hanging = tmp_path / "hanging-c++"
     hanging.write_text("#!/bin/sh\nexec sleep 60\n")  # killed at the timeout, nothing left behind
     hanging.chmod(0o755)
-    with pytest.raises(RuntimeError, match="hanging-c\\+\\+ did not finish building decode_attention.cc in 0.5 s"):
-        native.build(attention_cpu.SOURCE, str(hanging), timeout_s=0.5)
+    with pytest.raises(RuntimeError, match="hanging-c\\+\\+ did not finish building csrc/ in 0.5 s"):
+        native.build(str(hanging), timeout_s=0.5)
     assert not list(tmp_path.glob("*.so"))
 
 
 def test_without_the_kernel_decoding_runs_xla_and_says_why_once(monkeypatch, caplog):
-    reason = "decode_attention.cc could not be built: no C++ compiler 'c++' on PATH (set CXX)"
+    reason = "the csrc/ kernels could not be built: no C++ compiler 'c++' on PATH (set CXX)"
     monkeypatch.setattr(attention_cpu, "_registration", lambda: reason)
     monkeypatch.setattr(attention, "_logged_choices", set())
     args, real = inputs(2, 1, 4, 2, 8, 10, 1)
