@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax.generate import argmax
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
 
@@ -152,7 +153,7 @@ def make_token_scorer(model: Any):
                                  mask_bts=mask_bts, logits_at_bm=slots_bm).astype(jnp.float32)
         logp_bmv = jax.nn.log_softmax(logits_bmv, axis=-1)
         target_logp = jnp.take_along_axis(logp_bmv, targets_bm[..., None], axis=-1)[..., 0]
-        return target_logp, jnp.argmax(logits_bmv, axis=-1) == targets_bm
+        return target_logp, argmax(logits_bmv) == targets_bm
 
     return score
 
