@@ -17,7 +17,8 @@ Prints one JSON line:
   bytes x 2, keys and values) over that cost, with each kernel (`native`, `xla`);
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
   output projection) applied to that many rows and nothing else, in JAX (one jitted function: `jax`
-  with XLA's products, `native` with the projections packed for `matmul_cpu`) and in torch (the same
+  with XLA's products, `native` with the projections and the output projection packed for
+  `matmul_cpu`) and in torch (the same
   fp32 weights): the floor of a decode step that each library's products give on this machine;
 - `prefill_ms`: per width, one prompt of that many tokens through the server's prefill (`serve/slots.py`:
   the whole model, the output projection at the last position only) and through transformers' forward
@@ -69,8 +70,9 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
     """Every weight matrix of the model applied to `rows` rows, JAX vs torch, each as its model applies
     it: in JAX as `model.Linear` (x @ W, W [in, out]; `native`: the packed kernel of `matmul_cpu`), in
     torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
-    `model.output_embedding` (the tied embedding, transposed in the jitted function), in torch as
-    transformers' `lm_head` does (x @ W^T, W [vocab, hidden])."""
+    `model.output_embedding` (the tied embedding, transposed in the jitted function; `native`: its
+    packed copy, `model.pack_output`), in torch as transformers' `lm_head` does (x @ W^T, W [vocab,
+    hidden])."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -90,13 +92,14 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
         return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
 
     @functools.partial(jax.jit, static_argnums=3)
-    def native_products(xs, packed, params, columns):
+    def native_products(xs, packed, output_packed, columns):
         total = sum(jnp.sum(matmul_cpu.matmul(xs[w.shape[1]], w, n)) for w, n in zip(packed, columns))
-        return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
+        return total + jnp.sum(matmul_cpu.matmul(xs[hidden], output_packed, model.config.vocab_size))
 
     ms_jax = best_ms(lambda: products(xs, kernels, params).block_until_ready(), steps=steps)
     weights, columns = [w for w, _ in packed], tuple(n for _, n in packed)
-    ms_native = best_ms(lambda: native_products(xs, weights, params, columns).block_until_ready(), steps=steps)
+    output_packed = matmul_cpu.pack(model.output_embedding(params))  # as `model.pack_output` does
+    ms_native = best_ms(lambda: native_products(xs, weights, output_packed, columns).block_until_ready(), steps=steps)
     t_kernels = [torch.from_numpy(np.array(w).T.copy()) for w in kernels]  # [out, in], as nn.Linear holds them
     t_head_vd = torch.from_numpy(np.array(model.output_embedding(params)).T.copy())
     t_xs = {d: torch.full((rows, d), 0.01) for d in xs}

@@ -3,18 +3,18 @@
 Why: a decode step multiplies a few rows by every weight of the model. XLA's CPU dots read a [k, n]
 kernel in blocks of strided pieces and, at 8-32 rows, run far below both the memory's speed and the
 cores' peak. Packed once into panels of 48 columns ([ceil(n / 48), k, 48], each panel contiguous),
-the kernel streams each panel once, a chunk ahead, while multiplying the previous chunk by every
-block of 8 rows from L1. SmolLM2 fp32, all the model's matmuls (the tied output projection XLA's in
-both) at 8 / 32 rows: 29.9 / 42.3 ms vs 46.7 / 70.5 with XLA's projections
-(`benchmarks/decode_profile.py --matmul-rows`, idle 2-core Xeon).
+the kernel streams each panel once, a chunk or two ahead, while multiplying an earlier chunk by
+every block of 8 rows from L1. SmolLM2 fp32, all the model's matmuls at 1 / 8 / 16 / 32 rows:
+see `benchmarks/decode_profile.py --matmul-rows` (README, "The projections on a CPU").
 
 Numerics: each output is an fp32 sum of chunk sums, each chunk 128 products added in order with fused
 multiply-adds: within XLA's own rounding of the same product, and the same bits whatever the other
 rows of the batch.
 
-`model.unrolled` packs the kernels of the decoder layers' projections (not the output projection)
-when the model runs on one CPU device in float32 (`Runtime.matmul = "native"`); `project` then runs
-the kernel, or, where it cannot be built, an XLA contraction over the packed layout (`xla_project`).
+`model.unrolled` packs the kernels of the decoder layers' projections, and adds a packed copy of the
+output projection, when the model runs on one CPU device in float32 (`Runtime.matmul = "native"`);
+`project` then runs the kernel, or, where it cannot be built, an XLA contraction over the packed
+layout (`xla_project`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 KERNELS = ("native", "xla")  # model.unrolled(matmul=...): packed for this kernel, or as they are
 PANEL = 48  # columns per panel: 3 x 16 floats, the kernel's register block
-SOURCE = native.CSRC / "matmul.cc"
 TARGET = "flacuna_matmul"
 
 
@@ -55,7 +54,7 @@ def unpack(packed_pkc: Array, n: int) -> Array:
 
 
 def _registration() -> str | None:
-    return native.register(SOURCE.name, "FlacunaMatmul", TARGET)
+    return native.register("FlacunaMatmul", TARGET)
 
 
 def refusal(dtype: jnp.dtype | None = None) -> str | None:

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flacuna_jax import hf, matmul_cpu, tiny
-from flacuna_jax.model import pack_projections, unrolled
+from flacuna_jax.model import pack_output, pack_projections, unrolled
 from tests.helpers import needs_compiler
 
 
@@ -66,19 +66,26 @@ def tiny_model(tmp_path, **changes):
 
 
 @needs_compiler
-def test_an_unrolled_model_runs_the_kernel_in_every_projection(tmp_path):
-    """Packed by `unrolled`: one call per projection (7 a layer; the tied output projection stays XLA's),
-    the same logits as the model as loaded, and none with matmul="xla"."""
-    model, params = tiny_model(tmp_path)
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_unrolled_model_runs_the_kernel_in_every_projection(tmp_path, tied):
+    """Packed by `unrolled`: one call per projection (7 a layer, and the output projection's packed
+    copy, tied or not), the same logits as the model as loaded, and none with matmul="xla"."""
+    model, params = tiny_model(tmp_path, tie_word_embeddings=tied)
+    assert ("lm_head" in params) != tied
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 11)), jnp.int32)
     want = np.asarray(model.apply({"params": params}, ids))
-    for matmul, calls in (("native", 7 * 2), ("xla", 0)):
+    for matmul, calls in (("native", 7 * 2 + 1), ("xla", 0)):
         m, p = unrolled(model, jax.tree.map(jnp.copy, params), matmul)
         assert m.runtime.matmul == matmul
         shapes = {name: leaf["kernel"].shape for name, leaf in p["layers_0"]["mlp"].items()}
         if matmul == "native":
             hidden, inter = model.config.hidden_size, model.config.intermediate_size
             assert shapes["down_proj"] == matmul_cpu.packed_shape(inter, hidden)
+            assert p["output_packed"].shape == matmul_cpu.packed_shape(hidden, model.config.vocab_size)
+            np.testing.assert_array_equal(matmul_cpu.unpack(p["output_packed"], model.config.vocab_size),
+                                          model.output_embedding(p))  # a copy: the plain weights stay
+        else:
+            assert "output_packed" not in p
         forward = jax.jit(lambda p, i, m=m: m.apply({"params": p}, i))
         assert forward.lower(p, ids).as_text().count(matmul_cpu.TARGET) == calls, matmul
         np.testing.assert_allclose(np.asarray(forward(p, ids)), want, rtol=0, atol=2e-5)
@@ -110,8 +117,8 @@ def test_without_the_kernel_packed_weights_run_xla_and_say_why_once(tmp_path, mo
     want = np.asarray(model.apply({"params": params}, ids))
     m, p = unrolled(model, params, "xla")
     m = m.clone(runtime=dataclasses.replace(m.runtime, matmul="native"))
-    p = pack_projections(p)
-    reason = "matmul.cc could not be built: no C++ compiler 'c++' on PATH (set CXX)"
+    p = pack_output(m, pack_projections(p))
+    reason = "the csrc/ kernels could not be built: no C++ compiler 'c++' on PATH (set CXX)"
     monkeypatch.setattr(matmul_cpu, "_registration", lambda: reason)
     monkeypatch.setattr(matmul_cpu, "_logged", set())
     with caplog.at_level(logging.WARNING, logger="flacuna_jax.matmul_cpu"):
