@@ -16,7 +16,7 @@ Prints one JSON line:
 - `attended_gb_per_s`: the written cache's bytes (rows x WIDTH/2 x layers x kv heads x head dim x 4
   bytes x 2, keys and values) over that cost, with each kernel (`native`, `xla`);
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
-  output projection) applied to that many rows and nothing else, in JAX (one jitted function: `jax`
+  output projection) applied to that many rows, one after the other, and nothing else, in JAX (one jitted function: `jax`
   with XLA's products, `native` with the projections and the output projection packed for
   `matmul_cpu`) and in torch (the same
   fp32 weights): the floor of a decode step that each library's products give on this machine;
@@ -67,9 +67,9 @@ def read_rates(n_floats: int) -> dict:
 
 
 def matmul_ms(model, params, rows: int, steps: int) -> dict:
-    """Every weight matrix of the model applied to `rows` rows, JAX vs torch, each as its model applies
-    it: in JAX as `model.Linear` (x @ W, W [in, out]; `native`: the packed kernel of `matmul_cpu`), in
-    torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
+    """Every weight matrix of the model applied to `rows` rows, one after the other, JAX vs torch, each
+    as its model applies it: in JAX as `model.Linear` (x @ W, W [in, out]; `native`: the packed kernel
+    of `matmul_cpu`), in torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
     `model.output_embedding` (the tied embedding, transposed in the jitted function; `native`: its
     packed copy, `model.pack_output`), in torch as transformers' `lm_head` does (x @ W^T, W [vocab,
     hidden])."""
@@ -86,15 +86,23 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
     hidden = model.config.hidden_size
     xs = {d: jnp.full((rows, d), 0.01, jnp.float32) for d in {w.shape[0] for w in kernels} | {hidden}}
 
+    def in_order(xs, products):
+        """Each product's input waits for the previous product's sum (+ 0 x it), as in a decode step,
+        where every product needs the one before: XLA would otherwise run independent products at once."""
+        total = jnp.float32(0)
+        for d, product in products:
+            total = total + jnp.sum(product(xs[d] + 0 * total))
+        return total
+
     @jax.jit
     def products(xs, kernels, params):
-        total = sum(jnp.sum(xs[w.shape[0]] @ w) for w in kernels)
-        return total + jnp.sum(xs[hidden] @ model.output_embedding(params))
+        return in_order(xs, [(w.shape[0], lambda x, w=w: x @ w) for w in kernels]
+                        + [(hidden, lambda x: x @ model.output_embedding(params))])
 
     @functools.partial(jax.jit, static_argnums=3)
     def native_products(xs, packed, output_packed, columns):
-        total = sum(jnp.sum(matmul_cpu.matmul(xs[w.shape[1]], w, n)) for w, n in zip(packed, columns))
-        return total + jnp.sum(matmul_cpu.matmul(xs[hidden], output_packed, model.config.vocab_size))
+        return in_order(xs, [(w.shape[1], lambda x, w=w, n=n: matmul_cpu.matmul(x, w, n)) for w, n in zip(packed, columns)]
+                        + [(hidden, lambda x: matmul_cpu.matmul(x, output_packed, model.config.vocab_size))])
 
     ms_jax = best_ms(lambda: products(xs, kernels, params).block_until_ready(), steps=steps)
     weights, columns = [w for w, _ in packed], tuple(n for _, n in packed)

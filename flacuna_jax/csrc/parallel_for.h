@@ -24,6 +24,7 @@
 namespace flacuna_jax {
 
 constexpr int64_t kLingerUs = 100;  // longer than the gaps within a layer, short against a step
+constexpr int64_t kLongJobUs = 1000;  // a job this long has little to gain from a helper that is there at once
 
 // fn(0..total-1), each index claimed once from a shared counter by whoever gets to it first.
 struct Job {
@@ -71,11 +72,20 @@ inline Board& board() {
   return *the_board;
 }
 
-// A pool task: `job`, then every job published within kLingerUs of the last one it saw.
+// Drains `job`: true if that took long enough that lingering after it would not pay.
+inline bool drained_long(Job& job) {
+  const auto start = std::chrono::steady_clock::now();
+  job.drain();
+  return std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLongJobUs);
+}
+
+// A pool task: `job`, then every job published within kLingerUs of the last one it saw, as long as
+// they are short (a prefill's: not; while a helper spins, XLA cannot run its own work on that thread).
 inline void help(std::shared_ptr<Job> job, uint64_t seen) {
   Board& b = board();
-  job->drain();
+  const bool long_job = drained_long(*job);
   job.reset();
+  if (long_job) return;
   b.lingering.fetch_add(1);
   const auto linger = std::chrono::microseconds(kLingerUs);
   auto deadline = std::chrono::steady_clock::now() + linger;
@@ -83,7 +93,7 @@ inline void help(std::shared_ptr<Job> job, uint64_t seen) {
     const uint64_t g = b.generation.load(std::memory_order_acquire);
     if (g != seen) {
       seen = g;
-      if (auto next = b.current()) next->drain();
+      if (auto next = b.current(); next && drained_long(*next)) break;
       deadline = std::chrono::steady_clock::now() + linger;
     } else if (spins % 32 == 0 && std::chrono::steady_clock::now() > deadline) {
       break;
