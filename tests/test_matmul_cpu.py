@@ -1,5 +1,6 @@
-"""matmul_cpu.py: the native projection kernel against float64 and XLA, its packed layout, a model that
-runs it (`unrolled`), where it does not (XLA's instead, said once), and bad shapes."""
+"""matmul_cpu.py: the native projection kernel against float64 and XLA, its packed layout, callers on
+several threads, a model that runs it (`unrolled`), where it does not (XLA's instead, said once), and
+bad shapes."""
 
 import dataclasses
 import logging
@@ -58,6 +59,34 @@ def test_packing_round_trips_and_xla_reads_the_packed_layout():
     assert np.all(np.asarray(packed)[-1, :, 100 - 96:] == 0)  # the last panel's padding
     np.testing.assert_array_equal(np.asarray(matmul_cpu.unpack(packed, 100)), w)
     np.testing.assert_allclose(np.asarray(matmul_cpu.xla_project(jnp.asarray(x), packed, 100)), x @ w, rtol=0, atol=1e-4)
+
+
+@needs_compiler
+def test_kernels_called_from_several_threads_at_once_give_each_its_own_result():
+    """The kernels' helpers join whatever job is on the shared board (`csrc/parallel_for.h`): callers
+    on four threads at once, their jobs replacing each other there, still get their own products,
+    bit for bit the ones of a call alone (short jobs, so helpers linger between them)."""
+    import threading
+
+    assert matmul_cpu.refusal(jnp.float32) is None  # built and registered
+    product = jax.jit(matmul_cpu.matmul, static_argnums=2)
+    cases = [operands((8, 96), 200, seed) for seed in range(4)]
+    packed = [(jnp.asarray(x), matmul_cpu.pack(w)) for x, w in cases]
+    alone = [np.asarray(product(x, w, 200)) for x, w in packed]
+    failures = []
+
+    def call(i):
+        for _ in range(50):
+            got = np.asarray(product(*packed[i], 200))
+            if not np.array_equal(got, alone[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(packed))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and failures == []
 
 
 def tiny_model(tmp_path, **changes):
