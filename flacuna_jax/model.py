@@ -550,7 +550,8 @@ def pack_output(model: "Llama", params: dict) -> dict:
     "native"` computes the logits with. A copy: the embedding lookup and `output_embedding`'s callers
     (the server's prefill, the evaluations' answer columns) keep the plain weights. It costs the output
     projection's size again (SmolLM2: 113 MB on 538) and buys the step at 8-16 rows: SmolLM2's tied
-    16 x 576 x 49,152 took 9.1 ms as XLA's `x E^T`, 6.2 packed (`benchmarks/decode_profile.py`)."""
+    output projection in the server's decode step at 8 rows took 8.0 ms as XLA's `x E^T`, 6.7 packed
+    (profiled per thunk; `benchmarks/decode_profile.py` times the steps)."""
     return {**params, "output_packed": jax.jit(matmul_cpu.pack)(jnp.asarray(model.output_embedding(params)))}
 
 
