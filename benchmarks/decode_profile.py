@@ -16,10 +16,10 @@ Prints one JSON line:
 - `attended_gb_per_s`: the written cache's bytes (rows x WIDTH/2 x layers x kv heads x head dim x 4
   bytes x 2, keys and values) over that cost, with each kernel (`native`, `xla`);
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
-  output projection) applied to that many rows, one after the other, and nothing else, in JAX (one jitted function: `jax`
-  with XLA's products, `native` with the projections and the output projection packed for
-  `matmul_cpu`) and in torch (the same
-  fp32 weights): the floor of a decode step that each library's products give on this machine;
+  output projection) applied to that many rows, one after the other, and nothing else, in JAX (one
+  jitted function: `jax` with XLA's products, `native` with the projections and the output
+  projection packed for `matmul_cpu`) and in torch (the same fp32 weights): the floor of a decode
+  step that each library's products give on this machine;
 - `prefill_ms`: per width, one prompt of that many tokens through the server's prefill (`serve/slots.py`:
   the whole model, the output projection at the last position only) and through transformers' forward
   with `logits_to_keep=1` on the same ids (what `transformers serve` computes before its first token).

@@ -7,8 +7,8 @@
 Prompts are rendered with the Vicuna v1.1 template (`templates.encode_generation_prompt`, the ids
 training saw) unless `--raw`. Temperature 0 is greedy; otherwise temperature + nucleus (top-p).
 
-How decoding runs. A batch of prompts is LEFT-padded to a bucketed width (`prompt_width`: few
-compiles) with segment id 0 on the padding and positions counted from each row's first real token
+How decoding runs. A batch of prompts is LEFT-padded to a bucketed width (`batch_prompt_width`:
+few compiles) with segment id 0 on the padding and positions counted from each row's first real token
 (HF's attention_mask / position_ids in `generate`). One jitted function does the prefill (only its
 last position goes through the output projection), then the whole token loop as one `lax.while_loop`
 over a cache of width + max_new_tokens slots (`kv_cache.py`, written in place); the loop stops when
@@ -146,11 +146,12 @@ def bucket_width(n: int, minimum: int = 16) -> int:
     return width
 
 
-def prompt_width(n: int, minimum: int = 16) -> int:
+def batch_prompt_width(n: int, minimum: int = 16) -> int:
     """The next of 16, 24, 32, 48, 64, 96, ... >= n (powers of two and 1.5 times them; at least
     `minimum`): what a batch of prompts is padded to. Twice the compiled shapes of `bucket_width`,
     for at most a third of the prefill padding rather than half (lm-eval's 13-24-token prompts: 24
-    columns, not 32; the prefill is a fifth of such a batch's time)."""
+    columns, not 32; the prefill is a fifth of such a batch's time). The server pads one prompt at a
+    time by its own rule (`serve.engine.prompt_width`)."""
     width = bucket_width(n, minimum)
     return width * 3 // 4 if width > minimum and width * 3 // 4 >= n else width
 
@@ -407,7 +408,7 @@ class Generator:
             if planned.shared and len(prompts) > 1:
                 prefix = self.prefix_cache(batch[0][:planned.shared])
                 batch = [p[planned.shared:] for p in batch]
-            width = prompt_width(max(len(p) for p in batch))
+            width = batch_prompt_width(max(len(p) for p in batch))
             ids_bt, seg_bt = left_pad(batch, width, self.batch_size if len(prompts) > 1 else 1, self.pad_id)
             self._sink = sink
             try:

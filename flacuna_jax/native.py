@@ -62,7 +62,8 @@ def build(compiler: str | None = None, timeout_s: float = BUILD_TIMEOUT_S) -> Pa
     compiler = compiler or os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-    text = b"".join(path.read_bytes() for path in [*sources(), *sorted(CSRC.glob("*.h"))])  # with the headers
+    files = sources()
+    text = b"".join(path.read_bytes() for path in [*files, *sorted(CSRC.glob("*.h"))])  # with the headers
     key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                       _cpu_identity().encode(), compiler.encode()])).hexdigest()[:16]
     library = cache_dir() / f"kernels-{key}.so"
@@ -73,7 +74,7 @@ def build(compiler: str | None = None, timeout_s: float = BUILD_TIMEOUT_S) -> Pa
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
         try:
-            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", f"-I{CSRC}", *map(str, sources()),
+            done = subprocess.run([compiler, *FLAGS, "-w", f"-I{include}", f"-I{CSRC}", *map(str, files),
                                    "-o", str(partial), "-pthread"], capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{compiler} did not finish building {CSRC.name}/ in {timeout_s:g} s") from None

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from flacuna_jax import hf, tiny
-from flacuna_jax.generate import (MIN_SHARED, Codec, Generator, bucket_width, chat, left_pad, main, make_prefill,
-                                  plan_batches, prompt_width, sample_next, shared_prefix_len)
+from flacuna_jax.generate import (MIN_SHARED, Codec, Generator, batch_prompt_width, bucket_width, chat, left_pad, main,
+                                  make_prefill, plan_batches, sample_next, shared_prefix_len)
 from flacuna_jax.lora import merge_params
 from flacuna_jax.model import LoraSpec
 from tests.helpers import CHAR_VOCAB, hf_reference, write_decisive_model
@@ -403,6 +403,7 @@ def test_prompt_lengths_share_a_bucket(loaded):
 
 def test_prompt_widths_pad_at_most_a_third():
     """Powers of two and 1.5 times them: every prompt past the minimum is padded by under half its length."""
-    assert sorted({prompt_width(n) for n in range(1, 1025)}) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-    assert all(n <= prompt_width(n) < 1.5 * n for n in range(17, 5000))
-    assert prompt_width(20, minimum=32) == 32 and prompt_width(33, minimum=32) == 48
+    widths = sorted({batch_prompt_width(n) for n in range(1, 1025)})
+    assert widths == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    assert all(n <= batch_prompt_width(n) < 1.5 * n for n in range(17, 5000))
+    assert batch_prompt_width(20, minimum=32) == 32 and batch_prompt_width(33, minimum=32) == 48

@@ -4,8 +4,8 @@
 // Why packed: a decode step multiplies a few rows by every weight, so it is bound by streaming the
 // weights from memory. Read in place, a 48-column block of w takes k strided pieces of 192 bytes,
 // one per 4 KB page or more, which the hardware prefetcher does not follow and which land in a few
-// L1 sets; packed, each panel is one contiguous stream, prefetched a chunk or two ahead while an earlier
-// chunk is multiplied by every block of rows.
+// L1 sets; packed, each panel is one contiguous stream, prefetched a chunk or two ahead while an
+// earlier chunk is multiplied by every block of rows.
 //
 // Shapes: x [..., k] (m rows); w [p, k, 48], p = ceil(n / 48), column j of panel q being column
 // 48 q + j of the plain [k, n] kernel (the last panel's padding columns are zeros); y [..., n].
@@ -77,7 +77,8 @@ constexpr BlockFn kBlocks[kRowBlock] = {block<1>, block<2>, block<3>, block<4>,
 // narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block, a
 // later one is prefetched, its rows shared out among the blocks. A full block of 8 rows spends long
 // enough on a chunk to keep two chunks in flight, into L2 (SmolLM2's 210 projections: 24.3 -> 21.6 ms
-// at 8 rows, 26.9 -> 24.5 at 16); fewer rows prefetch the next chunk into L1 (1 row: 0.5 ms faster).
+// at 8 rows, 26.9 -> 24.5 at 16); fewer rows prefetch the next chunk into L1 (into L2, SmolLM2's
+// decode step at 1 row took ~2 ms longer).
 void panel_rows(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1) {
   const int64_t columns = std::min(kPanel, n - q * kPanel);
   const int64_t rows = m1 - m0, blocks = (rows + kRowBlock - 1) / kRowBlock;

@@ -24,7 +24,7 @@
 namespace flacuna_jax {
 
 constexpr int64_t kLingerUs = 100;  // longer than the gaps within a layer, short against a step
-constexpr int64_t kLongJobUs = 1000;  // a job this long has little to gain from a helper that is there at once
+constexpr int64_t kLongJobUs = 1000;  // a job this long gains little from a helper there at once
 
 // fn(0..total-1), each index claimed once from a shared counter by whoever gets to it first.
 struct Job {
@@ -56,10 +56,10 @@ struct Board {
   std::atomic<uint64_t> generation{0};
   std::atomic<int64_t> lingering{0};
 
-  void publish(std::shared_ptr<Job> j) {
+  uint64_t publish(std::shared_ptr<Job> j) {  // the job's generation
     std::lock_guard<std::mutex> lock(mu);
     job = std::move(j);
-    generation.fetch_add(1, std::memory_order_release);
+    return generation.fetch_add(1, std::memory_order_release) + 1;
   }
   std::shared_ptr<Job> current() {
     std::lock_guard<std::mutex> lock(mu);
@@ -114,8 +114,7 @@ inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t total, std::functio
   auto job = std::make_shared<Job>();
   job->total = total;
   job->fn = std::move(fn);
-  b.publish(job);
-  const uint64_t seen = b.generation.load();
+  const uint64_t seen = b.publish(job);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
   for (int64_t i = b.lingering.load(); i < helpers; ++i) pool.Schedule([job, seen] { help(job, seen); });
   job->drain();

@@ -39,12 +39,14 @@ from flacuna_jax.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 
-# The smallest cache (rows). One row is its own bucket: with XLA's dots (`--matmul xla`) one row times a weight
-# matrix runs at memory speed but 2-4 rows as a small matrix product at well under half that (SmolLM2's
-# matmuls alone: 39 / 57 / 86 ms for 1 / 2 / 4 rows, `benchmarks/decode_profile.py --matmul-rows`).
+# The smallest cache (rows). One row is its own bucket: with XLA's dots (`--matmul xla`) one row times
+# a weight matrix runs at memory speed but 2-4 rows as a small matrix product at well under half that
+# (SmolLM2's matmuls alone: 39 / 57 / 86 ms for 1 / 2 / 4 rows, `benchmarks/decode_profile.py
+# --matmul-rows`).
 MIN_ROWS = 1
-# prompts longer than this are prefilled at a multiple of it (`prompt_width`): against 128, SmolLM2's
-# 32-client serving workload prefills 8% fewer padded tokens, ~5% more tokens/s, for twice the prompt widths to compile
+# Prompts longer than this are prefilled at a multiple of it (`prompt_width`). Against 128, SmolLM2's
+# 32-client serving workload prefills 8% fewer padded tokens, ~5% more tokens/s, for twice the prompt
+# widths to compile.
 PREFILL_STEP = 64
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
