@@ -14,7 +14,8 @@ the mesh. Kernels use the [in, out] layout (HF's [out, in] transposed). LoRA fac
 the kernel they adapt (`lora_a` [in, r], `lora_b` [r, out], fp32); `lora.py` splits them off as the
 trainable tree. With `Runtime.base_quant` (nf4 | int8) the decoder layers' projection kernels are
 quantized frozen leaves (`quant.py`, bitsandbytes' formats) that dequantize inside the matmul. An
-inference model on the CPU may hold them packed for a native kernel instead (`Runtime.matmul`,
+inference model on the CPU may hold them packed for a native kernel instead, the projections that
+read the same input side by side in one array on their block (`PROJECTION_GROUPS`; `Runtime.matmul`,
 `matmul_cpu.py`, set by `unrolled`).
 
 Serving several adapters on one base (`AdapterBank`): every adapter's factors are stacked beside the
@@ -195,7 +196,8 @@ def row_dropout(x_btd: Array, rate: float, key: Array, rows_b: Array | None) -> 
 
 
 class Linear(nn.Module):
-    """y = x W (+ scale * dropout(x) A B when this projection carries LoRA)."""
+    """y = x W (+ scale * dropout(x) A B when this projection carries LoRA). `base`: x W already computed
+    (a group's one kernel call, `_projections`): then this module holds no kernel, only its deltas."""
 
     features: int
     axes: tuple[str, str]
@@ -206,16 +208,14 @@ class Linear(nn.Module):
     bank: AdapterBank | None = None
 
     @nn.compact
-    def __call__(self, x: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
+    def __call__(self, x: Array, rows_b: Array | None = None, adapter_b: Array | None = None,
+                 base: Array | None = None) -> Array:
         rt = self.runtime
-        if self.quantizable and rt.base_quant != "none":
+        if base is not None:
+            y = base
+        elif self.quantizable and rt.base_quant != "none":
             kernel = quant.kernel_param(self, (x.shape[-1], self.features), self.axes, rt)
             y = x @ kernel.dequantize(rt.compute_dtype)  # inside the jitted matmul: XLA fuses it
-        elif self.quantizable and rt.matmul == "native":  # packed by `unrolled`, never trained
-            k, n = x.shape[-1], self.features
-            kernel = self.param("kernel", nn.with_logical_partitioning(_packed_init, (None, self.axes[0], None)),
-                                matmul_cpu.packed_shape(k, n), rt.param_dtype)
-            y = matmul_cpu.project(x.astype(rt.compute_dtype), kernel.astype(rt.compute_dtype), n)
         else:
             kernel = self.param(
                 "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
@@ -268,6 +268,34 @@ def _linear(module: nn.Module, name: str, features: int, axes: tuple[str, str]) 
     return Linear(features, axes, module.runtime, lora, module.deterministic, quantizable=True, bank=bank, name=name)
 
 
+# The decoder's projections by the input they read: with Runtime.matmul = "native" each group is one
+# packed kernel (`pack_projections`) and one call of the CPU kernel.
+PROJECTION_GROUPS = {"attn": (("q_proj", "k_proj", "v_proj"), ("o_proj",)),
+                     "mlp": (("gate_proj", "up_proj"), ("down_proj",))}
+
+
+def packed_group_name(names: tuple[str, ...]) -> str:
+    return f"packed({','.join(names)})"
+
+
+def _projections(module: nn.Module, x: Array, specs: dict[str, tuple[int, tuple[str, str]]],
+                 rows_b: Array | None, adapter_b: Array | None) -> list[Array]:
+    """x through each projection of one group of `PROJECTION_GROUPS` (name -> features, axes): each
+    its own product, or, with Runtime.matmul = "native", one kernel call for the group, each
+    projection's LoRA and adapter deltas added to its share."""
+    rt = module.runtime
+    bases = [None] * len(specs)
+    if rt.matmul == "native" and rt.base_quant == "none":  # packed by `unrolled`, never trained
+        widths = [features for features, _ in specs.values()]
+        axis_in = next(iter(specs.values()))[1][0]
+        packed = module.param(packed_group_name(tuple(specs)),
+                              nn.with_logical_partitioning(_packed_init, (None, axis_in, None)),
+                              matmul_cpu.group_shape(x.shape[-1], widths), rt.param_dtype)
+        bases = matmul_cpu.project_group(x.astype(rt.compute_dtype), packed.astype(rt.compute_dtype), widths)
+    return [_linear(module, name, features, axes)(x, rows_b, adapter_b, base)
+            for (name, (features, axes)), base in zip(specs.items(), bases)]
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     runtime: Runtime
@@ -282,9 +310,10 @@ class Attention(nn.Module):
         """`cache`: this layer's keys [b, k, f, s] and values [b, k, s, f] (`init_cache`)."""
         c = self.config
         b, t, _ = x_btd.shape
-        q = _linear(self, "q_proj", c.num_heads * c.head_dim, ("embed", "heads"))(x_btd, rows_b, adapter_b)
-        k = _linear(self, "k_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
-        v = _linear(self, "v_proj", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x_btd, rows_b, adapter_b)
+        q, k, v = _projections(self, x_btd, {"q_proj": (c.num_heads * c.head_dim, ("embed", "heads")),
+                                             "k_proj": (c.num_kv_heads * c.head_dim, ("embed", "kv_heads")),
+                                             "v_proj": (c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))},
+                               rows_b, adapter_b)
         q_bthf = q.reshape(b, t, c.num_heads, c.head_dim)
         k_btkf = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_btkf = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -306,8 +335,8 @@ class Attention(nn.Module):
             cache = written
         else:
             o = attention.attend(self.runtime.attention, q_bthf, k_btkf, v_btkf, mask, self.runtime.splash_blocks)
-        out = _linear(self, "o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, t, c.num_heads * c.head_dim),
-                                                                          rows_b, adapter_b)
+        out, = _projections(self, o.reshape(b, t, c.num_heads * c.head_dim), {"o_proj": (c.hidden_size, ("heads", "embed"))},
+                            rows_b, adapter_b)
         return out, cache
 
 
@@ -341,9 +370,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_btd: Array, rows_b: Array | None = None, adapter_b: Array | None = None) -> Array:
         c = self.config
-        gate = _linear(self, "gate_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
-        up = _linear(self, "up_proj", c.intermediate_size, ("embed", "mlp"))(x_btd, rows_b, adapter_b)
-        return _linear(self, "down_proj", c.hidden_size, ("mlp", "embed"))(swiglu(gate, up), rows_b, adapter_b)
+        gate, up = _projections(self, x_btd, {"gate_proj": (c.intermediate_size, ("embed", "mlp")),
+                                              "up_proj": (c.intermediate_size, ("embed", "mlp"))}, rows_b, adapter_b)
+        down, = _projections(self, swiglu(gate, up), {"down_proj": (c.hidden_size, ("mlp", "embed"))}, rows_b, adapter_b)
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -535,13 +565,20 @@ def _projection_kernels(params: dict):
 
 
 def pack_projections(params: dict) -> dict:
-    """An unrolled tree with its decoder projection kernels packed (`matmul_cpu.pack`), a new tree:
-    each plain kernel is released as soon as it is packed unless the caller still holds `params`."""
+    """An unrolled tree with its decoder projection kernels packed, by `PROJECTION_GROUPS`
+    (`matmul_cpu.pack_group`, under `packed_group_name`), a new tree. A projection keeps its own entry
+    only for what else it holds (LoRA factors, an adapter bank). Each plain kernel is released as soon
+    as its group is packed unless the caller still holds `params`."""
     out = {name: jax.tree.map(lambda x: x, tree) if name.startswith("layers_") else tree for name, tree in params.items()}
-    pack = jax.jit(matmul_cpu.pack)
-    for layer, block, name in [path for path, _ in _projection_kernels(out)]:  # paths only: no kernel held across steps
-        leaves = out[layer][block][name]
-        leaves["kernel"] = pack(jnp.asarray(leaves["kernel"]))
+    pack = jax.jit(matmul_cpu.pack_group)
+    for layer in (name for name in out if name.startswith("layers_")):
+        for block, groups in PROJECTION_GROUPS.items():
+            modules = out[layer][block]
+            for names in groups:  # popped, not held across groups
+                modules[packed_group_name(names)] = pack([jnp.asarray(modules[name].pop("kernel")) for name in names])
+                for name in names:
+                    if not modules[name]:
+                        del modules[name]
     return out
 
 

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flacuna_jax import hf, matmul_cpu, tiny
-from flacuna_jax.model import pack_output, pack_projections, unrolled
+from flacuna_jax.model import (PROJECTION_GROUPS, AdapterBank, LoraSpec, pack_output, pack_projections,
+                               packed_group_name, unrolled, unstack_layers)
 from tests.helpers import needs_compiler
 
 
@@ -97,27 +98,70 @@ def tiny_model(tmp_path, **changes):
 @needs_compiler
 @pytest.mark.parametrize("tied", [True, False])
 def test_an_unrolled_model_runs_the_kernel_in_every_projection(tmp_path, tied):
-    """Packed by `unrolled`: one call per projection (7 a layer, and the output projection's packed
-    copy, tied or not), the same logits as the model as loaded, and none with matmul="xla"."""
+    """Packed by `unrolled`: one call per group of projections that read the same input (q/k/v, o,
+    gate/up, down: 4 a layer) and one for the output projection's packed copy, tied or not; each group
+    unpacks to its kernels; the same logits as the model as loaded, and no call with matmul="xla"."""
     model, params = tiny_model(tmp_path, tie_word_embeddings=tied)
     assert ("lm_head" in params) != tied
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 11)), jnp.int32)
     want = np.asarray(model.apply({"params": params}, ids))
-    for matmul, calls in (("native", 7 * 2 + 1), ("xla", 0)):
+    plain = unstack_layers(jax.tree.map(jnp.copy, params))["layers_1"]
+    for matmul, calls in (("native", 4 * 2 + 1), ("xla", 0)):
         m, p = unrolled(model, jax.tree.map(jnp.copy, params), matmul)
         assert m.runtime.matmul == matmul
-        shapes = {name: leaf["kernel"].shape for name, leaf in p["layers_0"]["mlp"].items()}
         if matmul == "native":
-            hidden, inter = model.config.hidden_size, model.config.intermediate_size
-            assert shapes["down_proj"] == matmul_cpu.packed_shape(inter, hidden)
-            assert p["output_packed"].shape == matmul_cpu.packed_shape(hidden, model.config.vocab_size)
+            for block, groups in PROJECTION_GROUPS.items():
+                assert sorted(p["layers_1"][block]) == sorted(packed_group_name(names) for names in groups)
+                for names in groups:
+                    kernels = [plain[block][name]["kernel"] for name in names]
+                    packed = p["layers_1"][block][packed_group_name(names)]
+                    assert packed.shape == matmul_cpu.group_shape(kernels[0].shape[0], [k.shape[1] for k in kernels])
+                    for got, kernel in zip(matmul_cpu.unpack_group(packed, [k.shape[1] for k in kernels]), kernels):
+                        np.testing.assert_array_equal(got, kernel)
+            assert p["output_packed"].shape == matmul_cpu.packed_shape(model.config.hidden_size, model.config.vocab_size)
             np.testing.assert_array_equal(matmul_cpu.unpack(p["output_packed"], model.config.vocab_size),
                                           model.output_embedding(p))  # a copy: the plain weights stay
         else:
-            assert "output_packed" not in p
+            assert "output_packed" not in p and p["layers_1"]["attn"]["k_proj"]["kernel"].ndim == 2
         forward = jax.jit(lambda p, i, m=m: m.apply({"params": p}, i))
         assert forward.lower(p, ids).as_text().count(matmul_cpu.TARGET) == calls, matmul
         np.testing.assert_allclose(np.asarray(forward(p, ids)), want, rtol=0, atol=2e-5)
+
+
+@needs_compiler
+def test_grouped_projections_keep_each_projections_lora_and_adapter_deltas(tmp_path):
+    """A projection in a packed group keeps its own LoRA factors and adapter bank (q_proj and v_proj of
+    the q/k/v group; down_proj alone): the packed model's logits equal the unpacked model's, per adapter."""
+    model, params = tiny_model(tmp_path)
+    plain = jax.tree.map(jnp.copy, params)
+    targets = ("q_proj", "v_proj", "down_proj")
+    rng = np.random.default_rng(1)
+    bank = AdapterBank(count=3, rank=2, targets=targets)
+    model = model.clone(lora=LoraSpec(rank=4, alpha=8.0, targets=targets), bank=bank)
+    layers = model.config.num_layers
+
+    def deltas(name, fan_in, fan_out):  # random, nonzero: a zero factor would hide a dropped delta
+        return {"lora_a": rng.normal(size=(layers, fan_in, 4)).astype(np.float32) * 0.1,
+                "lora_b": rng.normal(size=(layers, 4, fan_out)).astype(np.float32) * 0.1,
+                "bank_a": rng.normal(size=(layers, 3, fan_in, 2)).astype(np.float32) * 0.1,
+                "bank_b": rng.normal(size=(layers, 3, 2, fan_out)).astype(np.float32) * 0.1,
+                "bank_scale": np.tile(np.array([0.0, 1.0, 2.0], np.float32), (layers, 1))}
+    c = model.config
+    params["layers"]["attn"]["q_proj"].update(deltas("q_proj", c.hidden_size, c.num_heads * c.head_dim))
+    params["layers"]["attn"]["v_proj"].update(deltas("v_proj", c.hidden_size, c.num_kv_heads * c.head_dim))
+    params["layers"]["mlp"]["down_proj"].update(deltas("down_proj", c.intermediate_size, c.hidden_size))
+    ids = jnp.asarray(rng.integers(0, c.vocab_size, (3, 9)), jnp.int32)
+    adapter_b = jnp.asarray([0, 1, 2], jnp.int32)
+    forwards = {}
+    for matmul in ("xla", "native"):
+        m, p = unrolled(model, jax.tree.map(jnp.copy, params), matmul)
+        assert m.runtime.matmul == matmul
+        forwards[matmul] = np.asarray(jax.jit(lambda p, i, m=m: m.apply({"params": p}, i, adapter_b=adapter_b))(p, ids))
+    assert sorted(p["layers_0"]["attn"]) == ["packed(o_proj)", "packed(q_proj,k_proj,v_proj)", "q_proj", "v_proj"]
+    assert sorted(p["layers_0"]["attn"]["q_proj"]) == ["bank_a", "bank_b", "bank_scale", "lora_a", "lora_b"]
+    no_deltas = np.asarray(model.clone(lora=None, bank=None).apply({"params": plain}, ids))
+    assert np.abs(forwards["xla"] - no_deltas).max() > 1e-2  # the deltas change the logits
+    np.testing.assert_allclose(forwards["native"], forwards["xla"], rtol=0, atol=2e-5)
 
 
 def test_where_the_kernel_cannot_run_the_weights_stay_as_they_are(tmp_path, caplog):

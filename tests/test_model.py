@@ -262,7 +262,7 @@ def test_unrolled_layers_equal_the_scan_and_transformers(tiny_model_dir, preset,
     if matmul == "xla":
         assert jax.tree.all(jax.tree.map(np.array_equal, stack_layers(uparams), params))
     else:
-        assert umodel.runtime.matmul == "native" and uparams["layers_0"]["mlp"]["up_proj"]["kernel"].ndim == 3
+        assert umodel.runtime.matmul == "native" and uparams["layers_0"]["mlp"]["packed(gate_proj,up_proj)"].ndim == 3
     ids = _ids(model.config.vocab_size, (2, 12))
     full = np.asarray(jax.jit(umodel.apply)({"params": uparams}, ids))
     assert np.abs(full - np.asarray(jax.jit(model.apply)({"params": params}, ids))).max() <= LOGIT_TOL

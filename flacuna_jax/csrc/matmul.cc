@@ -33,23 +33,17 @@ constexpr int64_t kRowChunk = 256;  // rows of x per task (a prefill's rows stay
 
 // y[R, 48] (+)= x[R, depth] w[depth, 48] (x's rows `ldx` apart, y's `ldy`), summed in registers and
 // then added to y: a chunk's sum at a time, which rounds less than one running sum over all of k.
-// Every `every` rows of w it prefetches one row of a later chunk (`ahead` rows in all), into L2 when
-// `far` (two chunks ahead), else into L1 (the next chunk; see panel_rows).
+// Every `every` rows of w it prefetches one row of the chunk after next into L2 (`ahead` rows in all).
 template <int R>
 void block(const float* __restrict x, int64_t ldx, const float* __restrict w, float* __restrict y, int64_t ldy,
-           int64_t depth, bool first, const float* ahead_from, int64_t ahead, int64_t every, bool far) {
+           int64_t depth, bool first, const float* ahead_from, int64_t ahead, int64_t every) {
   Vec acc[R][kVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = Vec{};
   int64_t countdown = 0;
   for (int64_t d = 0; d < depth; ++d) {
     if (--countdown <= 0 && ahead > 0) {
-      for (int v = 0; v < kVecs; ++v) {
-        if (far)
-          __builtin_prefetch(ahead_from + v * kLanes, 0, 2);
-        else
-          __builtin_prefetch(ahead_from + v * kLanes, 0, 3);
-      }
+      for (int v = 0; v < kVecs; ++v) __builtin_prefetch(ahead_from + v * kLanes, 0, 2);
       ahead_from += kPanel, --ahead, countdown = every;
     }
     const float* wd = w + d * kPanel;
@@ -69,16 +63,14 @@ void block(const float* __restrict x, int64_t ldx, const float* __restrict w, fl
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, bool, const float*, int64_t,
-                         int64_t, bool);
+                         int64_t);
 constexpr BlockFn kBlocks[kRowBlock] = {block<1>, block<2>, block<3>, block<4>,
                                         block<5>, block<6>, block<7>, block<8>};
 
 // Rows [m0, m1) of x times panel q, into y's columns 48 q.. (through `scratch` for a last panel
-// narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block, a
-// later one is prefetched, its rows shared out among the blocks. A full block of 8 rows spends long
-// enough on a chunk to keep two chunks in flight, into L2 (SmolLM2's 210 projections: 24.3 -> 21.6 ms
-// at 8 rows, 26.9 -> 24.5 at 16); fewer rows prefetch the next chunk into L1 (into L2, SmolLM2's
-// decode step at 1 row took ~2 ms longer).
+// narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block, the
+// chunk after next is prefetched into L2, its rows shared out among the blocks, running on into the
+// next panel (panels are contiguous, and a task's panels are consecutive: see Matmul).
 void panel_rows(const float* x, const float* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1) {
   const int64_t columns = std::min(kPanel, n - q * kPanel);
   const int64_t rows = m1 - m0, blocks = (rows + kRowBlock - 1) / kRowBlock;
@@ -90,17 +82,15 @@ void panel_rows(const float* x, const float* w, float* y, int64_t k, int64_t n, 
     out = scratch.data(), ldy = kPanel;
   }
   const float* wq = w + q * k * kPanel;
-  const bool far = rows >= kRowBlock;
   for (int64_t d0 = 0; d0 < k; d0 += kDepth) {
     const int64_t depth = std::min(kDepth, k - d0);
-    // The next chunk (or two ahead), running on into the next panel's first (panels are contiguous).
-    const float* next = wq + (d0 + depth + (far ? kDepth : 0)) * kPanel;
+    const float* next = wq + (d0 + depth + kDepth) * kPanel;
     const int64_t share = (std::min(kDepth, k) + blocks - 1) / blocks;
     const int64_t every = std::max<int64_t>(1, depth / share);
     for (int64_t b = 0; b < blocks; ++b) {
       const int r = static_cast<int>(std::min<int64_t>(kRowBlock, rows - b * kRowBlock));
       kBlocks[r - 1](x + (m0 + b * kRowBlock) * k + d0, k, wq + d0 * kPanel, out + b * kRowBlock * ldy, ldy, depth,
-                     d0 == 0, next + b * share * kPanel, share, every, far);
+                     d0 == 0, next + b * share * kPanel, share, every);
     }
   }
   if (columns < kPanel)
@@ -123,10 +113,16 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   }
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
-  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
-  parallel_for(pool, wd[0] * chunks, [=](int64_t task) {
-    const int64_t q = task / chunks, m0 = task % chunks * kRowChunk;
-    panel_rows(xp, wp, yp, k, n, q, m0, std::min(m, m0 + kRowChunk));
+  // A task: up to kRowChunk rows times consecutive panels. With one chunk of rows (a decode step),
+  // ~2 tasks per thread of consecutive panels, so that each thread streams long runs that its
+  // prefetches follow (one panel per task, the threads took turns, and a panel's prefetch ran into a
+  // panel the other thread read: SmolLM2's decode step at 8 rows 32.2 -> 29.1 ms, 16 rows 48 -> 42).
+  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk, panels = wd[0];
+  const int64_t run = chunks == 1 ? std::max<int64_t>(1, panels / (2 * pool.num_threads())) : 1;
+  parallel_for(pool, (panels + run - 1) / run * chunks, [=](int64_t task) {
+    const int64_t q0 = task / chunks * run, m0 = task % chunks * kRowChunk;
+    for (int64_t q = q0; q < std::min(panels, q0 + run); ++q)
+      panel_rows(xp, wp, yp, k, n, q, m0, std::min(m, m0 + kRowChunk));
   });
   return ffi::Error::Success();
 }
