@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flacuna_jax import greedy_cpu
 from flacuna_jax.inference import add_model_args, load_from_args
 from flacuna_jax.jsonl import read_objects
 from flacuna_jax.kv_cache import in_place_options, init_cache, prepend_prefix
@@ -118,6 +119,25 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
 
     def nucleus(_):
         return jax.random.categorical(rng, warp_logits(logits_bv, temperature, top_p), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
+
+
+def sample_from_hidden(h_bd: jax.Array, params: dict, vocab_size: int, rng: jax.Array, temperature: jax.Array,
+                       top_p: jax.Array) -> jax.Array:
+    """`sample_next` on the logits of the final hidden states `h_bd` of a model packed for the CPU
+    kernels (`greedy_cpu.usable(params)`). A greedy step is settled by the greedy screen without
+    computing the logits (the same token); they are computed where the screen could not settle a row,
+    and to sample."""
+    def logits():
+        return greedy_cpu.logits(h_bd, params, vocab_size)
+
+    def greedy(_):
+        tokens_b = greedy_cpu.screen_tokens(h_bd, params)
+        return jax.lax.cond(jnp.any(tokens_b < 0), lambda: argmax(logits()), lambda: tokens_b)
+
+    def nucleus(_):
+        return jax.random.categorical(rng, warp_logits(logits(), temperature, top_p), axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
@@ -272,14 +292,17 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         if prefix is not None:  # the prefix's slots first, then the rows' own
             cache = prepend_prefix(prefix, cache)
             positions_bt = positions_bt + jnp.sum(prefix["segment_ids"])
+        # With the greedy screen, the loop carries the final hidden state and draws from it; else the logits.
+        screened = not spec.collect_logits and greedy_cpu.usable(params) is None
+        carried = "hidden" if screened else "logits"
         last_b1 = jnp.full((b, 1), width - 1, jnp.int32)  # left padding: the last slot is real
-        logits_b1v, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache,
-                                        logits_at_bm=last_b1)  # the output projection of that slot only
+        out_b1x, cache = model.apply(variables, ids_bt, positions_bt, segment_ids_bt, cache=cache,
+                                     logits_at_bm=last_b1, return_hidden=screened)  # that slot only
         state = {
             "step": jnp.zeros((), jnp.int32),
             "tokens": jnp.full((b, n_new), spec.pad_id, jnp.int32),
             "cache": cache,
-            "logits": logits_b1v[:, 0].astype(jnp.float32),
+            carried: out_b1x[:, 0].astype(jnp.float32),
             "done": jnp.zeros((b,), bool),
             "position": positions_bt[:, -1] + 1,
             "rng": rng,
@@ -294,7 +317,10 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
 
         def body(s):
             rng, key = jax.random.split(s["rng"])
-            token_b = sample_next(s["logits"], key, temperature, top_p)
+            if screened:
+                token_b = sample_from_hidden(s["hidden"], params, model.config.vocab_size, key, temperature, top_p)
+            else:
+                token_b = sample_next(s["logits"], key, temperature, top_p)
             token_b = jnp.where(s["done"], spec.pad_id, token_b)
             if spec.stream:
                 jax.debug.callback(sink, s["step"], token_b, s["done"], ordered=True)
@@ -305,9 +331,9 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
             if stop_table is not None:
                 out["stop_state"] = stop_table[token_b, s["stop_state"]].astype(jnp.int32)
                 out["done"] = out["done"] | (out["stop_state"] == stop_table.shape[1] - 1)
-            logits_b1v, out["cache"] = model.apply(variables, token_b[:, None], s["position"][:, None],
-                                                   jnp.ones((b, 1), jnp.int32), cache=s["cache"])
-            out["logits"] = logits_b1v[:, 0].astype(jnp.float32)
+            out_b1x, out["cache"] = model.apply(variables, token_b[:, None], s["position"][:, None],
+                                                jnp.ones((b, 1), jnp.int32), cache=s["cache"], return_hidden=screened)
+            out[carried] = out_b1x[:, 0].astype(jnp.float32)
             return out
 
         final = jax.lax.while_loop(cond, body, state)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flacuna_jax import attention, matmul_cpu, quant
+from flacuna_jax import attention, greedy_cpu, matmul_cpu, quant
 from flacuna_jax.attention_splash import SplashBlocks
 from flacuna_jax.kv_cache import init_cache, write_cache, write_slots  # noqa: F401  init_cache: re-exported, model.init_cache
 from flacuna_jax.sharding import fit_spec, logical_to_mesh_spec
@@ -584,12 +584,17 @@ def pack_projections(params: dict) -> dict:
 
 def pack_output(model: "Llama", params: dict) -> dict:
     """`params` with a packed copy of the output projection, "output_packed", what `Runtime.matmul =
-    "native"` computes the logits with. A copy: the embedding lookup and `output_embedding`'s callers
-    (the server's prefill, the evaluations' answer columns) keep the plain weights. It costs the output
-    projection's size again (SmolLM2: 113 MB on 538) and buys the step at 8-16 rows: SmolLM2's tied
-    output projection in the server's decode step at 8 rows took 8.0 ms as XLA's `x E^T`, 6.7 packed
+    "native"` computes the logits with, and, where half precision holds it, the greedy screen's half
+    copy of it, "output_screen" (`greedy_cpu`: greedy decode steps read that instead). Copies: the
+    embedding lookup and `output_embedding`'s callers (the server's prefill, the evaluations' answer
+    columns) keep the plain weights. They cost the output projection's size again and half of it
+    (SmolLM2: 113 + 57 MB on 538). The packed copy buys the step at 8-16 rows: SmolLM2's tied output
+    projection in the server's decode step at 8 rows took 8.0 ms as XLA's `x E^T`, 6.7 packed
     (profiled per thunk; `benchmarks/decode_profile.py` times the steps)."""
-    return {**params, "output_packed": jax.jit(matmul_cpu.pack)(jnp.asarray(model.output_embedding(params)))}
+    output = jnp.asarray(model.output_embedding(params))
+    packed = jax.jit(matmul_cpu.pack)(output)
+    screen = greedy_cpu.screen_weights(packed, output)
+    return {**params, "output_packed": packed, **({"output_screen": screen} if screen is not None else {})}
 
 
 def stack_layers(tree: dict) -> dict:

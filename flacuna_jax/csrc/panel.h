@@ -1,0 +1,111 @@
+// The product of a few rows by one packed panel of 48 columns, register-blocked: what the
+// projection kernel (matmul.cc) and the greedy screen (greedy.cc) run. Weights are float, or half
+// (the screen's copy), converted to float as they are loaded; the sums are float either way.
+//
+// Numerics: y[i, j] is the fp32 sum over k in order of x[i, k] w[k, j] with fused multiply-adds,
+// chunk by chunk of kDepth, the same whatever the other rows and whatever the column's place in its
+// panel (each lane accumulates its own column): greedy.cc recomputes a few columns, gathered into a
+// panel of their own, and gets the very bits the full product gives.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace flacuna_jax {
+namespace {
+
+// 16 floats: one AVX-512 register (two AVX2 ones, four NEON ones where the compiler has no wider).
+typedef float Vec __attribute__((vector_size(64), aligned(4), may_alias));
+typedef _Float16 Half16 __attribute__((vector_size(32), aligned(2), may_alias));
+constexpr int64_t kLanes = 16, kVecs = 3, kPanel = kLanes * kVecs;
+constexpr int kRowBlock = 8;        // rows per register block: 8 x 3 accumulators, 3 weight vectors
+constexpr int64_t kDepth = 128;     // rows of w per chunk: 24 KB, multiplied by every row block from L1
+constexpr int64_t kRowChunk = 256;  // rows of x per task (a prefill's rows stay in L2)
+
+// 16 weights as floats: float ones as they are, half ones converted (exactly).
+inline Vec load(const float* w) { return *reinterpret_cast<const Vec*>(w); }
+inline Vec load(const _Float16* w) {
+#if defined(__AVX512F__)  // GCC 12 converts a vector of _Float16 one lane at a time
+  return reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
+#else
+  return __builtin_convertvector(*reinterpret_cast<const Half16*>(w), Vec);
+#endif
+}
+
+// y[R, 48] (+)= x[R, depth] w[depth, 48] (x's rows `ldx` apart, y's `ldy`), summed in registers and
+// then added to y: a chunk's sum at a time, which rounds less than one running sum over all of k.
+// Every `every` rows of w it prefetches one row of the chunk after next into L2 (`ahead` rows in all).
+template <typename W, int R>
+void block(const float* __restrict x, int64_t ldx, const W* __restrict w, float* __restrict y, int64_t ldy,
+           int64_t depth, bool first, const W* ahead_from, int64_t ahead, int64_t every) {
+  Vec acc[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = Vec{};
+  int64_t countdown = 0;
+  for (int64_t d = 0; d < depth; ++d) {
+    if (--countdown <= 0 && ahead > 0) {
+      for (int v = 0; v < kVecs; ++v) __builtin_prefetch(ahead_from + v * kLanes, 0, 2);
+      ahead_from += kPanel, --ahead, countdown = every;
+    }
+    const W* wd = w + d * kPanel;
+    Vec wv[kVecs];
+    for (int v = 0; v < kVecs; ++v) wv[v] = load(wd + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * ldx + d];
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += wv[v] * xr;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) {
+      Vec* out = reinterpret_cast<Vec*>(y + r * ldy + v * kLanes);
+      *out = first ? acc[r][v] : *out + acc[r][v];
+    }
+}
+
+template <typename W>
+using BlockFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t, bool, const W*, int64_t, int64_t);
+template <typename W>
+constexpr BlockFn<W> kBlocks[kRowBlock] = {block<W, 1>, block<W, 2>, block<W, 3>, block<W, 4>,
+                                           block<W, 5>, block<W, 6>, block<W, 7>, block<W, 8>};
+
+// Rows [m0, m1) of x times panel q, into y's columns 48 q.. (through `scratch` for a last panel
+// narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block, the
+// chunk after next is prefetched into L2, its rows shared out among the blocks, running on into the
+// next panel (panels are contiguous, and a task's panels are consecutive: see Matmul).
+template <typename W>
+void panel_rows(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1) {
+  const int64_t columns = std::min(kPanel, n - q * kPanel);
+  const int64_t rows = m1 - m0, blocks = (rows + kRowBlock - 1) / kRowBlock;
+  float* out = y + m0 * n + q * kPanel;
+  int64_t ldy = n;
+  std::vector<float> scratch;
+  if (columns < kPanel) {
+    scratch.resize(rows * kPanel);
+    out = scratch.data(), ldy = kPanel;
+  }
+  const W* wq = w + q * k * kPanel;
+  for (int64_t d0 = 0; d0 < k; d0 += kDepth) {
+    const int64_t depth = std::min(kDepth, k - d0);
+    const W* next = wq + (d0 + depth + kDepth) * kPanel;
+    const int64_t share = (std::min(kDepth, k) + blocks - 1) / blocks;
+    const int64_t every = std::max<int64_t>(1, depth / share);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int r = static_cast<int>(std::min<int64_t>(kRowBlock, rows - b * kRowBlock));
+      kBlocks<W>[r - 1](x + (m0 + b * kRowBlock) * k + d0, k, wq + d0 * kPanel, out + b * kRowBlock * ldy, ldy, depth,
+                     d0 == 0, next + b * share * kPanel, share, every);
+    }
+  }
+  if (columns < kPanel)
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(y + (m0 + i) * n + q * kPanel, scratch.data() + i * kPanel, columns * sizeof(float));
+}
+
+}  // namespace
+}  // namespace flacuna_jax
