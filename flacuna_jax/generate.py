@@ -123,25 +123,6 @@ def sample_next(logits_bv: jax.Array, rng: jax.Array, temperature: jax.Array, to
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
 
-def sample_from_hidden(h_bd: jax.Array, params: dict, vocab_size: int, rng: jax.Array, temperature: jax.Array,
-                       top_p: jax.Array) -> jax.Array:
-    """`sample_next` on the logits of the final hidden states `h_bd` of a model packed for the CPU
-    kernels (`greedy_cpu.usable(params)`). A greedy step is settled by the greedy screen without
-    computing the logits (the same token); they are computed where the screen could not settle a row,
-    and to sample."""
-    def logits():
-        return greedy_cpu.logits(h_bd, params, vocab_size)
-
-    def greedy(_):
-        tokens_b = greedy_cpu.screen_tokens(h_bd, params)
-        return jax.lax.cond(jnp.any(tokens_b < 0), lambda: argmax(logits()), lambda: tokens_b)
-
-    def nucleus(_):
-        return jax.random.categorical(rng, warp_logits(logits(), temperature, top_p), axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
-
-
 def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
     """Next token [b] with each row's own key, temperature and top_p (the server's decode slots):
     row i is `sample_next(logits_bv[i:i+1], keys_b[i], temperature_b[i], top_p_b[i])`. When no row
@@ -154,6 +135,34 @@ def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, temperature_b: jax.Arra
         return argmax(logits_bv.astype(jnp.float32))
 
     return jax.lax.cond(jnp.any(temperature_b > 0), per_row, greedy, None)
+
+
+def greedy_from_hidden(h_bd: jax.Array, params: dict, vocab_size: int, needed_b: jax.Array | None = None) -> jax.Array:
+    """The greedy token [b] of the final hidden states `h_bd` of a model packed for the CPU kernels
+    (`greedy_cpu.usable(params)`): the float logits' argmax, settled by the greedy screen without
+    computing them; they are computed where the screen could not settle a row that is `needed_b`
+    (default: every row; a finished row's or a free slot's token is thrown away)."""
+    tokens_b = greedy_cpu.screen_tokens(h_bd, params)
+    unsettled_b = tokens_b < 0 if needed_b is None else (tokens_b < 0) & needed_b
+    return jax.lax.cond(jnp.any(unsettled_b), lambda: argmax(greedy_cpu.logits(h_bd, params, vocab_size)),
+                        lambda: tokens_b)
+
+
+def sample_from_hidden(h_bd: jax.Array, params: dict, vocab_size: int, rng: jax.Array, temperature: jax.Array,
+                       top_p: jax.Array, needed_b: jax.Array | None = None) -> jax.Array:
+    """`sample_next` on the logits of `h_bd`, a greedy step through `greedy_from_hidden`."""
+    return jax.lax.cond(
+        temperature > 0, lambda: sample_next(greedy_cpu.logits(h_bd, params, vocab_size), rng, temperature, top_p),
+        lambda: greedy_from_hidden(h_bd, params, vocab_size, needed_b))
+
+
+def sample_rows_from_hidden(h_bd: jax.Array, params: dict, vocab_size: int, keys_b: jax.Array,
+                            temperature_b: jax.Array, top_p_b: jax.Array, needed_b: jax.Array | None = None) -> jax.Array:
+    """`sample_rows` on the logits of `h_bd`, a step where no row samples through `greedy_from_hidden`."""
+    return jax.lax.cond(
+        jnp.any(temperature_b > 0),
+        lambda: sample_rows(greedy_cpu.logits(h_bd, params, vocab_size), keys_b, temperature_b, top_p_b),
+        lambda: greedy_from_hidden(h_bd, params, vocab_size, needed_b))
 
 
 # ------------------------------------------------------------------------------ batching
@@ -318,7 +327,8 @@ def make_decoder(model: Any, spec: DecodeSpec, sink: TokenSink | None = None):
         def body(s):
             rng, key = jax.random.split(s["rng"])
             if screened:
-                token_b = sample_from_hidden(s["hidden"], params, model.config.vocab_size, key, temperature, top_p)
+                token_b = sample_from_hidden(s["hidden"], params, model.config.vocab_size, key, temperature, top_p,
+                                             needed_b=~s["done"])
             else:
                 token_b = sample_next(s["logits"], key, temperature, top_p)
             token_b = jnp.where(s["done"], spec.pad_id, token_b)

@@ -12,8 +12,9 @@ segment ids [slots, width]) with one write index per slot. Functions (compiled o
   rest of its row masked off (segment 0), its index set. The slots are donated: updated in place.
 - step(params, slots, tokens, active, adapters, seeds, counters, temperatures, top_ps): one token for
   every slot at its own position, each with its adapter (`model.AdapterBank`) and sampling
-  (`generate.sample_rows`, token k drawn with fold_in(key(seed), k)); a free slot computes and is
-  ignored, its index unchanged. The slots are donated.
+  (`generate.sample_rows`, token k drawn with fold_in(key(seed), k); a step where no slot samples
+  settled by the greedy screen where the params have one, `generate.greedy_from_hidden`); a free slot
+  computes and is ignored, its index unchanged. The slots are donated.
 - first_tokens(logits, seeds, temperatures, top_ps): a request's choices' first tokens (draw 0).
 - resize(slots, rows, width): the same slots in a cache of another shape (the rows and columns in use kept).
 - take_rows(slots, rows [r]): a cache of r slots, slot j a copy of slot rows[j] (moving busy slots down).
@@ -27,7 +28,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from flacuna_jax.generate import sample_rows
+from flacuna_jax import greedy_cpu
+from flacuna_jax.generate import sample_rows, sample_rows_from_hidden
 from flacuna_jax.kv_cache import CACHE_AXES, CACHE_LAYOUT, in_place_options, init_cache
 
 
@@ -112,10 +114,16 @@ def compile_slot_functions(model: Any) -> SlotFunctions:
 
     def step(params, slots, tokens_b, active_b, adapter_b, seeds_b, counters_b, temperature_b, top_p_b):
         positions_b1 = slots["index"][:, None]
-        logits_b1v, cache = model.apply({"params": params}, tokens_b[:, None], positions_b1,
-                                        active_b[:, None].astype(jnp.int32), cache=slots, **adapter_arg(adapter_b))
+        screened = greedy_cpu.usable(params) is None  # greedy rows settled by the screen (generate.greedy_from_hidden)
+        out_b1x, cache = model.apply({"params": params}, tokens_b[:, None], positions_b1,
+                                     active_b[:, None].astype(jnp.int32), cache=slots, return_hidden=screened,
+                                     **adapter_arg(adapter_b))
         cache["index"] = jnp.where(active_b, cache["index"], slots["index"])  # a free slot stays where it is
-        return cache, sample_rows(logits_b1v[:, 0], keys(seeds_b, counters_b), temperature_b, top_p_b)
+        keys_b = keys(seeds_b, counters_b)
+        if screened:
+            return cache, sample_rows_from_hidden(out_b1x[:, 0], params, model.config.vocab_size, keys_b, temperature_b,
+                                                  top_p_b, needed_b=active_b)
+        return cache, sample_rows(out_b1x[:, 0], keys_b, temperature_b, top_p_b)
 
     def resize(slots, rows, width):
         def fit(x, sizes):  # new rows are free slots (segment 0), new columns unused
