@@ -47,8 +47,8 @@ def add_cpu_kernel_args(p: argparse.ArgumentParser) -> None:
                         "float32, built on first use; elsewhere XLA's) or xla")
     p.add_argument("--matmul", choices=MATMUL_KERNELS, default="native",
                    help="the decoder's projections and the output projection: native (weights packed for a C++ kernel "
-                        "for the CPU in float32, built on first use, the output projection's as a second copy; elsewhere, "
-                        "or on a quantized base, XLA's) or xla")
+                        "for the CPU in float32, built on first use, the output projection's as a second copy and a half-"
+                        "precision one that settles greedy steps exactly; elsewhere, or on a quantized base, XLA's) or xla")
 
 
 def load_from_args(a: argparse.Namespace) -> tuple[Any, Any]:

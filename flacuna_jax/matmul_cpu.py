@@ -15,8 +15,9 @@ Numerics: each output is an fp32 sum of chunk sums, each chunk 128 products adde
 multiply-adds: within XLA's own rounding of the same product, and the same bits whatever the other
 rows of the batch.
 
-`model.unrolled` packs the kernels of the decoder layers' projections, grouped, and adds a packed copy of the
-output projection, when the model runs on one CPU device in float32 (`Runtime.matmul = "native"`);
+`model.unrolled` packs the kernels of the decoder layers' projections, grouped, and adds a packed
+copy of the output projection (and the greedy screen's, `greedy_cpu`), when the model runs on one
+CPU device in float32 (`Runtime.matmul = "native"`);
 `project` then runs the kernel, or, where it cannot be built, an XLA contraction over the packed
 layout (`xla_project`).
 """
