@@ -18,7 +18,7 @@ Prints one JSON line:
 - `matmuls_ms`: per row count, every weight matrix of the model (each layer's projections and the
   output projection) applied to that many rows, one after the other, and nothing else, in JAX (one
   jitted function: `jax` with XLA's products, `native` with the projections and the output
-  projection packed for `matmul_cpu`) and in torch (the same fp32 weights): the floor of a decode
+  projection packed for `matmul_cpu`, one call per group of projections, as the model runs them) and in torch (the same fp32 weights): the floor of a decode
   step that each library's products give on this machine;
 - `prefill_ms`: per width, one prompt of that many tokens through the server's prefill (`serve/slots.py`:
   the whole model, the output projection at the last position only) and through transformers' forward
@@ -69,7 +69,8 @@ def read_rates(n_floats: int) -> dict:
 def matmul_ms(model, params, rows: int, steps: int) -> dict:
     """Every weight matrix of the model applied to `rows` rows, one after the other, JAX vs torch, each
     as its model applies it: in JAX as `model.Linear` (x @ W, W [in, out]; `native`: the packed kernel
-    of `matmul_cpu`), in torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
+    of `matmul_cpu`, one call per group of projections that read the same input, as `model.unrolled`
+    packs them), in torch as `nn.Linear` (`F.linear`, W [out, in]). The output projection: in JAX
     `model.output_embedding` (the tied embedding, transposed in the jitted function; `native`: its
     packed copy, `model.pack_output`), in torch as transformers' `lm_head` does (x @ W^T, W [vocab,
     hidden])."""
@@ -78,11 +79,16 @@ def matmul_ms(model, params, rows: int, steps: int) -> dict:
     import torch
 
     from flacuna_jax import matmul_cpu
+    from flacuna_jax.model import PROJECTION_GROUPS, pack_projections, packed_group_name
 
     output_weights = ("embed_tokens", "lm_head")  # applied below as the output projection
     kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
                if x.ndim == 2 and not any(name in jax.tree_util.keystr(path) for name in output_weights)]
-    packed = [(matmul_cpu.pack(w), w.shape[1]) for w in kernels]
+    grouped = pack_projections(params)  # a new tree: `params` (unrolled, as loaded) keeps its kernels
+    packed = [(w, w.shape[0] * matmul_cpu.PANEL) for w in
+              (grouped[f"layers_{i}"][block][packed_group_name(names)] for i in range(model.config.num_layers)
+               for block, groups in PROJECTION_GROUPS.items() for names in groups)]
+    del grouped
     hidden = model.config.hidden_size
     xs = {d: jnp.full((rows, d), 0.01, jnp.float32) for d in {w.shape[0] for w in kernels} | {hidden}}
 

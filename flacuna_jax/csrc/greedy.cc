@@ -30,9 +30,9 @@
 
 namespace ffi = xla::ffi;
 using flacuna_jax::kPanel;
-using flacuna_jax::kRowChunk;
 using flacuna_jax::panel_rows;
 using flacuna_jax::parallel_for;
+using flacuna_jax::product;
 
 namespace {
 
@@ -106,22 +106,17 @@ ffi::Error Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi
                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> norms, ffi::ResultBuffer<ffi::S32> tokens) {
   const auto hd = h.dimensions(), wd = w.dimensions();
   const int64_t n = norms.element_count();
+  const auto w16d = w16.dimensions();
   if (hd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[0] != (n + kPanel - 1) / kPanel || hd[1] != wd[1] ||
-      !std::equal(wd.begin(), wd.end(), w16.dimensions().begin()) || tokens->element_count() != hd[0])
-    return ffi::Error::InvalidArgument("greedy: h [m, k], w16 and w [ceil(n / 48), k, 48], norms [n], tokens [m]");
-  const int64_t m = hd[0], k = hd[1], panels = wd[0];
+      w16d.size() != 3 || !std::equal(wd.begin(), wd.end(), w16d.begin()) || tokens->element_count() != hd[0] ||
+      hd[1] == 0)
+    return ffi::Error::InvalidArgument("greedy: h [m, k > 0], w16 and w [ceil(n / 48), k, 48], norms [n], tokens [m]");
+  const int64_t m = hd[0], k = hd[1];
   const float* hp = h.typed_data();
   const _Float16* w16p = reinterpret_cast<const _Float16*>(w16.typed_data());
   std::vector<float> screen(m * n);
   float* sp = screen.data();
-  // As matmul.cc: runs of consecutive panels, ~2 tasks a thread (m is a decode step's few rows).
-  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
-  const int64_t run = chunks == 1 ? std::max<int64_t>(1, panels / (2 * pool.num_threads())) : 1;
-  parallel_for(pool, (panels + run - 1) / run * chunks, [=](int64_t task) {
-    const int64_t q0 = task / chunks * run, m0 = task % chunks * kRowChunk;
-    for (int64_t q = q0; q < std::min(panels, q0 + run); ++q)
-      panel_rows(hp, w16p, sp, k, n, q, m0, std::min(m, m0 + kRowChunk));
-  });
+  product(pool, hp, w16p, sp, m, k, n);
   int32_t* out = tokens->typed_data();
   const float* wp = w.typed_data();
   const float* np_ = norms.typed_data();

@@ -21,9 +21,7 @@
 
 namespace ffi = xla::ffi;
 using flacuna_jax::kPanel;
-using flacuna_jax::kRowChunk;
-using flacuna_jax::panel_rows;
-using flacuna_jax::parallel_for;
+using flacuna_jax::product;
 
 namespace {
 
@@ -42,17 +40,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   }
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
-  // A task: up to kRowChunk rows times consecutive panels. With one chunk of rows (a decode step),
-  // ~2 tasks per thread of consecutive panels, so that each thread streams long runs that its
-  // prefetches follow (one panel per task, the threads took turns, and a panel's prefetch ran into a
-  // panel the other thread read: SmolLM2's decode step at 8 rows 32.2 -> 29.1 ms, 16 rows 48 -> 42).
-  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk, panels = wd[0];
-  const int64_t run = chunks == 1 ? std::max<int64_t>(1, panels / (2 * pool.num_threads())) : 1;
-  parallel_for(pool, (panels + run - 1) / run * chunks, [=](int64_t task) {
-    const int64_t q0 = task / chunks * run, m0 = task % chunks * kRowChunk;
-    for (int64_t q = q0; q < std::min(panels, q0 + run); ++q)
-      panel_rows(xp, wp, yp, k, n, q, m0, std::min(m, m0 + kRowChunk));
-  });
+  product(pool, xp, wp, yp, m, k, n);
   return ffi::Error::Success();
 }
 

@@ -13,6 +13,9 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -105,6 +108,21 @@ void panel_rows(const float* x, const W* w, float* y, int64_t k, int64_t n, int6
   if (columns < kPanel)
     for (int64_t i = 0; i < rows; ++i)
       std::memcpy(y + (m0 + i) * n + q * kPanel, scratch.data() + i * kPanel, columns * sizeof(float));
+}
+
+// y[m, n] = x[m, k] w, w packed ([ceil(n / 48), k, 48]), over the pool. A task: up to kRowChunk rows
+// times consecutive panels. With one chunk of rows (a decode step), ~2 tasks per thread of
+// consecutive panels, so that each thread streams long runs that its prefetches follow (one panel
+// per task, the threads took turns, and a panel's prefetch ran into a panel the other thread read:
+// SmolLM2's decode step at 8 rows 32.2 -> 29.1 ms, 16 rows 48 -> 42).
+template <typename W>
+void product(xla::ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk, panels = (n + kPanel - 1) / kPanel;
+  const int64_t run = chunks == 1 ? std::max<int64_t>(1, panels / (2 * pool.num_threads())) : 1;
+  parallel_for(pool, (panels + run - 1) / run * chunks, [=](int64_t task) {
+    const int64_t q0 = task / chunks * run, m0 = task % chunks * kRowChunk;
+    for (int64_t q = q0; q < std::min(panels, q0 + run); ++q) panel_rows(x, w, y, k, n, q, m0, std::min(m, m0 + kRowChunk));
+  });
 }
 
 }  // namespace
