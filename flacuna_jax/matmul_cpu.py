@@ -41,14 +41,19 @@ PANEL = 48  # columns per panel: 3 x 16 floats, the kernel's register block
 TARGET = "flacuna_matmul"
 
 
+def panel_count(n: int) -> int:
+    """Panels that hold n columns: ceil(n / 48)."""
+    return -(-n // PANEL)
+
+
 def packed_shape(k: int, n: int) -> tuple[int, int, int]:
-    return (-(-n // PANEL), k, PANEL)
+    return (panel_count(n), k, PANEL)
 
 
 def pack(kernel_kn: Array) -> Array:
     """[k, n] -> [ceil(n / 48), k, 48]: column j of panel p is column 48 p + j (zeros past n)."""
     k, n = kernel_kn.shape
-    p = -(-n // PANEL)
+    p = panel_count(n)
     padded = jnp.pad(kernel_kn, ((0, 0), (0, p * PANEL - n)))
     return padded.reshape(k, p, PANEL).transpose(1, 0, 2)
 
@@ -61,7 +66,7 @@ def unpack(packed_pkc: Array, n: int) -> Array:
 
 def group_shape(k: int, widths: Sequence[int]) -> tuple[int, int, int]:
     """The shape of `pack_group` over kernels [k, n] for n in `widths`."""
-    return (sum(-(-n // PANEL) for n in widths), k, PANEL)
+    return (sum(map(panel_count, widths)), k, PANEL)
 
 
 def pack_group(kernels_kn: Sequence[Array]) -> Array:
@@ -72,15 +77,15 @@ def pack_group(kernels_kn: Sequence[Array]) -> Array:
 
 def unpack_group(packed_pkc: Array, widths: Sequence[int]) -> list[Array]:
     """The inverse of `pack_group`: the kernels [k, n] for n in `widths`."""
-    starts = np.cumsum([0] + [-(-n // PANEL) for n in widths])
+    starts = np.cumsum([0, *map(panel_count, widths)])
     return [unpack(packed_pkc[a:b], n) for a, b, n in zip(starts, starts[1:], widths)]
 
 
 def project_group(x: Array, packed_pkc: Array, widths: Sequence[int]) -> list[Array]:
     """x @ each kernel of a `pack_group`, in one call: [..., n] for n in `widths`."""
-    panels = [-(-n // PANEL) for n in widths]
+    panels = list(map(panel_count, widths))
     y = project(x, packed_pkc, PANEL * sum(panels))
-    starts = PANEL * np.cumsum([0] + panels)
+    starts = PANEL * np.cumsum([0, *panels])
     return [y[..., a:a + n] for a, n in zip(starts, widths)]
 
 

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "panel.h"
@@ -40,6 +41,8 @@ typedef float Floats8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef double Doubles8 __attribute__((vector_size(64)));
 constexpr int64_t kStep = 8;  // the screen's columns per vector step (in double: 8 lanes of 64 bytes)
 
+inline Doubles8 doubles8(const float* p) { return __builtin_convertvector(*reinterpret_cast<const Floats8*>(p), Doubles8); }
+
 // The row's token from its screen a[n] (see the top), or -1.
 int32_t decide(const float* h, const float* a, const float* w, const float* norms, int64_t k, int64_t n) {
   const double u = std::ldexp(1.0, -24), g = k * u / (1 - k * u);
@@ -50,13 +53,14 @@ int32_t decide(const float* h, const float* a, const float* w, const float* norm
   const double floor = (1 + g) * std::ldexp(1.0, -25) * h1 * widen;
   if (!std::isfinite(per_norm) || !std::isfinite(floor)) return -1;
   const auto bound = [&](int64_t v) { return per_norm * norms[v] + floor; };
+  const auto bounds8 = [&](int64_t v) { return per_norm * doubles8(norms + v) + floor; };  // B_v .. B_v+7
   // Pass 1: the best lower end, max_u (a_u - B_u), and whether any a is NaN (8 lanes at a time).
   const int64_t whole = n / kStep * kStep;
   Doubles8 best8 = Doubles8{} - INFINITY;
   int64_t nans = 0;
   for (int64_t v = 0; v < whole; v += kStep) {
-    const Doubles8 av = __builtin_convertvector(*reinterpret_cast<const Floats8*>(a + v), Doubles8);
-    const Doubles8 low = av - (per_norm * __builtin_convertvector(*reinterpret_cast<const Floats8*>(norms + v), Doubles8) + floor);
+    const Doubles8 av = doubles8(a + v);
+    const Doubles8 low = av - bounds8(v);
     best8 = low > best8 ? low : best8;
     for (int j = 0; j < kStep; ++j) nans += av[j] != av[j];
   }
@@ -77,8 +81,7 @@ int32_t decide(const float* h, const float* a, const float* w, const float* norm
     return true;
   };
   for (int64_t v = 0; v < whole; v += kStep) {
-    const Doubles8 av = __builtin_convertvector(*reinterpret_cast<const Floats8*>(a + v), Doubles8);
-    const Doubles8 high = av + (per_norm * __builtin_convertvector(*reinterpret_cast<const Floats8*>(norms + v), Doubles8) + floor);
+    const Doubles8 high = doubles8(a + v) + bounds8(v);
     bool any = false;
     for (int j = 0; j < kStep; ++j) any |= high[j] >= best_low;
     if (any)
@@ -114,8 +117,8 @@ ffi::Error Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi
   const int64_t m = hd[0], k = hd[1];
   const float* hp = h.typed_data();
   const _Float16* w16p = reinterpret_cast<const _Float16*>(w16.typed_data());
-  std::vector<float> screen(m * n);
-  float* sp = screen.data();
+  const std::unique_ptr<float[]> screen(new float[m * n]);  // every element written by `product`
+  float* sp = screen.get();
   product(pool, hp, w16p, sp, m, k, n);
   int32_t* out = tokens->typed_data();
   const float* wp = w.typed_data();

@@ -81,7 +81,7 @@ constexpr BlockFn<W> kBlocks[kRowBlock] = {block<W, 1>, block<W, 2>, block<W, 3>
 // Rows [m0, m1) of x times panel q, into y's columns 48 q.. (through `scratch` for a last panel
 // narrower than 48). Chunk by chunk of w's rows; while one chunk is multiplied by each row block, the
 // chunk after next is prefetched into L2, its rows shared out among the blocks, running on into the
-// next panel (panels are contiguous, and a task's panels are consecutive: see Matmul).
+// next panel (panels are contiguous, and a task's panels are consecutive: see product).
 template <typename W>
 void panel_rows(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t q, int64_t m0, int64_t m1) {
   const int64_t columns = std::min(kPanel, n - q * kPanel);
