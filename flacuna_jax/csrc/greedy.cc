@@ -116,7 +116,7 @@ ffi::Error Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi
     return ffi::Error::InvalidArgument("greedy: h [m, k > 0], w16 and w [ceil(n / 48), k, 48], norms [n], tokens [m]");
   const int64_t m = hd[0], k = hd[1];
   const float* hp = h.typed_data();
-  const _Float16* w16p = reinterpret_cast<const _Float16*>(w16.typed_data());
+  const flacuna_jax::Half* w16p = reinterpret_cast<const flacuna_jax::Half*>(w16.typed_data());
   const std::unique_ptr<float[]> screen(new float[m * n]);  // every element written by `product`
   float* sp = screen.get();
   product(pool, hp, w16p, sp, m, k, n);

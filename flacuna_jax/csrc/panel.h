@@ -16,7 +16,9 @@
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__)
+#include <cmath>
+
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -25,19 +27,51 @@ namespace {
 
 // 16 floats: one AVX-512 register (two AVX2 ones, four NEON ones where the compiler has no wider).
 typedef float Vec __attribute__((vector_size(64), aligned(4), may_alias));
-typedef _Float16 Half16 __attribute__((vector_size(32), aligned(2), may_alias));
 constexpr int64_t kLanes = 16, kVecs = 3, kPanel = kLanes * kVecs;
 constexpr int kRowBlock = 8;        // rows per register block: 8 x 3 accumulators, 3 weight vectors
 constexpr int64_t kDepth = 128;     // rows of w per chunk: 24 KB, multiplied by every row block from L1
 constexpr int64_t kRowChunk = 256;  // rows of x per task (a prefill's rows stay in L2)
 
+// An IEEE half, as its bits: `_Float16` needs GCC 12 on x86, and one compiler that lacks it would
+// leave every kernel of the library unbuilt.
+struct Half {
+  uint16_t bits;
+};
+
+// One half as a float, exactly, where the CPU has no instruction for 16 at once.
+inline float half_to_float(uint16_t h) {
+  const uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0) {  // zero or subnormal: mantissa x 2^-24, exact in float
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    std::memcpy(&bits, &magnitude, sizeof bits);
+  } else if (exponent == 31) {  // inf or NaN
+    bits = 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  bits |= static_cast<uint32_t>(h & 0x8000) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // 16 weights as floats: float ones as they are, half ones converted (exactly).
 inline Vec load(const float* w) { return *reinterpret_cast<const Vec*>(w); }
-inline Vec load(const _Float16* w) {
-#if defined(__AVX512F__)  // GCC 12 converts a vector of _Float16 one lane at a time
+inline Vec load(const Half* w) {
+#if defined(__AVX512F__)
   return reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
+#elif defined(__F16C__)
+  const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8)));
+  Vec v;
+  std::memcpy(&v, &low, sizeof low);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof low, &high, sizeof high);
+  return v;
 #else
-  return __builtin_convertvector(*reinterpret_cast<const Half16*>(w), Vec);
+  Vec v;
+  for (int i = 0; i < kLanes; ++i) v[i] = half_to_float(w[i].bits);
+  return v;
 #endif
 }
 
